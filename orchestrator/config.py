@@ -1,0 +1,379 @@
+"""grid.yaml: a typed, strict schema, validated entirely before Ray starts.
+
+``load_grid(path)`` parses and validates a grid file and raises :class:`GridError` with one line per
+problem, each naming the key (``methods[0].params.tau_div``) and what is allowed. Everything that
+can be checked without running anything is checked here: unknown keys, types, ranges, unknown
+dataset / annotator / method names, method parameter overrides against the method's dataclass,
+search-space overrides against the method's space, axes that do not apply to any annotator, and
+methods that need an annotation the annotator cannot give.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+
+from trainables.api import TrainSettings
+from trainables.common.data import DATASETS
+
+CLIP_TEMPLATE_SETS = ("paper27", "openai80")
+CANDIDATE_MODES = ("multi_prompt", "top_k", "prob_ratio")
+OBJECTIVES = {"val/covering_rate": "max", "val/partial_loss": "min"}
+
+
+class GridError(ValueError):
+    """A grid file is invalid. The message lists every problem found, one per line."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetSpec(Strict):
+    name: str
+    root: str | None = None
+    """Directory holding the data set files (torchvision layout, or Debian's fashion-mnist dir)."""
+    download: bool = False
+    """Let torchvision download the files (users' machines only; never in tests)."""
+    subsample: int | None = Field(default=None, gt=0)
+    """Keep a seeded, class-stratified subset of this many training images."""
+    test_subsample: int | None = Field(default=None, gt=0)
+    """Keep a seeded, class-stratified subset of this many test images."""
+    subsample_seed: int = 0
+    """Seed of the subsets (and of the train/test split for data sets that have none)."""
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        if name not in DATASETS:
+            raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(sorted(DATASETS))}")
+        return name
+
+
+class SyntheticAnnotatorSpec(Strict):
+    kind: Literal["synthetic"]
+    name: str = "synthetic"
+    generator: Literal["flip"] = "flip"
+    """``flip``: ALIM's generator (exact eta, E|S| = 1 + q(C-1))."""
+
+
+class ClipAnnotatorSpec(Strict):
+    kind: Literal["clip"]
+    name: str = "clip"
+    model: str = "ViT-B-32"
+    """open_clip model name (``open_clip.list_models()``)."""
+    pretrained: str | None = "openai"
+    """open_clip pretrained tag, a hub id, or a local checkpoint path; None = random weights."""
+    model_config_path: str | None = None
+    """Path to an open_clip model config JSON, for models open_clip does not know by name."""
+    templates: Union[Literal["paper27", "openai80"], list[str]] = "paper27"
+    """Prompt templates: the paper's 27, CLIP's 80, or an explicit list with one ``{}`` each."""
+    class_names: list[str] | None = None
+    """Override the data set's class descriptions (one per class, in label order)."""
+    candidate_mode: Literal["multi_prompt", "top_k", "prob_ratio"] = "multi_prompt"
+    top_k: int = Field(default=2, ge=1)
+    prob_ratio: float = Field(default=0.5, gt=0.0, le=1.0)
+    single_template: int = Field(default=0, ge=0)
+    """Index of the template whose argmax is the single noisy label (0: "a photo of a {}")."""
+    logit_scale: float = Field(default=100.0, gt=0.0)
+    batch_size: int = Field(default=128, ge=1)
+    num_actors: int = Field(default=1, ge=1)
+    gpus_per_actor: float = Field(default=0.0, ge=0.0)
+    cpus_per_actor: float = Field(default=1.0, gt=0.0)
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+
+    @field_validator("templates")
+    @classmethod
+    def _templates(cls, templates: Any) -> Any:
+        if isinstance(templates, list):
+            if not templates:
+                raise ValueError("templates must not be empty")
+            bad = [t for t in templates if t.count("{}") != 1]
+            if bad:
+                raise ValueError(f"each template needs exactly one '{{}}' for the class name; bad: {bad}")
+        return templates
+
+
+AnnotatorSpec = Annotated[Union[SyntheticAnnotatorSpec, ClipAnnotatorSpec], Field(discriminator="kind")]
+
+
+class GridAxes(Strict):
+    q: list[float] | None = None
+    """Flip probability of each wrong label into S (synthetic annotators only)."""
+    eta: list[float] | None = None
+    """Probability that the true label is replaced by a wrong one (synthetic annotators only)."""
+    shots: list[int] = [0]
+    """Number of true labels revealed per class (trusted singletons)."""
+    unlabeled_fraction: list[float] = [1.0]
+    """Fraction of the unlabeled training pool kept (seeded)."""
+    seeds: list[int] = [0]
+
+    @field_validator("q")
+    @classmethod
+    def _q(cls, values: list[float] | None) -> list[float] | None:
+        for v in values or []:
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"q = {v} is outside [0, 1]")
+        return values
+
+    @field_validator("eta")
+    @classmethod
+    def _eta(cls, values: list[float] | None) -> list[float] | None:
+        for v in values or []:
+            if not 0.0 <= v < 1.0:
+                raise ValueError(f"eta = {v} is outside [0, 1)")
+        return values
+
+    @field_validator("shots")
+    @classmethod
+    def _shots(cls, values: list[int]) -> list[int]:
+        for v in values:
+            if v < 0:
+                raise ValueError(f"shots = {v} is negative")
+        return values
+
+    @field_validator("unlabeled_fraction")
+    @classmethod
+    def _fraction(cls, values: list[float]) -> list[float]:
+        for v in values:
+            if not 0.0 < v <= 1.0:
+                raise ValueError(f"unlabeled_fraction = {v} is outside (0, 1]")
+        return values
+
+    @field_validator("shots", "unlabeled_fraction", "seeds", "q", "eta")
+    @classmethod
+    def _non_empty(cls, values: list | None) -> list | None:
+        if values is not None and len(values) == 0:
+            raise ValueError("an axis needs at least one value (leave it out to use the default)")
+        return values
+
+
+class TrainingSpec(Strict):
+    """grid.yaml ``training:``; fields and defaults are those of :class:`TrainSettings`."""
+
+    epochs: int | None = Field(default=None, ge=1)
+    batch_size: int | None = Field(default=None, ge=2)
+    lr: float | None = Field(default=None, gt=0.0)
+    momentum: float | None = Field(default=None, ge=0.0, lt=1.0)
+    weight_decay: float | None = Field(default=None, ge=0.0)
+    scheduler: Literal["cosine", "constant"] | None = None
+    backbone: Literal["auto", "preact_resnet18", "small_cnn", "mlp"] | None = None
+    val_fraction: float | None = Field(default=None, gt=0.0, lt=1.0)
+    checkpoint_every: int | None = Field(default=None, ge=1)
+
+    def apply(self, base: TrainSettings) -> TrainSettings:
+        return dataclasses.replace(base, **self.model_dump(exclude_none=True))
+
+
+class AshaSpec(Strict):
+    grace_period: int = Field(default=5, ge=1)
+    reduction_factor: float = Field(default=2.0, gt=1.0)
+
+
+class SearchSpec(Strict):
+    num_samples: int = Field(default=1, ge=1)
+    """Optuna trials per grid cell (the first one evaluates the method's defaults)."""
+    objective: str = "val/covering_rate"
+    """Label-free metric Optuna optimises; test metrics are refused."""
+    space: dict[str, Any] = {}
+    """Per-parameter overrides: a value fixes it; ``{low, high, log}`` or ``{choices}`` re-ranges it."""
+    asha: AshaSpec | None = None
+    """ASHA early stopping within each cell's study (None: every trial runs to the end)."""
+    sampler: Literal["tpe", "random"] = "tpe"
+
+    @field_validator("objective")
+    @classmethod
+    def _objective(cls, name: str) -> str:
+        if name.startswith("test/"):
+            raise ValueError(f"objective {name!r} uses test labels; test metrics are reported, never optimised")
+        if name not in OBJECTIVES:
+            raise ValueError(f"unknown objective {name!r}; allowed: {', '.join(OBJECTIVES)}")
+        return name
+
+    @property
+    def mode(self) -> str:
+        return OBJECTIVES[self.objective]
+
+
+class MethodSpec(Strict):
+    name: str
+    params: dict[str, Any] = {}
+    """Fixed overrides of the method's hyperparameter dataclass."""
+    training: TrainingSpec = TrainingSpec()
+    search: SearchSpec = SearchSpec()
+
+
+class ResourcesSpec(Strict):
+    cpus_per_trial: float = Field(default=1.0, gt=0.0)
+    gpus_per_trial: float = Field(default=0.0, ge=0.0)
+    """Fractional values (0.25) pack several trials on one GPU."""
+    max_concurrent_trials: int | None = Field(default=None, ge=1)
+    """None: as many as the cluster's resources allow."""
+
+
+class RaySpec(Strict):
+    address: str | None = None
+    """None starts a local Ray; ``auto`` joins the cluster this machine belongs to."""
+    num_cpus: int | None = Field(default=None, ge=1)
+    """Local Ray only: CPUs to give it (default: all)."""
+
+
+class Grid(Strict):
+    experiment: str = Field(min_length=1)
+    tracking_uri: str | None = None
+    """MLflow tracking URI; default ``sqlite:///<storage>/mlflow.db``."""
+    storage: str = "./results"
+    """Ray results and the annotation cache (a shared file system path on a cluster)."""
+    datasets: list[DatasetSpec] = Field(min_length=1)
+    annotators: list[AnnotatorSpec] = Field(min_length=1)
+    grid: GridAxes = GridAxes()
+    training: TrainingSpec = TrainingSpec()
+    methods: list[MethodSpec] = Field(min_length=1)
+    resources: ResourcesSpec = ResourcesSpec()
+    ray: RaySpec = RaySpec()
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "Grid":
+        for what, names in (
+            ("annotators", [a.name for a in self.annotators]),
+            ("datasets", [d.name for d in self.datasets]),
+            ("methods", [m.name for m in self.methods]),
+        ):
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"{what}: duplicate name(s) {dupes}; give each entry a distinct name")
+        return self
+
+    @property
+    def storage_path(self) -> Path:
+        return Path(self.storage).expanduser().resolve()
+
+    @property
+    def resolved_tracking_uri(self) -> str:
+        return self.tracking_uri or f"sqlite:///{self.storage_path / 'mlflow.db'}"
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("synthetic", "clip") and out.endswith("]"):
+            continue  # discriminated-union tag: the kind is already in the message
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _format(err: ValidationError) -> list[str]:
+    lines = []
+    for e in err.errors():
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "union_tag_invalid":
+            msg = f"unknown annotator kind {e['input'].get('kind')!r}; allowed: synthetic, clip" if isinstance(e["input"], dict) else msg
+        elif e["type"] == "union_tag_not_found":
+            msg = "missing 'kind' (allowed: synthetic, clip)"
+        lines.append(f"{_loc(e['loc'])}: {msg}")
+    return lines
+
+
+def _check_semantics(grid: Grid) -> list[str]:
+    """Cross-field checks that need the registries (methods, their params and spaces)."""
+    from search_spaces import parameter_names
+    from trainables.registry import ALGORITHMS
+
+    problems = []
+    kinds = {a.kind for a in grid.annotators}
+    for axis in ("q", "eta"):
+        if getattr(grid.grid, axis) is not None and "synthetic" not in kinds:
+            problems.append(
+                f"grid.{axis}: applies only to synthetic annotators, and this grid has none "
+                f"(annotators: {', '.join(a.name for a in grid.annotators)})"
+            )
+        if getattr(grid.grid, axis) is None and "synthetic" in kinds:
+            problems.append(f"grid.{axis}: required by the synthetic annotator (a list of values)")
+    for i, ann in enumerate(grid.annotators):
+        if isinstance(ann, ClipAnnotatorSpec):
+            from orchestrator.annotation.templates import templates_for
+
+            n = len(templates_for(ann.templates))
+            if ann.single_template >= n:
+                problems.append(f"annotators[{i}].single_template: {ann.single_template} >= number of templates ({n})")
+    train_fields = {f.name for f in dataclasses.fields(TrainSettings)}
+    for i, m in enumerate(grid.methods):
+        where = f"methods[{i}]"
+        if m.name not in ALGORITHMS:
+            problems.append(f"{where}.name: unknown method {m.name!r}; allowed: {', '.join(sorted(ALGORITHMS))}")
+            continue
+        spec = ALGORITHMS[m.name]
+        fields = {f.name: f for f in dataclasses.fields(spec.params)}
+        for key, value in m.params.items():
+            if key not in fields:
+                problems.append(
+                    f"{where}.params.{key}: unknown parameter of {m.name}; allowed: {', '.join(sorted(fields))}"
+                )
+                continue
+            try:
+                TypeAdapter(typing.get_type_hints(spec.params)[key]).validate_python(value)
+            except ValidationError as err:
+                problems.append(f"{where}.params.{key}: {err.errors()[0]['msg']} (got {value!r})")
+        if spec.consumes in ("noisy_label", "noisy_label_avg", "soft"):
+            for ann in grid.annotators:
+                if ann.kind != "clip":
+                    problems.append(f"{where}.name: {m.name} learns from {spec.consumes}, which the {ann.kind} annotator {ann.name!r} does not produce")
+        try:
+            asked = parameter_names(m.name)
+        except KeyError as err:
+            problems.append(f"{where}.search: {err.args[0]}")
+            continue
+        for key, value in m.search.space.items():
+            if key not in asked:
+                problems.append(
+                    f"{where}.search.space.{key}: not a parameter of the {m.name} search space; allowed: {', '.join(asked)}"
+                )
+            elif isinstance(value, dict) and not set(value) <= {"low", "high", "log", "choices"}:
+                problems.append(f"{where}.search.space.{key}: allowed keys are low, high, log, choices (got {sorted(value)})")
+        for key in asked:
+            if key not in fields and key not in train_fields:
+                problems.append(f"{where}.search: space parameter {key!r} is neither a {m.name} parameter nor a training setting")
+    return problems
+
+
+def parse_grid(raw: Any, source: str = "grid") -> Grid:
+    """Validate an already-parsed grid (a dict). Raises :class:`GridError` naming every problem."""
+    if not isinstance(raw, dict):
+        raise GridError(f"{source}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    try:
+        grid = Grid.model_validate(raw)
+    except ValidationError as err:
+        raise GridError(f"{source} is invalid:\n  " + "\n  ".join(_format(err))) from None
+    problems = _check_semantics(grid)
+    if problems:
+        raise GridError(f"{source} is invalid:\n  " + "\n  ".join(problems))
+    return grid
+
+
+def load_grid(path: str | Path) -> Grid:
+    path = Path(path)
+    if not path.is_file():
+        raise GridError(f"{path}: no such grid file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise GridError(f"{path}: not valid YAML: {err}") from None
+    return parse_grid(raw, str(path))
+
+
+def signature(obj: Any, length: int = 12) -> str:
+    """Stable short hash of a JSON-serialisable object (a run's identity)."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]

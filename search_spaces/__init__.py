@@ -1,0 +1,77 @@
+"""Define-by-run Optuna search spaces, one module per registered algorithm (same name).
+
+Each module defines ``space(s: Space) -> dict`` that asks ``s`` for its parameters and returns the
+sampled values, keyed by the method's hyperparameter names (or by ``TrainSettings`` names such as
+``lr``). grid.yaml can fix a parameter (``space: {tau_div: 0.5}``) or narrow / replace its range
+(``space: {lr: {low: 0.01, high: 0.1, log: true}}``, ``space: {T: {choices: [0.5, 1.0]}}``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, Mapping
+
+import optuna
+
+
+class Space:
+    """Wraps an Optuna trial and applies the grid's overrides to each parameter it is asked for."""
+
+    def __init__(self, trial: optuna.Trial, overrides: Mapping[str, Any] | None = None):
+        self.trial = trial
+        self.overrides = dict(overrides or {})
+        self.asked: list[str] = []
+
+    def _override(self, name: str) -> tuple[bool, Any]:
+        self.asked.append(name)
+        if name not in self.overrides:
+            return False, None
+        value = self.overrides[name]
+        if isinstance(value, Mapping):
+            return False, value
+        return True, value
+
+    def float(self, name: str, low: float, high: float, *, log: bool = False) -> float:
+        fixed, value = self._override(name)
+        if fixed:
+            return float(value)
+        if value is not None:
+            if "choices" in value:
+                return self.trial.suggest_categorical(name, list(value["choices"]))
+            low, high, log = value.get("low", low), value.get("high", high), value.get("log", log)
+        return self.trial.suggest_float(name, low, high, log=log)
+
+    def int(self, name: str, low: int, high: int, *, log: bool = False) -> int:
+        fixed, value = self._override(name)
+        if fixed:
+            return int(value)
+        if value is not None:
+            if "choices" in value:
+                return self.trial.suggest_categorical(name, list(value["choices"]))
+            low, high, log = value.get("low", low), value.get("high", high), value.get("log", log)
+        return self.trial.suggest_int(name, low, high, log=log)
+
+    def categorical(self, name: str, choices: list[Any]) -> Any:
+        fixed, value = self._override(name)
+        if fixed:
+            return value
+        if value is not None:
+            choices = list(value.get("choices", choices))
+        return self.trial.suggest_categorical(name, choices)
+
+
+def get_space(method: str) -> Callable[[Space], dict[str, Any]]:
+    """The ``space`` function of ``search_spaces/<method>.py``."""
+    try:
+        module = importlib.import_module(f"search_spaces.{method}")
+    except ModuleNotFoundError as err:
+        raise KeyError(f"no search space for method {method!r} (expected search_spaces/{method}.py)") from err
+    return module.space
+
+
+def parameter_names(method: str, overrides: Mapping[str, Any] | None = None) -> list[str]:
+    """Names the method's space asks for (used to validate grid.yaml overrides before Ray starts)."""
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage())
+    space = Space(study.ask(), overrides)
+    get_space(method)(space)
+    return space.asked

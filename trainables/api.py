@@ -1,0 +1,168 @@
+"""The contract between the training loop and the algorithms.
+
+An algorithm is any object that satisfies :class:`Algorithm` (a Protocol, not a base class): the
+loop builds it from the registry, calls ``train_epoch`` once per epoch, ``predict`` to evaluate,
+and saves ``state_dict`` in every checkpoint. Algorithms never import ray or mlflow.
+
+Data reaches an algorithm as a :class:`TrainData`: the training pool on the training device, the
+candidate sets (or single noisy labels / soft labels, depending on what the method consumes), the
+few-shot trusted mask and the view makers (weak / strong augmentation). Ground-truth labels are not
+in it: they stay in the loop, which uses them only to compute reported metrics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Optimisation settings shared by every method (grid.yaml ``training:``, overridable per method)."""
+
+    epochs: int = 30
+    """Total training epochs (warm-up included)."""
+    batch_size: int = 64
+    """Mini-batch size (the papers use 256 on CIFAR)."""
+    lr: float = 0.05
+    """Initial learning rate of SGD."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 5e-4
+    """L2 weight decay."""
+    scheduler: str = "cosine"
+    """Learning-rate schedule: ``cosine`` (decay to 0 over ``epochs``) or ``constant``."""
+    backbone: str = "auto"
+    """Backbone name (``preact_resnet18``, ``small_cnn``, ``mlp``) or ``auto`` (the dataset's default)."""
+    val_fraction: float = 0.1
+    """Fraction of the training pool held out (with candidate labels only) for the label-free objective."""
+    checkpoint_every: int = 1
+    """Save a Tune checkpoint every this many epochs (and always at the last one)."""
+
+
+@dataclass
+class Views:
+    """Makes network inputs from raw stored samples (uint8 images or float features).
+
+    ``plain`` is the evaluation view (no augmentation); ``weak`` and ``strong`` are the two
+    augmentation families of the papers (shift + flip; shift + flip + RandAugment + cutout).
+    Every call draws its randomness from ``generator`` so that a seeded run is reproducible.
+    """
+
+    plain: Callable[[Tensor], Tensor]
+    weak: Callable[[Tensor], Tensor]
+    strong: Callable[[Tensor], Tensor]
+
+
+@dataclass
+class TrainData:
+    """The training pool an algorithm learns from. Indexed by sample id ``0..N-1``.
+
+    Attributes:
+        x: stored samples, (N, C, H, W) uint8 images or (N, D) float features, on ``device``.
+        cand: (N, C) float {0, 1} candidate sets. Few-shot samples carry the singleton of their
+            revealed label. For single-label methods this is the one-hot of the noisy label.
+        trusted: (N,) bool, True for the few-shot samples whose label was revealed by a human.
+        soft: (N, C) float annotator probabilities, or None (only for distillation methods).
+        views: makes plain / weak / strong network inputs from ``x[idx]``.
+        generator: the CPU generator all shuffling uses.
+    """
+
+    x: Tensor
+    cand: Tensor
+    trusted: Tensor
+    views: Views
+    generator: torch.Generator
+    soft: Tensor | None = None
+
+    @property
+    def num_samples(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        return self.cand.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    def batches(
+        self,
+        batch_size: int,
+        indices: Tensor | None = None,
+        shuffle: bool = True,
+        drop_last: bool = False,
+    ) -> Iterator[Tensor]:
+        """Yield index tensors (on the data device) covering ``indices`` (default: all samples)."""
+        if indices is None:
+            indices = torch.arange(self.num_samples)
+        indices = indices.cpu()
+        if shuffle:
+            indices = indices[torch.randperm(len(indices), generator=self.generator)]
+        stop = len(indices) - batch_size + 1 if drop_last else len(indices)
+        for start in range(0, max(stop, 0), batch_size):
+            yield indices[start : start + batch_size].to(self.device)
+
+
+@dataclass
+class BuildContext:
+    """Everything an algorithm needs to build itself, besides its own hyperparameters."""
+
+    num_classes: int
+    num_samples: int
+    make_encoder: Callable[[], nn.Module]
+    """Returns a fresh feature extractor with an ``out_dim`` attribute (the backbone, no head)."""
+    train: TrainSettings
+    device: torch.device
+    seed: int
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Algorithm(Protocol):
+    """What the loop needs from an algorithm."""
+
+    def train_epoch(self, data: TrainData, epoch: int) -> dict[str, float]:
+        """Train one epoch (0-based). Returns mean training losses keyed ``train/<name>``."""
+        ...
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        """Logits (B, C) for already-prepared (plain view) inputs."""
+        ...
+
+    def pseudo_labels(self) -> Tensor:
+        """(N, C) current label distribution the method trains towards, per training sample."""
+        ...
+
+    def clean_mask(self) -> Tensor | None:
+        """(N,) bool: samples the method currently treats as correctly labelled, or None."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: networks, optimisers, schedulers and per-sample state."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        ...
+
+
+@dataclass(frozen=True)
+class AlgorithmSpec:
+    """A registry entry. ``name`` is the single name used everywhere (grid.yaml, file, tags)."""
+
+    name: str
+    params: type
+    """Frozen dataclass of the method's hyperparameters, with the paper's defaults."""
+    build: Callable[[Any, BuildContext], Algorithm]
+    """``build(params, ctx) -> Algorithm``."""
+    consumes: str = "cand"
+    """What the method learns from: ``cand`` (candidate sets), ``noisy_label`` (one label per
+    sample, template-0 argmax), ``noisy_label_avg`` (template-average argmax) or ``soft``."""
+    ablations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Named ablations: each maps to the params overrides that switch a component off."""
+    description: str = ""
