@@ -237,6 +237,8 @@ class Grid(Strict):
     training: TrainingSpec = TrainingSpec()
     methods: list[MethodSpec] = Field(min_length=1)
     resources: ResourcesSpec = ResourcesSpec()
+    max_retries: int = Field(default=1, ge=0)
+    """Times a trial that raises is retried from its last checkpoint before it counts as failed."""
     ray: RaySpec = RaySpec()
 
     @model_validator(mode="after")

@@ -1,0 +1,214 @@
+"""One Optuna study per (grid cell, method), all driven by a single Ray Tune run.
+
+Ray's ``OptunaSearch`` runs one study per ``Tuner`` and refuses ``tune.grid_search``; running one
+Tuner per cell would leave a cluster idle between cells. :class:`MultiStudySearcher` instead owns
+every study of the sweep and hands out trials round-robin across studies, so all cells progress
+concurrently under one global concurrency limit, while each study's sampler only ever sees its own
+trials. Studies live in an Optuna RDB storage (sqlite by default), which ``optuna-dashboard`` opens
+directly and which survives the driver.
+
+:class:`PerStudyScheduler` applies ASHA early stopping inside each study that asks for it (rungs
+are never shared across cells or methods) and runs everything else to the end.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import optuna
+from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search import Searcher
+
+from orchestrator.plan import Study
+from search_spaces import Space, get_space
+
+log = logging.getLogger(__name__)
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _sampler(kind: str, seed: int) -> optuna.samplers.BaseSampler:
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    # A few random trials before TPE models the space (Optuna's default is 10, too many for the
+    # small per-cell budgets of a grid).
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=4)
+
+
+class MultiStudySearcher(Searcher):
+    """Suggests trial configs for many Optuna studies at once (round-robin over studies).
+
+    Args:
+        studies: the sweep's studies.
+        make_config: ``make_config(study, sampled) -> dict`` builds a trial's resolved config.
+        storage: Optuna storage URL (``sqlite:///.../optuna.db``).
+        stopped_early: set of Tune trial ids the scheduler stopped early (told as PRUNED).
+    """
+
+    def __init__(
+        self,
+        studies: list[Study],
+        make_config: Callable[[Study, dict[str, Any]], dict[str, Any]],
+        storage: str,
+        stopped_early: set[str] | None = None,
+    ):
+        super().__init__(metric=None, mode=None)
+        self._plans = {s.study_id: s for s in studies}
+        self._order = [s.study_id for s in studies]
+        self._make_config = make_config
+        self._storage = storage
+        self._stopped_early = stopped_early if stopped_early is not None else set()
+        self._studies: dict[str, optuna.Study] = {}
+        self._live: dict[str, tuple[str, optuna.Trial]] = {}
+        self._asked: dict[str, int] = {}
+        self._cursor = 0
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:  # noqa: D102
+        return True  # every study carries its own objective and direction
+
+    def _study(self, study_id: str) -> optuna.Study:
+        if study_id not in self._studies:
+            plan = self._plans[study_id]
+            study = optuna.create_study(
+                study_name=study_id,
+                storage=self._storage,
+                direction="maximize" if plan.mode == "max" else "minimize",
+                sampler=_sampler(plan.method.search.sampler, plan.cell.seed),
+                load_if_exists=True,
+            )
+            study.set_user_attr("objective", plan.objective)
+            study.set_user_attr("method", plan.method.name)
+            study.set_user_attr("cell", plan.cell.label())
+            self._studies[study_id] = study
+            self._asked[study_id] = sum(
+                t.state != optuna.trial.TrialState.RUNNING for t in study.get_trials(deepcopy=False)
+            )
+            if self._asked[study_id] == 0:
+                defaults = self._defaults(plan)
+                if defaults:
+                    # The first trial of every study evaluates the method's published defaults.
+                    study.enqueue_trial(defaults, skip_if_exists=True)
+        return self._studies[study_id]
+
+    @staticmethod
+    def _defaults(plan: Study) -> dict[str, Any]:
+        import importlib
+
+        module = importlib.import_module(f"search_spaces.{plan.method.name}")
+        defaults = dict(getattr(module, "DEFAULTS", {}))
+        fixed = {k for k, v in plan.method.search.space.items() if not isinstance(v, dict)}
+        defaults.update({k: v for k, v in plan.params.items() if k in defaults})
+        return {k: v for k, v in defaults.items() if k not in fixed}
+
+    def remaining(self) -> int:
+        return sum(
+            self._plans[s].method.search.num_samples - self._asked.get(s, 0) for s in self._order
+        )
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        for _ in range(len(self._order)):
+            study_id = self._order[self._cursor % len(self._order)]
+            self._cursor += 1
+            study = self._study(study_id)
+            plan = self._plans[study_id]
+            if self._asked[study_id] >= plan.method.search.num_samples:
+                continue
+            ot_trial = study.ask()
+            sampled = get_space(plan.method.name)(Space(ot_trial, plan.method.search.space))
+            self._asked[study_id] += 1
+            self._live[trial_id] = (study_id, ot_trial)
+            config = self._make_config(plan, sampled)
+            ot_trial.set_user_attr("signature", config["signature"])
+            ot_trial.set_user_attr("tune_trial_id", trial_id)
+            return config
+        return Searcher.FINISHED if not self._live else None
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        study_id, ot_trial = self._live.get(trial_id, (None, None))
+        if ot_trial is None:
+            return
+        value = result.get(self._plans[study_id].objective)
+        if value is not None and "epoch" in result:
+            ot_trial.report(float(value), step=int(result["epoch"]))
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        study_id, ot_trial = self._live.pop(trial_id, (None, None))
+        if ot_trial is None:
+            return
+        study = self._studies[study_id]
+        value = (result or {}).get(self._plans[study_id].objective)
+        if error or value is None:
+            study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
+        elif trial_id in self._stopped_early:
+            study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
+        else:
+            study.tell(ot_trial, float(value))
+
+    # Studies persist in their RDB storage; the driver-side state is rebuilt from it on restore.
+    def get_state(self) -> dict:
+        return {"cursor": self._cursor}
+
+    def set_state(self, state: dict) -> None:
+        self._cursor = state.get("cursor", 0)
+
+    def save(self, checkpoint_path: str) -> None:
+        import json
+
+        with open(checkpoint_path, "w") as f:
+            json.dump(self.get_state(), f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        import json
+
+        with open(checkpoint_path) as f:
+            self.set_state(json.load(f))
+
+
+class PerStudyScheduler(FIFOScheduler):
+    """FIFO for every trial, plus ASHA within each study that enables it (keyed by ``config['study']``)."""
+
+    def __init__(self, studies: list[Study], stopped_early: set[str]):
+        super().__init__()
+        self._asha: dict[str, AsyncHyperBandScheduler] = {}
+        self._stopped_early = stopped_early
+        for study in studies:
+            asha = study.method.search.asha
+            if asha is not None:
+                self._asha[study.study_id] = AsyncHyperBandScheduler(
+                    time_attr="epoch",
+                    metric=study.objective,
+                    mode=study.mode,
+                    max_t=study.training.epochs,
+                    grace_period=min(asha.grace_period, study.training.epochs),
+                    reduction_factor=asha.reduction_factor,
+                )
+
+    def set_search_properties(self, metric, mode, **spec) -> bool:  # noqa: D102
+        return True
+
+    def _for(self, trial) -> AsyncHyperBandScheduler | None:
+        return self._asha.get(trial.config.get("study"))
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        if (asha := self._for(trial)) is not None:
+            asha.on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        asha = self._for(trial)
+        if asha is None:
+            return TrialScheduler.CONTINUE
+        decision = asha.on_trial_result(tune_controller, trial, result)
+        if decision == TrialScheduler.STOP and result.get("epoch", 0) < trial.config["training"]["epochs"]:
+            self._stopped_early.add(trial.trial_id)
+        return decision
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        if (asha := self._for(trial)) is not None:
+            asha.on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller, trial) -> None:
+        if (asha := self._for(trial)) is not None:
+            asha.on_trial_remove(tune_controller, trial)
+
+    def debug_string(self) -> str:
+        return f"FIFO with ASHA in {len(self._asha)} stud{'y' if len(self._asha) == 1 else 'ies'}."

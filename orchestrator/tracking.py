@@ -1,0 +1,191 @@
+"""MLflow tracking, all of it from the driver.
+
+Layout of a sweep in MLflow (experiment = grid ``experiment``):
+
+- one parent run per sweep (tag ``kind=sweep``), holding the grid file, the resolved grid and the
+  plan as artifacts;
+- a nested run per annotation (``kind=annotation``) with its statistics;
+- a nested run per Tune trial (``kind=trial``) with the flattened resolved config as params, the
+  per-epoch metrics (step = epoch), tags (method, dataset, annotator, q, eta, shots, fraction, seed,
+  signature, study) and ``resolved_config.json``.
+
+Trials never talk to MLflow themselves: :class:`MlflowTrialCallback` logs what Tune reports, so a
+trial that crashes, is killed or whose node is lost still ends with a final status (FAILED / KILLED)
+set by the driver, never left RUNNING.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from ray.tune import Callback
+
+MAX_PARAM_LEN = 6000
+REPORTED_PREFIXES = ("train/", "test/", "val/", "pl/", "split/", "time/")
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": "1"}`` (MLflow params are flat strings)."""
+    out: dict[str, str] = {}
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+    else:
+        out[prefix[:-1]] = json.dumps(obj) if isinstance(obj, (list, tuple)) else str(obj)
+    return out
+
+
+class Tracker:
+    """Thin wrapper over :class:`MlflowClient` with this project's run layout."""
+
+    def __init__(self, tracking_uri: str, experiment: str, artifact_location: str | None = None):
+        self.uri = tracking_uri
+        self.client = MlflowClient(tracking_uri)
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_location)
+        else:
+            self.experiment_id = found.experiment_id
+
+    def start_run(self, name: str, tags: dict[str, str], parent: str | None = None) -> str:
+        tags = {MLFLOW_RUN_NAME: name, **tags}
+        if parent is not None:
+            tags[MLFLOW_PARENT_RUN_ID] = parent
+        run = self.client.create_run(self.experiment_id, tags=tags, run_name=name)
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: dict[str, str]) -> None:
+        items = [Param(k, v[:MAX_PARAM_LEN]) for k, v in params.items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[start : start + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        items = [
+            Metric(k, float(v), now, step)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+        ]
+        for start in range(0, len(items), 500):
+            self.client.log_batch(run_id, metrics=items[start : start + 500])
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_dict(self, run_id: str, obj: Any, name: str) -> None:
+        self.client.log_dict(run_id, obj, name)
+
+    def log_file(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_text(self, run_id: str, text: str, name: str) -> None:
+        self.client.log_text(run_id, text, name)
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status)
+
+    def open_runs(self, parent: str) -> list[str]:
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent}' and attributes.status = 'RUNNING'",
+            max_results=5000,
+        )
+        return [r.info.run_id for r in runs]
+
+    def close_open_runs(self, parent: str, status: str) -> int:
+        """Give every still-RUNNING child of ``parent`` a final status. Returns how many."""
+        ids = self.open_runs(parent)
+        for run_id in ids:
+            self.end_run(run_id, status)
+        return len(ids)
+
+    # Project-specific runs ---------------------------------------------------------------------
+
+    def log_annotation(self, parent: str, annotation: Any, cell_tags: dict[str, str], spec: dict) -> str:
+        name = f"annotation {cell_tags['dataset']} {cell_tags['annotator']}"
+        for axis in ("q", "eta", "seed"):
+            if cell_tags.get(axis):
+                name += f" {axis}={cell_tags[axis]}"
+        run_id = self.start_run(
+            name, {"kind": "annotation", "annotation_key": annotation.key, "cached": str(annotation.cached), **cell_tags}, parent
+        )
+        self.log_params(run_id, flatten({"annotator": spec["annotator"], "dataset": spec["dataset"]}))
+        self.log_metrics(run_id, {f"annotation/{k}": v for k, v in annotation.stats.items()}, step=0)
+        self.log_dict(run_id, {"key": annotation.key, "stats": annotation.stats, "meta": annotation.meta}, "annotation.json")
+        self.end_run(run_id)
+        return run_id
+
+
+class MlflowTrialCallback(Callback):
+    """Mirrors every Tune trial into a nested MLflow run under the sweep's parent run."""
+
+    def __init__(self, tracker: Tracker, parent_run_id: str, tags_for: Any):
+        self.tracker = tracker
+        self.parent = parent_run_id
+        self.tags_for = tags_for  # config -> dict of tags (cell + method)
+        self.runs: dict[str, str] = {}  # tune trial id -> mlflow run id
+        self.errors: dict[str, str] = {}
+
+    def _run_for(self, trial) -> str:
+        if trial.trial_id in self.runs:
+            return self.runs[trial.trial_id]
+        config = trial.config
+        tags = {"kind": "trial", "tune_trial_id": trial.trial_id, **self.tags_for(config)}
+        name = f"{config['method']} {tags['cell']} #{trial.trial_id.rsplit('_', 1)[-1]}"
+        run_id = self.tracker.start_run(name, tags, self.parent)
+        params = flatten({k: config[k] for k in ("method", "cell", "params", "training", "objective")})
+        self.tracker.log_params(run_id, params)
+        self.tracker.log_dict(run_id, config, "resolved_config.json")
+        self.runs[trial.trial_id] = run_id
+        return run_id
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self._run_for(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        run_id = self._run_for(trial)
+        metrics = {k: v for k, v in result.items() if k.startswith(REPORTED_PREFIXES)}
+        self.tracker.log_metrics(run_id, metrics, step=int(result.get("epoch", result.get("training_iteration", 0))))
+
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        run_id = self._run_for(trial)
+        retries = int(self.tracker.client.get_run(run_id).data.tags.get("retries", "0")) + 1
+        self.tracker.set_tags(run_id, {"retries": str(retries), "last_error": _error_text(trial)})
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        run_id = self._run_for(trial)
+        last = trial.last_result or {}
+        if "test/acc" in last:
+            self.tracker.set_tags(run_id, {"final_test_acc": f"{last['test/acc']:.4f}"})
+        self.tracker.end_run(run_id, "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        run_id = self._run_for(trial)
+        error = _error_text(trial)
+        self.errors[trial.trial_id] = error
+        self.tracker.set_tags(run_id, {"error": error[-5000:]})
+        self.tracker.end_run(run_id, "FAILED")
+
+    def close_all(self, status: str) -> int:
+        """End every run this callback opened that is still RUNNING (driver interrupted)."""
+        closed = 0
+        for run_id in self.runs.values():
+            if self.tracker.client.get_run(run_id).info.status == "RUNNING":
+                self.tracker.end_run(run_id, status)
+                closed += 1
+        return closed
+
+
+def _error_text(trial) -> str:
+    path = getattr(trial, "error_file", None) or getattr(getattr(trial, "run_metadata", None), "error_filename", None)
+    if path and Path(path).exists():
+        return Path(path).read_text()[-5000:]
+    return str(getattr(trial, "error_msg", "") or "trial failed (no error file)")
+

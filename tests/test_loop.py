@@ -1,0 +1,102 @@
+"""The training loop without Ray: splits, label isolation, determinism, checkpoint resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from orchestrator.annotation.stage import annotate
+from orchestrator.config import parse_grid
+from orchestrator.plan import expand
+from trainables.common.data import load_dataset
+from trainables.loop import make_split, prepare_data, run_trial
+
+
+def test_split_is_seeded_disjoint_and_reveals_k_per_class():
+    labels = np.repeat(np.arange(5), 40)
+    a = make_split(labels, 5, val_fraction=0.2, shots=3, fraction=0.5, seed=7)
+    b = make_split(labels, 5, val_fraction=0.2, shots=3, fraction=0.5, seed=7)
+    c = make_split(labels, 5, val_fraction=0.2, shots=3, fraction=0.5, seed=8)
+    assert np.array_equal(a.train, b.train) and np.array_equal(a.val, b.val)
+    assert not np.array_equal(a.val, c.val)
+    assert len(a.val) == 40 and not set(a.val) & set(a.train)
+    revealed = a.train[a.trusted]
+    assert np.bincount(labels[revealed], minlength=5).tolist() == [3] * 5
+    unlabeled_pool = 200 - 40 - 15
+    assert (~a.trusted).sum() == round(0.5 * unlabeled_pool)
+
+
+def tiny_config(tmp_path: Path, method: str, **params) -> dict:
+    grid = parse_grid(
+        {
+            "experiment": "loop",
+            "storage": str(tmp_path),
+            "datasets": [{"name": "digits", "subsample": 300}],
+            "annotators": [{"kind": "synthetic"}],
+            "grid": {"q": [0.3], "eta": [0.3], "seeds": [3], "shots": [2]},
+            "training": {"epochs": 4, "batch_size": 32, "backbone": "small_cnn"},
+            "methods": [{"name": method, "params": params}],
+        }
+    )
+    study = expand(grid)[0]
+    dataset = load_dataset(study.cell.dataset)
+    ann = annotate(dataset, study.cell.annotator, q=0.3, eta=0.3, seed=3, cache_dir=tmp_path / "annotations")
+    config = study.trial_config({}, annotation_key=ann.key, cache_dir=str(tmp_path / "annotations"), cpus=1)
+    config["device"] = "cpu"
+    return config
+
+
+def collect(config: dict, **kwargs) -> list[dict]:
+    out: list[dict] = []
+    run_trial(config, lambda metrics, save: out.append(dict(metrics)), **kwargs)
+    return out
+
+
+def test_training_data_carries_candidates_not_truth(tmp_path):
+    config = tiny_config(tmp_path, "cc")
+    td = prepare_data(config, torch.device("cpu"))
+    cand, truth = td.data.cand, td.train_y
+    untrusted = ~td.data.trusted
+    in_set = cand[untrusted].gather(1, truth[untrusted, None]).squeeze(1)
+    # eta = 0.3: a sizeable share of the training targets exclude the true label
+    assert 0.15 < 1 - in_set.mean().item() < 0.45
+    # revealed few-shot samples carry exactly their true label
+    trusted = td.data.trusted
+    assert torch.equal(cand[trusted].argmax(1), truth[trusted]) and (cand[trusted].sum(1) == 1).all()
+    assert trusted.sum().item() == 2 * 10
+
+
+@pytest.mark.parametrize("method", ["cc", "coreg"])
+def test_same_config_and_seed_give_the_same_first_epoch(tmp_path, method):
+    params = {"warmup_epochs": 1} if method == "coreg" else {}
+    config = tiny_config(tmp_path, method, **params)
+    first = collect(config, max_epochs=2)
+    second = collect(config, max_epochs=2)
+    losses = [k for k in first[0] if k.startswith("train/")]
+    assert losses
+    for a, b in zip(first, second):
+        for key in losses + ["test/acc", "pl/acc"]:
+            assert a[key] == b[key], key
+    other = dict(config, cell=dict(config["cell"], seed=4))
+    assert collect(other, max_epochs=1)[0]["train/loss"] != first[0]["train/loss"]
+
+
+def test_resume_from_checkpoint_continues_the_same_run(tmp_path):
+    config = tiny_config(tmp_path, "proden")
+    full = collect(config)
+    saved = tmp_path / "ckpt"
+    saved.mkdir()
+
+    def report(metrics, save):
+        if metrics["epoch"] == 2:
+            save(saved)
+
+    run_trial(config, report, max_epochs=2)
+    resumed = collect(config, restore_dir=saved)
+    assert [m["epoch"] for m in resumed] == [3, 4]
+    for a, b in zip(full[2:], resumed):
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5)
+        assert a["test/acc"] == pytest.approx(b["test/acc"], abs=1e-6)

@@ -1,0 +1,299 @@
+"""The training loop: one Tune function for every registered algorithm.
+
+``train_trial(config)`` is what Ray Tune runs. It builds the data (data set + cached annotation +
+held-out validation split + few-shot reveal + unlabeled-fraction subsample), the backbone and the
+algorithm from the registry, then trains epoch by epoch, evaluates, reports and checkpoints.
+
+The logic lives in :func:`run_trial`, which takes plain callables for reporting and checkpoint
+loading, so it runs (and is tested) without Ray. Ground-truth training labels stay here: they are
+used only to compute reported metrics (pseudo-label accuracy, split precision), never passed to the
+algorithm. The only true labels an algorithm sees are the few-shot ones the grid asks to reveal.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from trainables.api import Algorithm, BuildContext, TrainData, TrainSettings
+from trainables.common.augment import make_views
+from trainables.common.backbones import make_encoder
+from trainables.common.data import Dataset, load_dataset
+from trainables.registry import ALGORITHMS
+
+EVAL_BATCH = 1024
+CHECKPOINT_FILE = "state.pt"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Split:
+    """Which training-pool samples each part uses (indices into the data set's training arrays)."""
+
+    train: np.ndarray
+    """Samples the algorithm trains on (trusted ones first)."""
+    val: np.ndarray
+    """Held-out samples with candidate labels only: the label-free objective is measured on them."""
+    trusted: np.ndarray
+    """(len(train),) bool: few-shot samples whose true label is revealed."""
+
+
+def make_split(
+    labels: np.ndarray, num_classes: int, *, val_fraction: float, shots: int, fraction: float, seed: int
+) -> Split:
+    """Seeded split of the training pool into validation, revealed few-shot and kept unlabeled parts.
+
+    ``labels`` are the true labels; they choose which samples are revealed (k per class, as a human
+    would label k examples of each class) and nothing else.
+    """
+    rng = np.random.default_rng([seed, 0x5E1])
+    perm = rng.permutation(len(labels))
+    n_val = int(round(val_fraction * len(labels)))
+    val, pool = np.sort(perm[:n_val]), perm[n_val:]
+    revealed = []
+    for c in range(num_classes):
+        of_class = pool[labels[pool] == c]
+        revealed.extend(of_class[:shots].tolist())
+    revealed = np.array(sorted(revealed), dtype=np.int64)
+    rest = np.setdiff1d(pool, revealed)
+    keep = rng.permutation(rest)[: int(round(fraction * len(rest)))]
+    train = np.concatenate([revealed, np.sort(keep)]).astype(np.int64)
+    trusted = np.zeros(len(train), dtype=bool)
+    trusted[: len(revealed)] = True
+    return Split(train=train, val=val, trusted=trusted)
+
+
+@dataclass
+class TrialData:
+    """Everything a trial needs, on the training device. ``*_y`` are for metrics only."""
+
+    dataset: Dataset
+    data: TrainData
+    train_y: torch.Tensor
+    train_cand: torch.Tensor
+    val_x: torch.Tensor
+    val_cand: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    split: Split
+    aug_generator: torch.Generator
+    """Draws every augmentation; its state is checkpointed so a resumed run sees the same views."""
+
+
+def prepare_data(config: dict[str, Any], device: torch.device) -> TrialData:
+    """Load the data set and the cached annotation, and apply the cell's split options."""
+    from orchestrator.annotation.stage import load_cached  # the annotation cache format lives there
+    from orchestrator.config import DatasetSpec
+
+    cell, seed = config["cell"], config["cell"]["seed"]
+    train_settings = TrainSettings(**config["training"])
+    dataset = load_dataset(DatasetSpec(**cell["dataset"]))
+    annotation = load_cached(Path(config["cache_dir"]), config["annotation_key"])
+    num_classes = len(dataset.class_names)
+    split = make_split(
+        dataset.train_y,
+        num_classes,
+        val_fraction=train_settings.val_fraction,
+        shots=cell["shots"],
+        fraction=cell["unlabeled_fraction"],
+        seed=seed,
+    )
+    consumes = ALGORITHMS[config["method"]].consumes
+    targets = annotation.targets(consumes)[split.train].astype(np.float32)  # (N, C)
+    cand = annotation.cand_train.astype(np.float32)
+    revealed_y = dataset.train_y[split.train[split.trusted]]
+    targets[split.trusted] = np.eye(num_classes, dtype=np.float32)[revealed_y]
+
+    def to(a: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(a).to(device)
+
+    aug_generator = torch.Generator().manual_seed(seed + 1)
+    views = make_views(dataset.kind, mean=dataset.mean, std=dataset.std, hflip=dataset.hflip, generator=aug_generator)
+    data = TrainData(
+        x=to(dataset.train_x[split.train]),
+        cand=to(targets),
+        trusted=to(split.trusted),
+        views=views,
+        generator=torch.Generator().manual_seed(seed + 2),
+        soft=to(annotation.targets("soft")[split.train]) if consumes == "soft" else None,
+    )
+    train_cand = cand[split.train].copy()
+    train_cand[split.trusted] = targets[split.trusted]
+    return TrialData(
+        dataset=dataset,
+        data=data,
+        train_y=to(dataset.train_y[split.train]),
+        train_cand=to(train_cand),
+        val_x=to(dataset.train_x[split.val]),
+        val_cand=to(cand[split.val]),
+        test_x=to(dataset.test_x),
+        test_y=to(dataset.test_y),
+        split=split,
+        aug_generator=aug_generator,
+    )
+
+
+def build_algorithm(config: dict[str, Any], td: TrialData, device: torch.device) -> Algorithm:
+    spec = ALGORITHMS[config["method"]]
+    train_settings = TrainSettings(**config["training"])
+    params = spec.params(**config["params"])
+    ds = td.dataset
+    backbone = ds.default_backbone if train_settings.backbone == "auto" else train_settings.backbone
+    x = ds.train_x
+    in_channels = x.shape[1] if x.ndim == 4 else 1
+    image_size = x.shape[-1] if x.ndim == 4 else 0
+    in_dim = x.shape[1] if x.ndim == 2 else None
+
+    def make() -> torch.nn.Module:
+        return make_encoder(backbone, in_channels=in_channels, image_size=image_size, in_dim=in_dim)
+
+    ctx = BuildContext(
+        num_classes=len(ds.class_names),
+        num_samples=td.data.num_samples,
+        make_encoder=make,
+        train=train_settings,
+        device=device,
+        seed=config["cell"]["seed"],
+    )
+    torch.manual_seed(config["cell"]["seed"])
+    return spec.build(params, ctx)
+
+
+@torch.no_grad()
+def predict(algo: Algorithm, x: torch.Tensor, view: Callable[[torch.Tensor], torch.Tensor], fn: str = "predict") -> Any:
+    outs = []
+    for start in range(0, len(x), EVAL_BATCH):
+        outs.append(getattr(algo, fn)(view(x[start : start + EVAL_BATCH])))
+    if isinstance(outs[0], tuple):
+        return tuple(torch.cat(parts) for parts in zip(*outs))
+    return torch.cat(outs)
+
+
+def evaluate(algo: Algorithm, td: TrialData) -> dict[str, float]:
+    """Metrics shared by every method. Test and training labels are used here, for reporting only."""
+    plain = td.data.views.plain
+    metrics: dict[str, float] = {}
+    logits = predict(algo, td.test_x, plain)
+    metrics["test/acc"] = (logits.argmax(1) == td.test_y).float().mean().item()
+    if hasattr(algo, "predict_nets"):
+        for name, net_logits in zip(("a", "b"), predict(algo, td.test_x, plain, "predict_nets")):
+            metrics[f"test/acc_net_{name}"] = (net_logits.argmax(1) == td.test_y).float().mean().item()
+    if len(td.val_x):
+        val_probs = predict(algo, td.val_x, plain).softmax(1)
+        hit = td.val_cand.gather(1, val_probs.argmax(1, keepdim=True)).squeeze(1)
+        metrics["val/covering_rate"] = hit.mean().item()
+        metrics["val/partial_loss"] = -(val_probs * td.val_cand).sum(1).clamp_min(1e-12).log().mean().item()
+    pseudo = algo.pseudo_labels()
+    metrics["pl/acc"] = (pseudo.argmax(1) == td.train_y).float().mean().item()
+    in_cand = td.train_cand.gather(1, td.train_y[:, None]).squeeze(1).bool()
+    clean = algo.clean_mask()
+    if clean is not None:
+        clean = clean.bool()
+        metrics["split/size"] = clean.float().sum().item()
+        metrics["split/fraction"] = clean.float().mean().item()
+        metrics["split/precision"] = in_cand[clean].float().mean().item() if clean.any() else 0.0
+        metrics["split/recall"] = clean[in_cand].float().mean().item() if in_cand.any() else 0.0
+    return metrics
+
+
+def run_trial(
+    config: dict[str, Any],
+    report: Callable[[dict[str, float], Callable[[Path], None] | None], None],
+    restore_dir: Path | None = None,
+    max_epochs: int | None = None,
+) -> dict[str, float]:
+    """Train one configuration. ``report(metrics, save)`` is called once per epoch; when ``save`` is
+    given, calling ``save(directory)`` writes a checkpoint there. ``restore_dir`` resumes from one.
+    ``max_epochs`` stops early (tests); the schedule still follows ``training.epochs``."""
+    seed = config["cell"]["seed"]
+    seed_everything(seed)
+    device = torch.device(config.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    td = prepare_data(config, device)
+    algo = build_algorithm(config, td, device)
+    settings = TrainSettings(**config["training"])
+    objective, mode = config["objective"], config["mode"]
+    best = {"value": None, "epoch": 0, "test_acc": 0.0}
+    start_epoch = 0
+    if restore_dir is not None:
+        state = torch.load(restore_dir / CHECKPOINT_FILE, map_location=device, weights_only=False)
+        algo.load_state_dict(state["algorithm"])
+        start_epoch, best = state["epoch"], state["best"]
+        td.data.generator.set_state(state["generator"])
+        td.aug_generator.set_state(state["aug_generator"])
+        random.setstate(state["python_rng"])
+        np.random.set_state(state["numpy_rng"])
+        torch.set_rng_state(state["torch_rng"])
+    stop = settings.epochs if max_epochs is None else min(settings.epochs, max_epochs)
+    metrics: dict[str, float] = {}
+    for epoch in range(start_epoch, stop):
+        tic = time.perf_counter()
+        metrics = dict(algo.train_epoch(td.data, epoch))
+        metrics["time/epoch_s"] = time.perf_counter() - tic
+        metrics.update(evaluate(algo, td))
+        value = metrics.get(objective)
+        if value is not None and (
+            best["value"] is None or (value > best["value"] if mode == "max" else value < best["value"])
+        ):
+            best = {"value": value, "epoch": epoch + 1, "test_acc": metrics["test/acc"]}
+        metrics["test/acc_selected"] = best["test_acc"]
+        metrics["val/best_epoch"] = best["epoch"]
+        metrics["epoch"] = epoch + 1
+        last = epoch + 1 == stop
+        save = None
+        if last or (epoch + 1) % settings.checkpoint_every == 0:
+
+            def save(directory: Path, epoch: int = epoch, best: dict = dict(best)) -> None:
+                torch.save(
+                    {
+                        "algorithm": algo.state_dict(),
+                        "epoch": epoch + 1,
+                        "best": best,
+                        "generator": td.data.generator.get_state(),
+                        "aug_generator": td.aug_generator.get_state(),
+                        "python_rng": random.getstate(),
+                        "numpy_rng": np.random.get_state(),
+                        "torch_rng": torch.get_rng_state(),
+                        "config": config,
+                    },
+                    directory / CHECKPOINT_FILE,
+                )
+
+        report(metrics, save)
+    return metrics
+
+
+def train_trial(config: dict[str, Any]) -> None:
+    """The Ray Tune function trainable."""
+    from ray import tune
+
+    torch.set_num_threads(max(1, int(config.get("cpus", 1))))
+    checkpoint = tune.get_checkpoint()
+
+    def report(metrics: dict[str, float], save: Callable[[Path], None] | None) -> None:
+        if save is None:
+            tune.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            save(Path(tmp))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+    if checkpoint is None:
+        run_trial(config, report)
+    else:
+        with checkpoint.as_directory() as directory:
+            run_trial(config, report, restore_dir=Path(directory))
+
+
+__all__ = ["train_trial", "run_trial", "make_split", "prepare_data", "evaluate", "seed_everything"]
