@@ -24,6 +24,7 @@ from orchestrator.plan import Study
 from search_spaces import Space, get_space
 
 log = logging.getLogger(__name__)
+METRIC_PREFIXES = ("test/", "val/", "pl/", "split/")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
@@ -137,6 +138,11 @@ class MultiStudySearcher(Searcher):
             return
         study = self._studies[study_id]
         value = (result or {}).get(self._plans[study_id].objective)
+        if result:
+            # Kept with the study, so tables can be rebuilt from the storage after any resume.
+            ot_trial.set_user_attr(
+                "metrics", {k: float(v) for k, v in result.items() if k.startswith(METRIC_PREFIXES) or k == "epoch"}
+            )
         if error or value is None:
             study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
         elif trial_id in self._stopped_early:

@@ -117,28 +117,24 @@ def trial_tags(config: dict[str, Any]) -> dict[str, str]:
     return tags
 
 
-def summarize(results: list[tuple[dict, dict]]) -> tuple[str, list[dict]]:
+def summarize(studies: list[Study], storage: str) -> tuple[str, list[dict]]:
     """Per cell (seeds pooled) and method: the best trial of each seed's study by its label-free
-    objective, then mean +- std over seeds of its last-epoch and selected test accuracy."""
-    best: dict[str, tuple[dict, dict]] = {}
-    for config, metrics in results:
-        value = metrics.get(config["objective"])
-        if value is None:
-            continue
-        current = best.get(config["study"])
-        better = current is None or (
-            value > current[1][config["objective"]] if config["mode"] == "max" else value < current[1][config["objective"]]
-        )
-        if better:
-            best[config["study"]] = (config, metrics)
+    objective, then mean +- std over seeds of its last-epoch and selected test accuracy.
+
+    Read from the Optuna storage, so it covers every trial of the studies, whichever sweep ran it."""
+    import optuna
+
     grouped: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    for config, metrics in best.values():
-        tags = trial_tags(config)
-        cell = tags["cell"].rsplit(" seed=", 1)[0]
-        grouped[(cell, config["method"])].append(metrics)
+    for study in studies:
+        try:
+            loaded = optuna.load_study(study_name=study.study_id, storage=storage)
+            best = loaded.best_trial
+        except (KeyError, ValueError):  # study never started, or no completed trial
+            continue
+        grouped[(study.cell.label(with_seed=False), study.method.name)].append(best.user_attrs.get("metrics", {}))
     rows = []
     for (cell, method), runs in sorted(grouped.items()):
-        last = [m["test/acc"] for m in runs]
+        last = [m.get("test/acc", float("nan")) for m in runs]
         sel = [m.get("test/acc_selected", float("nan")) for m in runs]
         rows.append(
             {
@@ -151,7 +147,7 @@ def summarize(results: list[tuple[dict, dict]]) -> tuple[str, list[dict]]:
                 "selected_acc_std": statistics.stdev(sel) if len(sel) > 1 else 0.0,
             }
         )
-    lines = ["| cell | method | seeds | test acc (last epoch) | test acc (label-free selected) |", "|---|---|---|---|---|"]
+    lines = ["| cell | method | seeds | test acc % (last epoch) | test acc % (label-free selected) |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['cell']} | {r['method']} | {r['seeds']} | {100 * r['test_acc_mean']:.2f} +- {100 * r['test_acc_std']:.2f} "
@@ -209,7 +205,8 @@ def run(grid: Grid, grid_path: Path | None = None) -> dict[str, Any]:
             return study.trial_config(sampled, annotation_key=ann.key, cache_dir=cache_dir, cpus=cpus)
 
         stopped_early: set[str] = set()
-        searcher = MultiStudySearcher(studies, make_config, f"sqlite:///{storage / 'optuna.db'}", stopped_early)
+        optuna_storage = f"sqlite:///{storage / 'optuna.db'}"
+        searcher = MultiStudySearcher(studies, make_config, optuna_storage, stopped_early)
         scheduler = PerStudyScheduler(studies, stopped_early)
         tuner = tune.Tuner(
             tune.with_resources(train_trial, {"cpu": cpus, "gpu": grid.resources.gpus_per_trial}),
@@ -229,11 +226,10 @@ def run(grid: Grid, grid_path: Path | None = None) -> dict[str, Any]:
             ),
         )
         result_grid = tuner.fit()
-        results = [(r.config, r.metrics) for r in result_grid if r.config and r.metrics and "test/acc" in r.metrics]
-        table, rows = summarize(results)
+        table, rows = summarize(studies, optuna_storage)
         failed = [r for r in result_grid if r.error is not None]
         tracker.log_text(parent, table + "\n", "summary.md")
-        tracker.set_tags(parent, {"trials_failed": str(len(failed)), "trials_finished": str(len(results))})
+        tracker.set_tags(parent, {"trials_failed": str(len(failed)), "trials_run": str(len(result_grid))})
         print("\n" + table, flush=True)
         for r in failed:
             print(f"trial {r.config.get('study')} failed: {str(r.error).splitlines()[0][:300]}", file=sys.stderr)

@@ -1,0 +1,326 @@
+"""The CLIP annotator: per-template zero-shot probabilities with open_clip, on a Ray Data actor pool.
+
+For every prompt template t and class c the text ``t.format(class_name)`` is encoded once per
+actor and L2-normalised, giving ``T`` (T, C, D). An image's L2-normalised embedding r gives, per
+template, p_t = softmax(logit_scale * r . T_t^T) (Co-Reg section III, logit_scale = 100).
+:class:`ClipActor` does this for one batch; :func:`annotate_clip` streams a data set's train and
+test images through a pool of such actors (``Dataset.map_batches``) and reassembles the
+(N, T, C) float16 probabilities in sample order.
+
+Implementation details / deviations from the reference (github Portugas0807/Co-Reg,
+``utils/utils_experi.py``, ``clip_annotate``, which uses OpenAI's ``clip`` package):
+
+1. Preprocessing runs on the actor's device on whole uint8 batches (resize with antialiasing and
+   the model's interpolation, centre crop or pad, grey to RGB, normalise), with the size / mean /
+   std / interpolation / resize mode of the model's own open_clip preprocess config. The
+   reference applies PIL transforms image by image; on CPU the two agree within about two grey
+   levels per pixel, on CUDA torchvision resizes in float and rounds, which can differ by a few levels.
+2. ``pretrained: null`` builds randomly initialised weights from a fixed seed (``init_seed``), so
+   every actor of a pool holds the same model (needed for tests and benchmarks).
+3. Image features are renormalised in float32 after a low-precision (fp16 / bf16) forward pass;
+   softmax is taken in float32 and only the result is rounded to float16 for storage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+    from orchestrator.config import ClipAnnotatorSpec
+    from trainables.common.data import Dataset
+
+log = logging.getLogger(__name__)
+
+PREPROCESS_VERSION = 1
+"""Bump when :func:`preprocess_images` changes what it computes (it is part of the cache key)."""
+
+TEXT_CHUNK = 1024
+"""Prompts encoded per forward pass of the text tower."""
+
+
+class ClipLoadError(RuntimeError):
+    """The open_clip model or its weights could not be built."""
+
+
+def model_name_for(spec: ClipAnnotatorSpec) -> str:
+    """The open_clip model name of an annotator spec.
+
+    open_clip registers a config file under its file name, so with ``model_config_path`` the name
+    is the file's stem. A ``model`` other than the default that names something else is refused
+    rather than silently ignored (the default is let through: a spec round-tripped through
+    ``model_dump`` carries it).
+    """
+    if spec.model_config_path is None:
+        return spec.model
+    stem = Path(spec.model_config_path).stem
+    if spec.model not in (stem, type(spec).model_fields["model"].default):
+        raise ValueError(
+            f"annotator {spec.name!r}: model {spec.model!r} does not match model_config_path "
+            f"{spec.model_config_path} (open_clip registers a config under its file name, {stem!r}); "
+            f"set model: {stem} or leave model out"
+        )
+    return stem
+
+
+def read_model_config(path: str | Path) -> dict[str, Any]:
+    """Load and check an open_clip model config JSON (open_clip itself skips invalid files silently)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"model_config_path {path}: no such file")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"model_config_path {path}: not valid JSON: {err}") from None
+    missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in cfg]
+    if missing:
+        raise ValueError(f"model_config_path {path}: an open_clip model config needs {missing}")
+    return cfg
+
+
+def _looks_like_path(pretrained: str) -> bool:
+    if pretrained.startswith("hf-hub:"):
+        return False
+    return "/" in pretrained or "\\" in pretrained or pretrained.endswith((".bin", ".pt", ".pth", ".safetensors"))
+
+
+def load_clip_model(
+    model: str,
+    pretrained: str | None,
+    model_config_path: str | None = None,
+    precision: str = "fp32",
+    device: str = "cpu",
+    init_seed: int = 0,
+) -> tuple[torch.nn.Module, Callable[[list[str]], torch.Tensor], dict[str, Any]]:
+    """Build an open_clip model in eval mode, its tokenizer and its preprocess config."""
+    import open_clip
+    import torch
+
+    if model_config_path is not None:
+        read_model_config(model_config_path)
+        if Path(model_config_path).stem != model:
+            raise ValueError(f"model {model!r} must be the file name of model_config_path {model_config_path}")
+        open_clip.add_model_config(Path(model_config_path).expanduser())
+    if pretrained is not None and _looks_like_path(pretrained):
+        pretrained = str(Path(pretrained).expanduser())
+        if not Path(pretrained).is_file():
+            raise FileNotFoundError(f"CLIP checkpoint {pretrained}: no such file (pretrained: is a tag or a checkpoint path)")
+    try:
+        # Random init draws from torch's global generator: seed it locally so that every actor of
+        # a pool (and a later re-run) holds identical weights, without disturbing the caller.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            net = open_clip.create_model(model, pretrained=pretrained, precision=precision, device=device)
+    except Exception as err:
+        raise ClipLoadError(
+            f"could not build open_clip model {model!r} with pretrained={pretrained!r}: {err}. "
+            "A pretrained tag needs internet access (or a populated Hugging Face cache, HF_HUB_CACHE); "
+            "offline, fetch the checkpoint elsewhere and set pretrained: /path/to/checkpoint"
+        ) from err
+    net.eval()
+    return net, open_clip.get_tokenizer(model), dict(open_clip.get_model_preprocess_cfg(net))
+
+
+def preprocess_images(images: torch.Tensor, cfg: dict[str, Any]) -> torch.Tensor:
+    """uint8 (B, C, H, W) on any device -> normalised float32 (B, 3, S, S), as open_clip's eval transform.
+
+    ``cfg`` is ``open_clip.get_model_preprocess_cfg(model)``: size, mean, std, interpolation
+    (bicubic / bilinear), resize_mode (shortest: resize the short side then centre crop; longest:
+    resize the long side then centre pad with ``fill_color``; squash: resize to the size).
+    Resizing stays in uint8 so that torchvision's antialiased kernels round and clamp like PIL's
+    (on CPU they agree with PIL within about two grey levels per pixel; a float resize differs by
+    up to ~18 levels).
+    """
+    import torch
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected uint8 images (B, 1 or 3, H, W), got {images.dtype} {tuple(images.shape)}")
+    size = cfg.get("size", 224)
+    th, tw = (size, size) if isinstance(size, int) else tuple(size)
+    mode = cfg.get("resize_mode", "shortest")
+    interpolation = InterpolationMode.BILINEAR if cfg.get("interpolation") == "bilinear" else InterpolationMode.BICUBIC
+    h, w = images.shape[-2:]
+    x = images
+    if mode == "squash":
+        x = TF.resize(x, [th, tw], interpolation=interpolation, antialias=True)
+    elif mode == "shortest":
+        if th == tw:
+            x = TF.resize(x, [th], interpolation=interpolation, antialias=True)  # torchvision's short-side rule
+        else:
+            # open_clip's ResizeKeepRatio: bicubic whatever the configured interpolation.
+            scale = min(h / th, w / tw)
+            x = TF.resize(x, [round(h / scale), round(w / scale)], interpolation=InterpolationMode.BICUBIC, antialias=True)
+        x = TF.center_crop(x, [th, tw])
+    elif mode == "longest":
+        scale = max(h / th, w / tw)
+        x = TF.resize(x, [round(h / scale), round(w / scale)], interpolation=interpolation, antialias=True)
+        ph, pw = max(th - x.shape[-2], 0), max(tw - x.shape[-1], 0)
+        x = TF.pad(x, [pw // 2, ph // 2, (pw + 1) // 2, (ph + 1) // 2], fill=int(cfg.get("fill_color", 0)))
+        x = TF.center_crop(x, [th, tw])
+    else:
+        raise ValueError(f"unknown open_clip resize_mode {mode!r}")
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)  # grey -> RGB after resizing, like open_clip's convert("RGB")
+    mean = torch.tensor(cfg["mean"], device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(cfg["std"], device=x.device).view(1, -1, 1, 1)
+    return (x.float() / 255.0 - mean) / std
+
+
+class ClipActor:
+    """Per-template zero-shot probabilities for batches of images; a Ray Data ``map_batches`` actor.
+
+    The constructor loads the model and encodes every (template, class) prompt once; each call
+    maps ``{"index": (B,), "image": (B, C, H, W) uint8}`` to ``{"index", "probs": (B, T, C) float16}``.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        pretrained: str | None,
+        templates: Sequence[str],
+        class_names: Sequence[str],
+        model_config_path: str | None = None,
+        logit_scale: float = 100.0,
+        precision: str = "fp32",
+        use_gpu: bool = False,
+        init_seed: int = 0,
+    ):
+        import open_clip
+        import torch
+
+        if use_gpu and not torch.cuda.is_available():
+            warnings.warn("GPUs were requested for the CLIP annotator but CUDA is not available here; using the CPU")
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.model, self.tokenizer, self.preprocess_cfg = load_clip_model(
+            model, pretrained, model_config_path, precision, str(self.device), init_seed
+        )
+        self.input_dtype = open_clip.get_input_dtype(precision) or torch.float32
+        self.logit_scale = float(logit_scale)
+        self.templates = list(templates)
+        self.class_names = list(class_names)
+        self.text_encode_calls = 0
+        self.text_embeddings = self._encode_texts()  # (T, C, D) float32, unit norm
+
+    @property
+    def num_templates(self) -> int:
+        return len(self.templates)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def _encode_texts(self) -> torch.Tensor:
+        import torch
+        import torch.nn.functional as F
+
+        self.text_encode_calls += 1
+        prompts = [t.format(c) for t in self.templates for c in self.class_names]
+        tokens = self.tokenizer(prompts)
+        with torch.inference_mode():
+            feats = [
+                self.model.encode_text(tokens[i : i + TEXT_CHUNK].to(self.device)).float()
+                for i in range(0, len(prompts), TEXT_CHUNK)
+            ]
+        feats = F.normalize(torch.cat(feats), dim=-1)
+        return feats.view(self.num_templates, self.num_classes, -1)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+        import torch.nn.functional as F
+
+        # Ray hands read-only zero-copy views; torch wants writable memory, so copy the batch once.
+        images = torch.from_numpy(np.array(batch["image"], dtype=np.uint8, copy=True))
+        with torch.inference_mode():
+            x = preprocess_images(images.to(self.device, non_blocking=True), self.preprocess_cfg)
+            feats = F.normalize(self.model.encode_image(x.to(self.input_dtype)).float(), dim=-1)  # (B, D)
+            logits = self.logit_scale * torch.einsum("bd,tcd->btc", feats, self.text_embeddings)
+            probs = logits.softmax(dim=-1)  # (B, T, C)
+        return {"index": np.asarray(batch["index"]), "probs": probs.to(torch.float16).cpu().numpy()}
+
+
+def actor_kwargs(spec: ClipAnnotatorSpec, class_names: Sequence[str]) -> dict[str, Any]:
+    """Constructor arguments of :class:`ClipActor` for an annotator spec."""
+    from orchestrator.annotation.templates import templates_for
+
+    return {
+        "model": model_name_for(spec),
+        "pretrained": spec.pretrained,
+        "model_config_path": spec.model_config_path,
+        "templates": templates_for(spec.templates),
+        "class_names": list(class_names),
+        "logit_scale": spec.logit_scale,
+        "precision": spec.precision,
+        "use_gpu": spec.gpus_per_actor > 0,
+    }
+
+
+def _image_blocks(arrays: Sequence[np.ndarray], rows_per_block: int) -> list[Any]:
+    """Arrow tables with an ``index`` column (position in the concatenation of ``arrays``) and an
+    ``image`` tensor column; one block per batch so that the pool balances at batch granularity."""
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray
+
+    tables, offset = [], 0
+    for x in arrays:
+        for start in range(0, len(x), rows_per_block):
+            chunk = np.ascontiguousarray(x[start : start + rows_per_block])
+            index = np.arange(offset + start, offset + start + len(chunk), dtype=np.int64)
+            tables.append(pa.table({"index": pa.array(index), "image": ArrowTensorArray.from_numpy(chunk)}))
+        offset += len(x)
+    return tables
+
+
+def annotate_clip(
+    dataset: Dataset,
+    spec: ClipAnnotatorSpec,
+    class_names: Sequence[str] | None = None,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-template probabilities of every train and test image: ((N, T, C), (M, T, C)) float16.
+
+    Runs a Ray Data pipeline on the current Ray session (Ray Data starts a local one if there is
+    none): ``spec.num_actors`` actors with ``spec.cpus_per_actor`` CPUs and ``spec.gpus_per_actor``
+    GPUs each, ``spec.batch_size`` images per call. ``progress(done, total)`` is called on the
+    driver after each finished block.
+    """
+    import ray
+
+    class_names = list(class_names if class_names is not None else dataset.class_names)
+    kwargs = actor_kwargs(spec, class_names)
+    total = len(dataset.train_x) + len(dataset.test_x)
+    ds = ray.data.from_arrow(_image_blocks([dataset.train_x, dataset.test_x], spec.batch_size))
+    out = ds.map_batches(
+        ClipActor,
+        fn_constructor_kwargs=kwargs,
+        batch_size=spec.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=spec.num_actors),
+        num_cpus=spec.cpus_per_actor,
+        num_gpus=spec.gpus_per_actor if spec.gpus_per_actor > 0 else None,
+        udf_modifying_row_count=False,
+    )
+    probs = np.empty((total, len(kwargs["templates"]), len(class_names)), dtype=np.float16)
+    seen = np.zeros(total, dtype=np.int64)
+    for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
+        index = batch["index"]
+        probs[index] = batch["probs"]
+        seen[index] += 1
+        if progress is not None:
+            progress(int((seen > 0).sum()), total)
+    if not (seen == 1).all():
+        raise RuntimeError(
+            f"CLIP annotation returned {int((seen == 0).sum())} missing and {int((seen > 1).sum())} duplicated samples"
+        )
+    n_train = len(dataset.train_x)
+    return probs[:n_train], probs[n_train:]

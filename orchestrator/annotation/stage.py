@@ -1,0 +1,404 @@
+"""The annotation stage: candidate sets (and labels) for a data set, computed once and cached.
+
+``annotate(dataset, spec, q=..., eta=..., seed=..., cache_dir=...)`` returns an
+:class:`Annotation`. The cache entry is keyed by a hash of everything that determines the result
+(:func:`annotation_key`), so a grid that revisits the same (data set, annotator, q, eta, seed) cell,
+or a rerun, reuses it. Entries are written atomically (a temporary directory renamed into place),
+so concurrent writers of one key are safe: the first rename wins and both hold identical content.
+
+Cache layout under ``cache_dir``::
+
+    <key>/                    arrays.npz (cand_train, noisy labels, soft labels) + meta.json
+    clip_probs/<probs key>/   arrays.npz (probs_train, probs_test: (N, T, C) float16) + meta.json
+
+A trial reads its annotation back with :func:`load_cached` (the driver passes it the key).
+
+The CLIP probabilities are the expensive part and do not depend on the candidate mode, so they
+have their own key (:func:`clip_probs_key`, which leaves the mode options out): switching
+``candidate_mode`` / ``top_k`` / ``prob_ratio`` / ``single_template`` re-derives the sets from
+the stored probabilities without running the model. CLIP is deterministic, so the seed is not in
+its keys; the synthetic generator's key has q, eta and the seed.
+
+Ground-truth labels are read only to compute ``Annotation.stats``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Union
+
+import numpy as np
+
+from orchestrator.annotation import candidates as cands
+from orchestrator.annotation.synthetic import flip_candidates
+from orchestrator.annotation.templates import templates_for
+from orchestrator.config import ClipAnnotatorSpec, SyntheticAnnotatorSpec, signature
+from trainables.common.data import Dataset
+
+CACHE_FORMAT = 1
+"""Bump when what an entry holds or how it is computed changes (it is part of every key)."""
+
+CONSUMES = ("cand", "noisy_label", "noisy_label_avg", "soft")
+
+Spec = Union[SyntheticAnnotatorSpec, ClipAnnotatorSpec]
+
+
+@dataclass
+class Annotation:
+    """What an annotator says about the training pool (and, for CLIP, the test set)."""
+
+    key: str
+    cached: bool
+    """True when the whole entry was read from the cache."""
+    cand_train: np.ndarray  # (N, C) bool
+    noisy_label: np.ndarray | None = None  # (N,) int64, argmax of template ``single_template``
+    noisy_label_avg: np.ndarray | None = None  # (N,) int64, argmax of the template average
+    soft_train: np.ndarray | None = None  # (N, C) float32, template-averaged probabilities
+    probs_train: np.ndarray | None = None  # (N, T, C) float16
+    probs_test: np.ndarray | None = None  # (M, T, C) float16
+    stats: dict[str, float] = field(default_factory=dict)
+    """partial_acc, mean_set_size, eta_realised, num_train, num_test (+ zs_acc_* for CLIP)."""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_samples(self) -> int:
+        return self.cand_train.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        return self.cand_train.shape[1]
+
+    def targets(self, consumes: str) -> np.ndarray:
+        """(N, C) float32 training targets for a method that learns from ``consumes``
+        (``AlgorithmSpec.consumes``): candidate sets, one-hot noisy labels or soft labels."""
+        if consumes == "cand":
+            return self.cand_train.astype(np.float32)
+        if consumes not in CONSUMES:
+            raise ValueError(f"unknown target kind {consumes!r}; allowed: {', '.join(CONSUMES)}")
+        value = {"noisy_label": self.noisy_label, "noisy_label_avg": self.noisy_label_avg, "soft": self.soft_train}[consumes]
+        if value is None:
+            raise ValueError(
+                f"annotation {self.key} ({self.meta.get('kind', '?')} annotator) has no {consumes!r}; "
+                "only the CLIP annotator gives noisy labels and soft labels"
+            )
+        if consumes == "soft":
+            return value.astype(np.float32)
+        return np.eye(self.num_classes, dtype=np.float32)[value]
+
+
+# --------------------------------------------------------------------------------------------
+# Keys
+
+
+@functools.lru_cache(maxsize=16)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """Content hash of a checkpoint; (size, mtime) only make the memo notice a changed file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _weights_identity(pretrained: str | None) -> Any:
+    """A tag names its weights; a local checkpoint is identified by its content, not its path."""
+    if pretrained is None:
+        return None
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        st = path.stat()
+        return {"file_sha256": _file_sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)}
+    return pretrained
+
+
+def clip_class_names(dataset: Dataset, spec: ClipAnnotatorSpec) -> list[str]:
+    """The class descriptions the annotator prompts with (the spec's override or the data set's)."""
+    names = list(spec.class_names) if spec.class_names is not None else list(dataset.class_names)
+    if len(names) != dataset.num_classes:
+        raise ValueError(
+            f"annotator {spec.name!r}: class_names has {len(names)} entries but {dataset.name} has "
+            f"{dataset.num_classes} classes (one description per class, in label order)"
+        )
+    return names
+
+
+def clip_probs_key(dataset: Dataset, spec: ClipAnnotatorSpec) -> str:
+    """Key of the per-template probabilities: everything that changes them, no candidate options."""
+    import open_clip
+
+    from orchestrator.annotation.clip import PREPROCESS_VERSION, model_name_for, read_model_config
+
+    return signature(
+        {
+            "format": CACHE_FORMAT,
+            "kind": "clip_probs",
+            "dataset": dataset.identity,
+            "model": model_name_for(spec),
+            "weights": _weights_identity(spec.pretrained),
+            "init_seed": 0 if spec.pretrained is None else None,  # ClipActor's default
+            "model_config": read_model_config(spec.model_config_path) if spec.model_config_path else None,
+            "templates": templates_for(spec.templates),
+            "class_names": clip_class_names(dataset, spec),
+            "preprocess": PREPROCESS_VERSION,
+            "logit_scale": spec.logit_scale,
+            "precision": spec.precision,
+            "open_clip": open_clip.__version__,
+        },
+        length=24,
+    )
+
+
+def _check_axes(spec: Spec, q: float | None, eta: float | None, seed: int) -> None:
+    if isinstance(spec, SyntheticAnnotatorSpec):
+        if q is None or eta is None:
+            raise ValueError(f"annotator {spec.name!r} (synthetic) needs q and eta (got q={q}, eta={eta})")
+        if not (0.0 <= q <= 1.0 and 0.0 <= eta <= 1.0):
+            raise ValueError(f"annotator {spec.name!r}: q={q} and eta={eta} must lie in [0, 1]")
+        if seed < 0:
+            raise ValueError(f"annotator {spec.name!r}: seed={seed} must be >= 0")
+    elif q is not None or eta is not None:
+        raise ValueError(f"annotator {spec.name!r} ({spec.kind}): q and eta apply only to synthetic annotators")
+
+
+def annotation_key(dataset: Dataset, spec: Spec, *, q: float | None = None, eta: float | None = None, seed: int = 0) -> str:
+    """Hash of everything that determines the annotation (the cache key).
+
+    Synthetic: data set, generator, q, eta, seed. CLIP: the probabilities' key plus the candidate
+    options that are in use (``top_k`` only in top_k mode, ``prob_ratio`` only in prob_ratio mode)
+    and ``single_template``; not the seed (CLIP is deterministic), not the batch size or resources.
+    """
+    _check_axes(spec, q, eta, seed)
+    if isinstance(spec, SyntheticAnnotatorSpec):
+        content: dict[str, Any] = {
+            "kind": "synthetic",
+            "generator": spec.generator,
+            "dataset": dataset.identity,
+            "q": float(q),
+            "eta": float(eta),
+            "seed": int(seed),
+        }
+    else:
+        content = {
+            "kind": "clip",
+            "probs": clip_probs_key(dataset, spec),
+            "candidate_mode": spec.candidate_mode,
+            "top_k": spec.top_k if spec.candidate_mode == "top_k" else None,
+            "prob_ratio": spec.prob_ratio if spec.candidate_mode == "prob_ratio" else None,
+            "single_template": spec.single_template,
+        }
+    return signature({"format": CACHE_FORMAT, **content}, length=24)
+
+
+# --------------------------------------------------------------------------------------------
+# Cache entries
+
+
+def _write_entry(final: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+    """Write arrays.npz + meta.json into a temporary sibling directory, then rename it into place."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        np.savez(tmp / "arrays.npz", **arrays)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "meta.json").is_file():
+                raise
+            # Another process wrote the same key first; its content is identical.
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _read_entry(final: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+    if not (final / "meta.json").is_file():
+        return None
+    with np.load(final / "arrays.npz", allow_pickle=False) as z:
+        arrays = {name: z[name] for name in z.files}
+    return arrays, json.loads((final / "meta.json").read_text())
+
+
+def _versions() -> dict[str, str]:
+    import sys
+
+    versions = {"numpy": np.__version__}
+    for name in ("torch", "open_clip"):
+        module = sys.modules.get(name)
+        if module is not None:
+            versions[name] = getattr(module, "__version__", "?")
+    return versions
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics (the only place ground truth is read)
+
+
+def candidate_stats(cand: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Partial accuracy (true label in S), mean |S| and the realised noise rate eta = 1 - partial acc."""
+    partial_acc = float(cand[np.arange(len(labels)), labels].mean())
+    return {"partial_acc": partial_acc, "mean_set_size": float(cand.sum(axis=1).mean()), "eta_realised": 1.0 - partial_acc}
+
+
+def zero_shot_stats(probs_train: np.ndarray, probs_test: np.ndarray, dataset: Dataset, template: int) -> dict[str, float]:
+    """Zero-shot accuracy of one template and of the template average, on train and test."""
+    out = {}
+    for split, probs, labels in (("train", probs_train, dataset.train_y), ("test", probs_test, dataset.test_y)):
+        out[f"zs_acc_{split}"] = float((cands.single_labels(probs, template) == labels).mean()) if len(labels) else float("nan")
+        out[f"zs_acc_avg_{split}"] = float((cands.average_labels(probs) == labels).mean()) if len(labels) else float("nan")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def load_cached(cache_dir: Path, key: str, *, with_probs: bool = True) -> Annotation:
+    """The cached annotation ``key`` (as :func:`annotate` wrote it), with ``cached=True``.
+
+    ``with_probs=False`` skips the per-template probabilities of a CLIP annotation (the largest
+    arrays: N x T x C float16), for consumers that need only the sets and labels.
+    """
+    cache_dir = Path(cache_dir)
+    found = _read_entry(cache_dir / key)
+    if found is None:
+        raise FileNotFoundError(
+            f"annotation {key} is not in the cache {cache_dir} (no {cache_dir / key / 'meta.json'}); "
+            "the driver's annotation stage must run before the trials, on a file system they share"
+        )
+    arrays, meta = found
+    probs: dict[str, np.ndarray] = {}
+    if with_probs and meta.get("probs_key"):
+        probs_found = _read_entry(cache_dir / "clip_probs" / meta["probs_key"])
+        if probs_found is None:
+            raise FileNotFoundError(f"annotation {key}: its CLIP probabilities {meta['probs_key']} are missing from {cache_dir / 'clip_probs'}")
+        probs = probs_found[0]
+    return Annotation(key=key, cached=True, stats=meta["stats"], meta=meta, **arrays, **probs)
+
+
+def annotate(
+    dataset: Dataset,
+    spec: Spec,
+    *,
+    q: float | None = None,
+    eta: float | None = None,
+    seed: int = 0,
+    cache_dir: Path,
+    progress: Callable[[int, int], None] | None = None,
+) -> Annotation:
+    """The annotation of ``dataset`` by ``spec``, from ``cache_dir`` if present, else computed and cached.
+
+    Synthetic annotators need ``q`` and ``eta``; CLIP annotators refuse them and ignore ``seed``.
+    ``progress(done, total)`` reports CLIP images annotated (not called on a cache hit).
+    """
+    cache_dir = Path(cache_dir)
+    key = annotation_key(dataset, spec, q=q, eta=eta, seed=seed)
+    entry = cache_dir / key
+    if isinstance(spec, SyntheticAnnotatorSpec):
+        if (entry / "meta.json").is_file():
+            return load_cached(cache_dir, key)
+        return _annotate_synthetic(dataset, spec, q, eta, seed, key, entry)
+    return _annotate_clip(dataset, spec, key, entry, cache_dir, progress)
+
+
+def _annotate_synthetic(
+    dataset: Dataset, spec: SyntheticAnnotatorSpec, q: float, eta: float, seed: int, key: str, entry: Path
+) -> Annotation:
+    start = time.time()
+    # q and eta enter the seed so that each grid cell draws independent sets.
+    rng = np.random.default_rng([seed, round(q * 1e6), round(eta * 1e6)])
+    cand = flip_candidates(dataset.train_y, dataset.num_classes, q, eta, rng)
+    stats = {
+        **candidate_stats(cand, dataset.train_y),
+        "num_train": float(len(dataset.train_y)),
+        "num_test": float(len(dataset.test_y)),
+    }
+    meta = {
+        "key": key,
+        "kind": "synthetic",
+        "annotator": spec.model_dump(mode="json"),
+        "dataset": dataset.identity,
+        "q": q,
+        "eta": eta,
+        "seed": seed,
+        "stats": stats,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "elapsed_s": time.time() - start,
+        "versions": _versions(),
+    }
+    _write_entry(entry, {"cand_train": cand}, meta)
+    return Annotation(key=key, cached=False, cand_train=cand, stats=stats, meta=meta)
+
+
+def _annotate_clip(
+    dataset: Dataset,
+    spec: ClipAnnotatorSpec,
+    key: str,
+    entry: Path,
+    cache_dir: Path,
+    progress: Callable[[int, int], None] | None,
+) -> Annotation:
+    templates = templates_for(spec.templates)
+    if spec.single_template >= len(templates):
+        raise ValueError(f"annotator {spec.name!r}: single_template {spec.single_template} >= number of templates ({len(templates)})")
+    class_names = clip_class_names(dataset, spec)
+    probs_key = clip_probs_key(dataset, spec)
+    probs_entry = cache_dir / "clip_probs" / probs_key
+
+    start = time.time()
+    if (entry / "meta.json").is_file() and (probs_entry / "meta.json").is_file():
+        return load_cached(cache_dir, key)
+    found_probs = _read_entry(probs_entry)
+    if found_probs is not None:
+        probs_train, probs_test = found_probs[0]["probs_train"], found_probs[0]["probs_test"]
+    else:
+        from orchestrator.annotation.clip import annotate_clip
+
+        probs_train, probs_test = annotate_clip(dataset, spec, class_names, progress=progress)
+        probs_meta = {
+            "key": probs_key,
+            "annotator": spec.model_dump(mode="json"),
+            "dataset": dataset.identity,
+            "templates": templates,
+            "class_names": class_names,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "elapsed_s": time.time() - start,
+            "versions": _versions(),
+        }
+        _write_entry(probs_entry, {"probs_train": probs_train, "probs_test": probs_test}, probs_meta)
+
+    arrays = {
+        "cand_train": cands.candidates(probs_train, spec.candidate_mode, spec.top_k, spec.prob_ratio),
+        "noisy_label": cands.single_labels(probs_train, spec.single_template),
+        "noisy_label_avg": cands.average_labels(probs_train),
+        "soft_train": cands.soft_labels(probs_train),
+    }
+    stats = {
+        **candidate_stats(arrays["cand_train"], dataset.train_y),
+        "num_train": float(len(dataset.train_y)),
+        "num_test": float(len(dataset.test_y)),
+        **zero_shot_stats(probs_train, probs_test, dataset, spec.single_template),
+    }
+    meta = {
+        "key": key,
+        "kind": "clip",
+        "probs_key": probs_key,
+        "probs_cached": found_probs is not None,
+        "annotator": spec.model_dump(mode="json"),
+        "dataset": dataset.identity,
+        "templates": templates,
+        "class_names": class_names,
+        "stats": stats,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "elapsed_s": time.time() - start,
+        "versions": _versions(),
+    }
+    _write_entry(entry, arrays, meta)
+    return Annotation(key=key, cached=False, probs_train=probs_train, probs_test=probs_test, stats=stats, meta=meta, **arrays)

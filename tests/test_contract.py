@@ -1,0 +1,185 @@
+"""The algorithm contract, checked for every registered algorithm on tiny random data."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import io
+import math
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainables.api import Algorithm, AlgorithmSpec, BuildContext, TrainData, TrainSettings
+from trainables.common.augment import make_views
+from trainables.common.backbones import make_encoder
+from trainables.registry import ALGORITHMS, get
+
+N, C, EPOCHS = 64, 4, 3
+FAST = {"warmup_epochs": 1, "contrastive_start": 0, "queue_size": 128, "rampup_epochs": 1}
+"""Overrides that make any method reach its main phase within EPOCHS (applied where a field exists)."""
+
+
+def _data(seed: int = 0) -> TrainData:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (N, 1, 8, 8), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, C, (N,), generator=g)
+    cand = (torch.rand(N, C, generator=g) < 0.3).float()
+    cand[torch.arange(N), y] = 1.0
+    flipped = torch.arange(N) % 8 == 7  # a few noisy sets: the true label is replaced by another class
+    cand[flipped, y[flipped]] = 0.0
+    cand[flipped, (y[flipped] + 1) % C] = 1.0
+    trusted = torch.arange(N) < 4
+    cand[trusted] = F.one_hot(y[trusted], C).float()
+    views = make_views("image", mean=(0.5,), std=(0.25,), hflip=True, generator=torch.Generator().manual_seed(seed + 1))
+    return TrainData(x=x, cand=cand, trusted=trusted, views=views, generator=torch.Generator().manual_seed(seed + 2))
+
+
+def _build(spec: AlgorithmSpec, seed: int = 0) -> Algorithm:
+    fields = {f.name for f in dataclasses.fields(spec.params)}
+    params = spec.params(**{k: v for k, v in FAST.items() if k in fields})
+    ctx = BuildContext(
+        num_classes=C,
+        num_samples=N,
+        make_encoder=lambda: make_encoder("small_cnn", in_channels=1, image_size=8),
+        train=TrainSettings(epochs=EPOCHS + 1, batch_size=16, lr=0.05),
+        device=torch.device("cpu"),
+        seed=seed,
+    )
+    return spec.build(params, ctx)
+
+
+def _assert_same(a: Any, b: Any, where: str = "state") -> None:
+    """Recursive equality of two state dicts (tensors bit-identical)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), where
+        for key in a:
+            _assert_same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b)), where
+
+
+@pytest.fixture(scope="module", params=sorted(ALGORITHMS))
+def trained(request):
+    """(spec, algorithm after EPOCHS epochs, metrics of every epoch, predictions before training)."""
+    spec = ALGORITHMS[request.param]
+    algo = _build(spec)
+    data = _data()
+    probe = data.views.plain(data.x[:8])
+    before = algo.predict(probe).clone()
+    history = [algo.train_epoch(data, epoch) for epoch in range(EPOCHS)]
+    return spec, algo, history, before, probe
+
+
+def test_satisfies_the_protocol(trained):
+    spec, algo, *_ = trained
+    assert isinstance(algo, Algorithm)
+    assert spec.consumes in ("cand", "noisy_label", "noisy_label_avg", "soft")
+    assert dataclasses.is_dataclass(spec.params) and spec.params.__dataclass_params__.frozen
+
+
+def test_losses_are_finite_and_keyed_train(trained):
+    _, _, history, *_ = trained
+    for metrics in history:
+        assert metrics and "train/loss" in metrics
+        for key, value in metrics.items():
+            assert key.startswith("train/"), key
+            assert math.isfinite(value), (key, value)
+
+
+def test_training_changes_the_predictions(trained):
+    _, algo, _, before, probe = trained
+    after = algo.predict(probe)
+    assert after.shape == (8, C)
+    assert not torch.allclose(before, after)
+
+
+def test_pseudo_labels_and_clean_mask(trained):
+    _, algo, *_ = trained
+    labels = algo.pseudo_labels()
+    assert labels.shape == (N, C)
+    assert (labels >= 0).all()
+    torch.testing.assert_close(labels.sum(dim=1), torch.ones(N))
+    mask = algo.clean_mask()
+    assert mask is None or (mask.shape == (N,) and mask.dtype == torch.bool)
+
+
+def test_checkpoint_round_trip_restores_everything(trained):
+    spec, algo, *_ = trained
+    buffer = io.BytesIO()
+    torch.save(algo.state_dict(), buffer)
+    buffer.seek(0)
+    restored = _build(spec, seed=123)  # different initial weights: the load must overwrite them
+    restored.load_state_dict(torch.load(buffer))
+
+    probe = _data().views.plain(_data().x)
+    assert torch.equal(algo.predict(probe), restored.predict(probe))
+    assert torch.equal(algo.pseudo_labels(), restored.pseudo_labels())
+    mask, restored_mask = algo.clean_mask(), restored.clean_mask()
+    assert (mask is None and restored_mask is None) or torch.equal(mask, restored_mask)
+    _assert_same(algo.state_dict(), restored.state_dict())
+
+    # resuming is exact: one more epoch with identically seeded data gives identical results
+    metrics = algo.train_epoch(_data(seed=7), EPOCHS)
+    restored_metrics = restored.train_epoch(_data(seed=7), EPOCHS)
+    assert metrics == restored_metrics
+    assert torch.equal(algo.predict(probe), restored.predict(probe))
+
+
+def test_ablations_name_existing_fields(trained):
+    spec, *_ = trained
+    for name, overrides in spec.ablations.items():
+        spec.params(**overrides)  # raises TypeError on an unknown field
+        assert overrides, name
+
+
+class _RecordingSpace:
+    """Stands in for search_spaces.Space: records each range and answers with the given values."""
+
+    def __init__(self, answers: dict[str, Any]):
+        self.answers, self.ranges = answers, {}
+
+    def float(self, name, low, high, *, log=False):
+        self.ranges[name] = (low, high)
+        return self.answers[name]
+
+    int = float
+
+    def categorical(self, name, choices):
+        self.ranges[name] = tuple(choices)
+        return self.answers[name]
+
+
+def test_search_space_defaults_are_inside_the_space(trained):
+    spec, *_ = trained
+    module = importlib.import_module(f"search_spaces.{spec.name}")
+    recorder = _RecordingSpace(module.DEFAULTS)
+    sampled = module.space(recorder)
+    assert set(sampled) == set(module.DEFAULTS) == set(recorder.ranges)
+    allowed = {f.name for f in dataclasses.fields(spec.params)} | {f.name for f in dataclasses.fields(TrainSettings)}
+    for name, value in module.DEFAULTS.items():
+        assert name in allowed, name
+        bounds = recorder.ranges[name]
+        if len(bounds) == 2 and not isinstance(value, (str, bool)):
+            assert bounds[0] <= value <= bounds[1], (name, value, bounds)
+        else:
+            assert value in bounds, (name, value, bounds)
+    params_defaults = {f.name: f.default for f in dataclasses.fields(spec.params)}
+    for name, value in module.DEFAULTS.items():
+        if name in params_defaults:
+            assert value == params_defaults[name], name
+
+
+def test_registry_get():
+    assert get("coreg") is ALGORITHMS["coreg"]
+    assert all(name == spec.name for name, spec in ALGORITHMS.items())
+    with pytest.raises(KeyError, match="cc, coreg, proden"):
+        get("dividemix_typo")

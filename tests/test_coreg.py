@@ -1,0 +1,212 @@
+"""Co-Reg pieces on hand-made tensors, and the behaviour of its switches on a tiny data set."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainables import coreg
+from trainables.api import BuildContext, TrainData, TrainSettings
+from trainables.common.augment import make_views
+from trainables.common.backbones import make_encoder
+from trainables.coreg import CoRegParams, partial_set_mask, partial_set_targets, unlabeled_set_targets
+
+N, C = 48, 4
+TRUSTED = 4
+
+
+def _data(seed: int = 0) -> tuple[TrainData, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (N, 1, 8, 8), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, C, (N,), generator=g)
+    cand = (torch.rand(N, C, generator=g) < 0.3).float()
+    cand[torch.arange(N), y] = 1.0
+    cand[:TRUSTED] = F.one_hot(y[:TRUSTED], C).float()
+    trusted = torch.arange(N) < TRUSTED
+    views = make_views("image", mean=(0.5,), std=(0.25,), hflip=True, generator=torch.Generator().manual_seed(seed + 1))
+    return TrainData(x=x, cand=cand, trusted=trusted, views=views, generator=torch.Generator().manual_seed(seed + 2)), y
+
+
+def _build(**overrides) -> coreg.CoReg:
+    params = dataclasses.replace(
+        CoRegParams(warmup_epochs=1, contrastive_start=0, queue_size=1000, rampup_epochs=2), **overrides
+    )
+    ctx = BuildContext(
+        num_classes=C,
+        num_samples=N,
+        make_encoder=lambda: make_encoder("small_cnn", in_channels=1, image_size=8),
+        train=TrainSettings(epochs=4, batch_size=16, lr=0.05),
+        device=torch.device("cpu"),
+        seed=0,
+    )
+    return coreg.SPEC.build(params, ctx)
+
+
+def _run(algo: coreg.CoReg, epochs: int = 2) -> dict[str, float]:
+    data, _ = _data()
+    metrics = {}
+    for epoch in range(epochs):
+        metrics = algo.train_epoch(data, epoch)
+    return metrics
+
+
+# -- pseudo-label formulas (Eq. 5-8) ------------------------------------------------------------
+
+
+def test_partial_set_target_fuses_restricted_peer_and_own_prediction_then_sharpens():
+    w = torch.tensor([0.8])
+    peer = torch.tensor([[0.5, 0.3, 0.2]])
+    cand = torch.tensor([[1.0, 1.0, 0.0]])
+    own = torch.tensor([[0.2, 0.2, 0.6]])
+    # peer on S: [0.625, 0.375, 0]; fused: 0.8 * that + 0.2 * own = [0.54, 0.34, 0.12]
+    # sharpened with T = 0.5: squares [0.2916, 0.1156, 0.0144] / 0.4216
+    expected = torch.tensor([[0.2916, 0.1156, 0.0144]]) / 0.4216
+    torch.testing.assert_close(partial_set_targets(w, peer, cand, own, T=0.5), expected)
+
+
+def test_partial_set_target_of_a_certain_sample_is_the_peer_on_its_candidates():
+    peer = torch.tensor([[0.1, 0.6, 0.3]])
+    target = partial_set_targets(torch.tensor([1.0]), peer, torch.tensor([[1.0, 0.0, 1.0]]), torch.full((1, 3), 1 / 3), T=1.0)
+    torch.testing.assert_close(target, torch.tensor([[0.25, 0.0, 0.75]]))
+
+
+def test_unlabeled_set_target_averages_every_view_of_both_nets_then_sharpens():
+    views = [torch.tensor([[0.6, 0.4]]), torch.tensor([[0.8, 0.2]]), torch.tensor([[0.2, 0.8]]), torch.tensor([[0.4, 0.6]])]
+    # mean [0.5, 0.5]: sharpening keeps it uniform; labels outside S are allowed (no cand input)
+    torch.testing.assert_close(unlabeled_set_targets(views, T=0.5), torch.tensor([[0.5, 0.5]]))
+    # mean of the first two = [0.7, 0.3] -> [0.49, 0.09] / 0.58
+    torch.testing.assert_close(unlabeled_set_targets(views[:2], T=0.5), torch.tensor([[0.49 / 0.58, 0.09 / 0.58]]))
+
+
+def test_partial_set_contains_trusted_samples_whatever_their_clean_probability():
+    w = torch.tensor([0.9, 0.2, 0.6, 0.1])
+    trusted = torch.tensor([False, False, False, True])
+    assert partial_set_mask(w, trusted, tau_div=0.5).tolist() == [True, False, True, True]
+
+
+# -- which split each net trains on -------------------------------------------------------------
+
+
+def _spy_splits(algo: coreg.CoReg, monkeypatch):
+    """Replace the division by hand-made clean probabilities and record what each net trains on."""
+    w_by_net = {0: torch.linspace(0.0, 1.0, N), 1: torch.linspace(1.0, 0.0, N)}
+    probs_by_net = {0: torch.full((N, C), 0.25), 1: torch.eye(C).repeat(N // C, 1)}
+    calls = []
+
+    def divide(i, data):
+        algo.w[i] = w_by_net[i]
+        return probs_by_net[i]
+
+    def train_net(me, data, epoch, *, in_p, w, split_probs):
+        calls.append((me, in_p.clone(), w.clone(), split_probs))
+        return coreg.MeanMeter()
+
+    monkeypatch.setattr(algo, "_divide", divide)
+    monkeypatch.setattr(algo, "_train_net", train_net)
+    data, _ = _data()
+    algo.train_epoch(data, epoch=algo.params.warmup_epochs)
+    return calls, w_by_net, probs_by_net, data.trusted
+
+
+def test_net_a_trains_on_the_split_of_net_b_and_vice_versa(monkeypatch):
+    calls, w_by_net, probs_by_net, trusted = _spy_splits(_build(), monkeypatch)
+    assert [me for me, *_ in calls] == [0, 1]
+    for me, in_p, w, split_probs in calls:
+        peer = 1 - me
+        assert torch.equal(w, w_by_net[peer])
+        assert torch.equal(in_p, (w_by_net[peer] > 0.5) | trusted)
+        assert split_probs is probs_by_net[peer]
+
+
+def test_without_co_pseudo_labelling_each_net_trains_on_its_own_split(monkeypatch):
+    calls, w_by_net, probs_by_net, trusted = _spy_splits(_build(co_pseudo_label=False), monkeypatch)
+    assert [me for me, *_ in calls] == [0, 1]
+    for me, in_p, w, split_probs in calls:
+        assert torch.equal(w, w_by_net[me])
+        assert torch.equal(in_p, (w_by_net[me] > 0.5) | trusted)
+        assert split_probs is probs_by_net[me]
+
+
+# -- the real loop on tiny data -------------------------------------------------------------------
+
+
+def test_trusted_samples_are_clean_and_keep_their_label():
+    algo = _build()
+    _run(algo, epochs=2)
+    _, y = _data()
+    assert (algo.w[:, :TRUSTED] == 1.0).all()
+    assert algo.clean_mask()[:TRUSTED].all()
+    # P target of a trusted sample: w = 1 times the peer restricted to the singleton {y}: one-hot
+    torch.testing.assert_close(algo.targets[:, :TRUSTED], F.one_hot(y[:TRUSTED], C).float().expand(2, -1, -1))
+
+
+def test_warmup_reports_its_losses_and_has_no_split():
+    algo = _build(warmup_epochs=2)
+    metrics = algo.train_epoch(_data()[0], 0)
+    assert {"train/loss", "train/loss_sup", "train/loss_neg"} <= set(metrics)
+    assert algo.clean_mask() is None
+    data, _ = _data()
+    # during warm-up, pseudo-labels are predictions restricted to S
+    assert (algo.pseudo_labels()[data.cand == 0] == 0).all()
+
+
+def test_contrastive_and_prototype_terms_start_after_contrastive_start():
+    algo = _build(contrastive_start=1)
+    data, _ = _data()
+    algo.train_epoch(data, 0)
+    first = algo.train_epoch(data, 1)  # first epoch after warm-up: queue fills, no contrastive loss yet
+    assert "train/loss_cont" not in first and int(algo.queues[0].filled) > 0
+    second = algo.train_epoch(data, 2)
+    assert "train/loss_cont" in second
+
+
+def _fingerprint(algo: coreg.CoReg) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in algo.net_a.parameters()])
+
+
+@pytest.mark.parametrize("ablation", sorted(coreg.SPEC.ablations))
+def test_every_ablation_changes_training(ablation):
+    baseline, ablated = _build(), _build(**coreg.SPEC.ablations[ablation])
+    base_metrics, ablated_metrics = _run(baseline), _run(ablated)
+    assert not torch.allclose(_fingerprint(baseline), _fingerprint(ablated))
+    if ablation == "no_prototypes":
+        assert baseline.prototypes.abs().sum() > 0 and ablated.prototypes.abs().sum() == 0
+        assert "train/loss_prot" not in ablated_metrics
+    if ablation == "no_unlabeled":
+        assert "train/loss_u" not in ablated_metrics and "train/loss_u" in base_metrics
+    if ablation == "no_noisy_contrastive":
+        assert int(ablated.queues[0].filled) == 0 and "train/loss_cont" not in ablated_metrics
+    if ablation == "supcon":
+        assert ablated_metrics["train/loss_cont"] != pytest.approx(base_metrics["train/loss_cont"])
+
+
+@pytest.mark.parametrize("use_unlabeled", [True, False])
+def test_unlabeled_split_is_trained_on_only_when_enabled(use_unlabeled):
+    algo = _build(use_unlabeled=use_unlabeled)
+    data, _ = _data()
+    algo.train_epoch(data, 0)
+    before = algo.targets.clone()
+    algo.train_epoch(data, 1)
+    outside_p = ~partial_set_mask(algo.w[1], data.trusted, algo.params.tau_div)  # net A's U (B's split)
+    assert outside_p.any()
+    changed = (algo.targets[0] != before[0]).any(dim=1)
+    assert changed[outside_p].any() == use_unlabeled
+
+
+def test_queue_longer_than_the_data_set():
+    algo = _build(queue_size=4096)
+    metrics = _run(algo, epochs=3)
+    assert torch.isfinite(torch.tensor(metrics["train/loss_cont"]))
+    assert 0 < int(algo.queues[0].filled) < 4096
+
+
+def test_predict_is_the_sum_of_both_nets():
+    algo = _build()
+    _run(algo, epochs=2)
+    x = _data()[0].views.plain(_data()[0].x[:5])
+    logits_a, logits_b = algo.predict_nets(x)
+    torch.testing.assert_close(algo.predict(x), logits_a + logits_b)
+    assert not torch.allclose(logits_a, logits_b)

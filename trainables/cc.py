@@ -1,0 +1,107 @@
+"""CC: classifier-consistent partial-label learning.
+
+Paper: L. Feng, J. Lv, B. Han, M. Xu, G. Niu, X. Geng, B. An, M. Sugiyama, "Provably Consistent
+Partial-Label Learning", NeurIPS 2020. Reference code: the authors' ``main.py -lo cc`` release
+(RC/CC), mirrored for example in github.com/zonszer/DualCoOp under ``RCCC/``.
+
+The loss is the negative log of the probability mass the model puts on the candidate set,
+L = -log sum_{j in S} p_j(x): minimising it makes the classifier consistent under the uniform
+candidate-generation model of the paper.
+
+Implementation details / deviations:
+1. The loss is computed in log space (logsumexp of the candidate logits minus logsumexp of all
+   logits) instead of ``-log((softmax * S).sum())``; same value, no underflow.
+2. Training uses the weak view (shift + flip) by default; the paper trains on un-augmented inputs
+   (``augment=False`` does that).
+3. Optimiser and schedule are the project's shared ones (SGD + cosine per epoch, ``TrainSettings``);
+   the reference uses Adam with a constant learning rate.
+4. ``pseudo_labels()`` is the model's latest prediction on each sample restricted to S and
+   renormalised, recorded during training (CC itself keeps no per-sample state); ``clean_mask()`` is
+   None because CC does not separate clean from noisy samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from trainables.api import AlgorithmSpec, BuildContext, TrainData
+from trainables.common.batches import train_batches
+from trainables.common.losses import partial_ce
+from trainables.common.nets import Net, seeded
+from trainables.common.optim import make_optimizer
+from trainables.common.targets import restrict_to_candidates
+
+
+@dataclass(frozen=True)
+class CCParams:
+    augment: bool = True
+    """Train on weak views (shift + flip); False trains on plain views as the paper does."""
+
+
+class CC:
+    def __init__(self, params: CCParams, ctx: BuildContext):
+        self.params = params
+        with seeded(ctx.seed):
+            self.net = Net(ctx.make_encoder(), ctx.num_classes, proj_dim=None).to(ctx.device)
+        self.optimizer, self.scheduler = make_optimizer(self.net.parameters(), ctx.train, ctx.train.epochs)
+        self.batch_size = ctx.train.batch_size
+        self.probs = torch.full((ctx.num_samples, ctx.num_classes), 1.0 / ctx.num_classes, device=ctx.device)
+        """(N, C) latest prediction of each sample restricted to S (for reporting only)."""
+
+    def train_epoch(self, data: TrainData, epoch: int) -> dict[str, float]:
+        self.net.train()
+        view = data.views.weak if self.params.augment else data.views.plain
+        total, steps = 0.0, 0
+        for idx in train_batches(data, self.batch_size):
+            cand = data.cand[idx]  # (B, C)
+            logits = self.net(view(data.x[idx]))  # (B, C)
+            loss = partial_ce(logits, cand).mean()
+
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+
+            self.probs[idx] = restrict_to_candidates(F.softmax(logits.detach(), dim=1), cand)
+            total, steps = total + loss.item(), steps + 1
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        return {"train/loss": total / max(steps, 1), "train/lr": lr}
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        self.net.eval()
+        return self.net(x)
+
+    def pseudo_labels(self) -> Tensor:
+        return self.probs.clone()
+
+    def clean_mask(self) -> Tensor | None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "net": self.net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "probs": self.probs.clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state["net"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.probs.copy_(state["probs"])
+
+
+SPEC = AlgorithmSpec(
+    name="cc",
+    params=CCParams,
+    build=CC,
+    consumes="cand",
+    description="CC (Feng et al. 2020): -log of the predicted probability mass on the candidate set.",
+)

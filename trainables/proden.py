@@ -1,0 +1,114 @@
+"""PRODEN: progressive identification of true labels.
+
+Paper: J. Lv, M. Xu, L. Feng, G. Niu, X. Geng, M. Sugiyama, "Progressive Identification of True
+Labels for Partial-Label Learning", ICML 2020. Reference code: github.com/lvjiaqi77/PRODEN
+(``utils/utils_loss.py: partial_loss``, ``main.py``).
+
+Each sample keeps a confidence vector ``conf`` over its candidate set, initialised uniform on S.
+The classifier minimises the confidence-weighted cross-entropy L = -sum_j conf_j log p_j(x), and
+after every mini-batch the confidences of that batch's samples are re-estimated as the model's
+prediction restricted to S and renormalised: conf_j = p_j 1[j in S] / sum_{k in S} p_k.
+
+Implementation details / deviations:
+1. The confidence update uses the softmax of the same forward pass as the loss (before the
+   optimiser step), exactly like the reference's ``partial_loss``.
+2. Training uses the weak view (shift + flip) by default; the reference trains on un-augmented
+   inputs (``augment=False`` does that).
+3. Optimiser and schedule are the project's shared ones (SGD + cosine per epoch, ``TrainSettings``);
+   the reference uses SGD with a step schedule that is constant at its defaults.
+4. ``conf`` (N, C) is explicit per-sample state, saved in ``state_dict``; ``pseudo_labels()``
+   returns it (uniform over all classes until the first epoch has seen the candidate sets).
+   ``clean_mask()`` is None: PRODEN assumes every candidate set holds the true label.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from trainables.api import AlgorithmSpec, BuildContext, TrainData
+from trainables.common.batches import train_batches
+from trainables.common.losses import soft_ce
+from trainables.common.nets import Net, seeded
+from trainables.common.optim import make_optimizer
+from trainables.common.targets import restrict_to_candidates
+
+
+@dataclass(frozen=True)
+class PRODENParams:
+    augment: bool = True
+    """Train on weak views (shift + flip); False trains on plain views as the reference does."""
+
+
+class PRODEN:
+    def __init__(self, params: PRODENParams, ctx: BuildContext):
+        self.params = params
+        with seeded(ctx.seed):
+            self.net = Net(ctx.make_encoder(), ctx.num_classes, proj_dim=None).to(ctx.device)
+        self.optimizer, self.scheduler = make_optimizer(self.net.parameters(), ctx.train, ctx.train.epochs)
+        self.batch_size = ctx.train.batch_size
+        self.conf = torch.full((ctx.num_samples, ctx.num_classes), 1.0 / ctx.num_classes, device=ctx.device)
+        """(N, C) confidences; set uniform on S by the first epoch (the candidate sets come with the data)."""
+        self.initialised = False
+
+    def train_epoch(self, data: TrainData, epoch: int) -> dict[str, float]:
+        if not self.initialised:
+            self.conf.copy_(data.cand / data.cand.sum(dim=1, keepdim=True))
+            self.initialised = True
+        self.net.train()
+        view = data.views.weak if self.params.augment else data.views.plain
+        total, steps = 0.0, 0
+        for idx in train_batches(data, self.batch_size):
+            logits = self.net(view(data.x[idx]))  # (B, C)
+            loss = soft_ce(logits, self.conf[idx]).mean()
+
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+
+            # progressive identification: confidences follow the current prediction restricted to S
+            self.conf[idx] = restrict_to_candidates(F.softmax(logits.detach(), dim=1), data.cand[idx])
+            total, steps = total + loss.item(), steps + 1
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        return {"train/loss": total / max(steps, 1), "train/lr": lr}
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        self.net.eval()
+        return self.net(x)
+
+    def pseudo_labels(self) -> Tensor:
+        return self.conf.clone()
+
+    def clean_mask(self) -> Tensor | None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "net": self.net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "conf": self.conf.clone(),
+            "initialised": self.initialised,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state["net"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.conf.copy_(state["conf"])
+        self.initialised = bool(state["initialised"])
+
+
+SPEC = AlgorithmSpec(
+    name="proden",
+    params=PRODENParams,
+    build=PRODEN,
+    consumes="cand",
+    description="PRODEN (Lv et al. 2020): confidence-weighted CE, confidences re-estimated per batch on S.",
+)
