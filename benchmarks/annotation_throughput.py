@@ -34,7 +34,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="open_clip model name (default: the tiny test config)")
     p.add_argument("--pretrained", default=None, help="open_clip tag or checkpoint path (default: random init)")
-    p.add_argument("--model-config", default=None, help="open_clip model config JSON (default: tiny_clip.json if --model is not given)")
+    p.add_argument(
+        "--model-config",
+        default=None,
+        help="open_clip model config JSON (default: tiny_clip.json if --model is not given)",
+    )
     p.add_argument("--n", type=int, default=4000, help="number of images")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--actors", type=int, default=2, help="Ray actor pool size")
@@ -42,7 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpus-per-actor", type=float, default=0.0)
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--templates", default="paper27", choices=["paper27", "openai80"])
-    p.add_argument("--images", default="digits", choices=["digits", "rgb32"], help="8x8 grey digits or random 32x32 RGB")
+    p.add_argument(
+        "--images", default="digits", choices=["digits", "rgb32"], help="8x8 grey digits or random 32x32 RGB"
+    )
     p.add_argument("--ray-cpus", type=int, default=None, help="CPUs of the local Ray started here (default: all)")
     args = p.parse_args(argv)
     if args.model is None and args.model_config is None:
@@ -100,7 +106,9 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     plain = np.empty((args.n, len(kwargs["templates"]), len(class_names)), dtype=np.float16)
     for i in range(0, args.n, args.batch_size):
-        plain[i : i + args.batch_size] = actor({"index": np.arange(i, min(i + args.batch_size, args.n)), "image": images[i : i + args.batch_size]})["probs"]
+        plain[i : i + args.batch_size] = actor(
+            {"index": np.arange(i, min(i + args.batch_size, args.n)), "image": images[i : i + args.batch_size]}
+        )["probs"]
     loop_s = time.perf_counter() - start
     del actor
 
@@ -137,9 +145,13 @@ def main(argv: list[str] | None = None) -> None:
     plain_loop = args.n / loop_s
     plain_e2e = args.n / (load_s + loop_s)
     ray_e2e = args.n / ray_s
-    print(f"plain loop : load {load_s:.2f} s, loop {loop_s:.2f} s -> {plain_loop:.1f} img/s (end to end {plain_e2e:.1f} img/s)")
     print(
-        f"ray data   : {args.actors} actors x {args.cpus_per_actor} CPU, {ray_s:.2f} s end to end -> {ray_e2e:.1f} img/s; "
+        f"plain loop : load {load_s:.2f} s, loop {loop_s:.2f} s -> {plain_loop:.1f} img/s "
+        f"(end to end {plain_e2e:.1f} img/s)"
+    )
+    print(
+        f"ray data   : {args.actors} actors x {args.cpus_per_actor} CPU, "
+        f"{ray_s:.2f} s end to end -> {ray_e2e:.1f} img/s; "
         f"marginal {marginal:.1f} img/s (from {n_small} and {args.n} images), fixed start-up ~{overhead_s:.1f} s"
     )
     print(f"ratio ray/plain: end to end {ray_e2e / plain_e2e:.2f}, marginal vs loop {marginal / plain_loop:.2f}")

@@ -49,6 +49,12 @@ class DatasetSpec(Strict):
     subsample_seed: int = 0
     """Seed of the subsets (and of the train/test split for data sets that have none)."""
 
+    @field_validator("root")
+    @classmethod
+    def _absolute(cls, root: str | None) -> str | None:
+        # Tune runs each trial in its own working directory: a relative root would move.
+        return None if root is None else str(Path(root).expanduser().resolve())
+
     @field_validator("name")
     @classmethod
     def _known(cls, name: str) -> str:
@@ -256,6 +262,13 @@ class Grid(Strict):
     @property
     def storage_path(self) -> Path:
         return Path(self.storage).expanduser().resolve()
+
+    @property
+    def artifact_location(self) -> str | None:
+        """Local stores keep artifacts beside the database; a tracking server decides for itself."""
+        if self.tracking_uri is None or self.tracking_uri.startswith(("sqlite:", "file:")):
+            return (self.storage_path / "mlartifacts").as_uri()
+        return None
 
     @property
     def resolved_tracking_uri(self) -> str:

@@ -21,7 +21,7 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialSch
 from ray.tune.search import Searcher
 
 from orchestrator.plan import Study
-from search_spaces import Space, get_space
+from search_spaces import Space, get_space, parameter_names
 
 log = logging.getLogger(__name__)
 METRIC_PREFIXES = ("test/", "val/", "pl/", "split/")
@@ -81,9 +81,10 @@ class MultiStudySearcher(Searcher):
             study.set_user_attr("method", plan.method.name)
             study.set_user_attr("cell", plan.cell.label())
             self._studies[study_id] = study
-            self._asked[study_id] = sum(
-                t.state != optuna.trial.TrialState.RUNNING for t in study.get_trials(deepcopy=False)
-            )
+            # Budget spent = trials that finished (or were pruned); failed and abandoned ones are
+            # asked again, so an interrupted sweep finishes its studies when it is run again.
+            done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+            self._asked[study_id] = sum(t.state in done for t in study.get_trials(deepcopy=False))
             if self._asked[study_id] == 0:
                 defaults = self._defaults(plan)
                 if defaults:
@@ -93,13 +94,11 @@ class MultiStudySearcher(Searcher):
 
     @staticmethod
     def _defaults(plan: Study) -> dict[str, Any]:
-        import importlib
-
-        module = importlib.import_module(f"search_spaces.{plan.method.name}")
-        defaults = dict(getattr(module, "DEFAULTS", {}))
-        fixed = {k for k, v in plan.method.search.space.items() if not isinstance(v, dict)}
-        defaults.update({k: v for k, v in plan.params.items() if k in defaults})
-        return {k: v for k, v in defaults.items() if k not in fixed}
+        """The study's configuration as the grid resolves it (method defaults + grid overrides) for
+        every searched parameter: the first trial of each study evaluates exactly that."""
+        space = plan.method.search.space
+        names = [n for n in parameter_names(plan.method.name, space) if isinstance(space.get(n, {}), dict)]
+        return {n: plan.params[n] if n in plan.params else getattr(plan.training, n) for n in names}
 
     def remaining(self) -> int:
         return sum(
@@ -149,6 +148,14 @@ class MultiStudySearcher(Searcher):
             study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
         else:
             study.tell(ot_trial, float(value))
+
+    def abandon_live(self) -> int:
+        """Mark the Optuna trials of still-running Tune trials as failed (the driver is stopping)."""
+        abandoned = list(self._live)
+        for trial_id in abandoned:
+            study_id, ot_trial = self._live.pop(trial_id)
+            self._studies[study_id].tell(ot_trial, state=optuna.trial.TrialState.FAIL)
+        return len(abandoned)
 
     # Studies persist in their RDB storage; the driver-side state is rebuilt from it on restore.
     def get_state(self) -> dict:

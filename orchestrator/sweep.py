@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import sys
 import time
@@ -158,11 +159,13 @@ def summarize(studies: list[Study], storage: str) -> tuple[str, list[dict]]:
 
 def run(grid: Grid, grid_path: Path | None = None) -> dict[str, Any]:
     """Run the whole sweep. Returns a dict with the tracking URI, parent run id and summary rows."""
+    # Small trials checkpoint often; Tune's advice to checkpoint less is noise for them.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     import ray
     from ray import tune
 
     from orchestrator.search import MultiStudySearcher, PerStudyScheduler
-    from orchestrator.tracking import MlflowTrialCallback, Tracker
+    from orchestrator.tracking import ConsoleProgress, MlflowTrialCallback, Tracker
     from trainables.loop import train_trial
 
     studies = expand(grid)
@@ -178,7 +181,7 @@ def run(grid: Grid, grid_path: Path | None = None) -> dict[str, Any]:
         flush=True,
     )
 
-    tracker = Tracker(grid.resolved_tracking_uri, grid.experiment, artifact_location=None)
+    tracker = Tracker(grid.resolved_tracking_uri, grid.experiment, artifact_location=grid.artifact_location)
     parent = tracker.start_run(
         f"sweep {grid.experiment} {time.strftime('%Y-%m-%d %H:%M:%S')}",
         {"kind": "sweep", "grid_signature": grid_sig, "grid_file": str(grid_path or "")},
@@ -189,6 +192,7 @@ def run(grid: Grid, grid_path: Path | None = None) -> dict[str, Any]:
     tracker.log_params(parent, {"num_studies": str(len(studies)), "num_trials": str(total), "grid_signature": grid_sig})
 
     callback = MlflowTrialCallback(tracker, parent, trial_tags)
+    searcher = None
     status = "FAILED"
     try:
         if not ray.is_initialized():
@@ -219,10 +223,10 @@ def run(grid: Grid, grid_path: Path | None = None) -> dict[str, Any]:
             run_config=tune.RunConfig(
                 name=f"{grid.experiment}-{grid_sig}",
                 storage_path=str(storage / "ray_results"),
-                callbacks=[callback],
+                callbacks=[callback, ConsoleProgress(total, lambda c: f"{c['method']} {trial_tags(c)['cell']}")],
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 failure_config=tune.FailureConfig(max_failures=grid.max_retries),
-                verbose=1,
+                verbose=0,
             ),
         )
         result_grid = tuner.fit()
@@ -233,12 +237,21 @@ def run(grid: Grid, grid_path: Path | None = None) -> dict[str, Any]:
         print("\n" + table, flush=True)
         for r in failed:
             print(f"trial {r.config.get('study')} failed: {str(r.error).splitlines()[0][:300]}", file=sys.stderr)
-        status = "FINISHED"
-        return {"tracking_uri": grid.resolved_tracking_uri, "parent_run_id": parent, "rows": rows, "failed": len(failed)}
+        status = "KILLED" if callback.open_runs() else "FINISHED"
+        return {
+            "tracking_uri": grid.resolved_tracking_uri,
+            "parent_run_id": parent,
+            "rows": rows,
+            "failed": len(failed),
+            "interrupted": status == "KILLED",
+            "results": [(r.config, r.metrics) for r in result_grid if r.config],
+        }
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
+        if searcher is not None:
+            searcher.abandon_live()
         closed = callback.close_all("KILLED")
         closed += tracker.close_open_runs(parent, "KILLED")
         tracker.end_run(parent, status)
@@ -272,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished work is in MLflow and the Ray results directory", file=sys.stderr)
+        return 130
+    if summary["interrupted"]:
         return 130
     return 1 if summary["failed"] else 0
 

@@ -173,14 +173,16 @@ class MlflowTrialCallback(Callback):
         self.tracker.set_tags(run_id, {"error": error[-5000:]})
         self.tracker.end_run(run_id, "FAILED")
 
+    def open_runs(self) -> list[str]:
+        """Runs this callback opened that have no final status yet."""
+        return [r for r in self.runs.values() if self.tracker.client.get_run(r).info.status == "RUNNING"]
+
     def close_all(self, status: str) -> int:
         """End every run this callback opened that is still RUNNING (driver interrupted)."""
-        closed = 0
-        for run_id in self.runs.values():
-            if self.tracker.client.get_run(run_id).info.status == "RUNNING":
-                self.tracker.end_run(run_id, status)
-                closed += 1
-        return closed
+        still_open = self.open_runs()
+        for run_id in still_open:
+            self.tracker.end_run(run_id, status)
+        return len(still_open)
 
 
 def _error_text(trial) -> str:
@@ -189,3 +191,37 @@ def _error_text(trial) -> str:
         return Path(path).read_text()[-5000:]
     return str(getattr(trial, "error_msg", "") or "trial failed (no error file)")
 
+
+
+class ConsoleProgress(Callback):
+    """One line per finished trial with the sweep's done / running / pending counts."""
+
+    def __init__(self, total: int, label_for: Any):
+        self.total = total
+        self.label_for = label_for  # config -> short description
+        self.running: set[str] = set()
+        self.done = 0
+        self.failed = 0
+
+    def _line(self, trial, what: str) -> None:
+        pending = self.total - self.done - self.failed - len(self.running)
+        print(
+            f"[trials {self.done} done, {self.failed} failed, {len(self.running)} running, {pending} pending] "
+            f"{self.label_for(trial.config)}: {what}",
+            flush=True,
+        )
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self.running.add(trial.trial_id)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.running.discard(trial.trial_id)
+        self.done += 1
+        last = trial.last_result or {}
+        shown = ", ".join(f"{k}={last[k]:.4f}" for k in ("test/acc", "test/acc_selected", trial.config["objective"]) if k in last)
+        self._line(trial, f"finished after {last.get('epoch', '?')} epochs ({shown})")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.running.discard(trial.trial_id)
+        self.failed += 1
+        self._line(trial, "FAILED: " + _error_text(trial).strip().splitlines()[-1][:200])

@@ -5,18 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from search_spaces import Space
-from trainables.coreg import CoRegParams
-
-_P = CoRegParams()
-
-DEFAULTS: dict[str, Any] = {
-    "tau_div": _P.tau_div,
-    "beta1": _P.beta1,
-    "beta2": _P.beta2,
-    "T": _P.T,
-    "lambda_u": _P.lambda_u,
-    "lr": 0.01,  # the reference code's SGD learning rate (batch 256)
-}
 
 
 def space(s: Space) -> dict[str, Any]:

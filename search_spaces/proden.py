@@ -5,9 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from search_spaces import Space
-from trainables.api import TrainSettings
-
-DEFAULTS: dict[str, Any] = {"lr": TrainSettings().lr}
 
 
 def space(s: Space) -> dict[str, Any]:

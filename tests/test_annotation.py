@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 
 from orchestrator.annotation import candidates as cands
-from orchestrator.annotation.stage import Annotation, _write_entry, annotate, annotation_key, clip_probs_key, load_cached
+from orchestrator.annotation.stage import (
+    Annotation,
+    _write_entry,
+    annotate,
+    annotation_key,
+    clip_probs_key,
+    load_cached,
+)
 from orchestrator.annotation.synthetic import flip_candidates
 from orchestrator.annotation.templates import OPENAI_TEMPLATES, PAPER_TEMPLATES, templates_for
 from orchestrator.config import ClipAnnotatorSpec, DatasetSpec, SyntheticAnnotatorSpec

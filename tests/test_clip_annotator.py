@@ -147,8 +147,14 @@ def test_preprocessing_matches_open_clip_pil_transform(direct_actor, digits):
         (digits.train_x[:8], direct_actor.preprocess_cfg),  # grey 8x8 -> 32, the fixture model's config
         (rng.integers(0, 256, (4, 3, 32, 32), dtype=np.uint8), {**direct_actor.preprocess_cfg, "size": 224}),
         (rng.integers(0, 256, (4, 3, 300, 200), dtype=np.uint8), {**direct_actor.preprocess_cfg, "size": 224}),
-        (rng.integers(0, 256, (4, 3, 30, 50), dtype=np.uint8), {**direct_actor.preprocess_cfg, "resize_mode": "longest"}),
-        (rng.integers(0, 256, (4, 3, 30, 50), dtype=np.uint8), {**direct_actor.preprocess_cfg, "interpolation": "bilinear"}),
+        (
+            rng.integers(0, 256, (4, 3, 30, 50), dtype=np.uint8),
+            {**direct_actor.preprocess_cfg, "resize_mode": "longest"},
+        ),
+        (
+            rng.integers(0, 256, (4, 3, 30, 50), dtype=np.uint8),
+            {**direct_actor.preprocess_cfg, "interpolation": "bilinear"},
+        ),
     ]
     for images, cfg in cases:
         transform = image_transform_v2(PreprocessCfg(**cfg), is_train=False)
@@ -169,7 +175,9 @@ def test_model_config_errors(tmp_path):
     bad = tmp_path / "broken.json"
     bad.write_text(json.dumps({"embed_dim": 8}))
     with pytest.raises(ValueError, match=r"needs \['vision_cfg', 'text_cfg'\]"):
-        ClipActor(model="broken", pretrained=None, model_config_path=str(bad), templates=PAPER_TEMPLATES, class_names=["a"])
+        ClipActor(
+            model="broken", pretrained=None, model_config_path=str(bad), templates=PAPER_TEMPLATES, class_names=["a"]
+        )
 
 
 def test_weights_errors(tmp_path):

@@ -18,6 +18,15 @@ N, C = 48, 4
 TRUSTED = 4
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and OpenMP threads stall when the CPUs are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _data(seed: int = 0) -> tuple[TrainData, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (N, 1, 8, 8), dtype=torch.uint8, generator=g)
@@ -69,12 +78,13 @@ def test_partial_set_target_fuses_restricted_peer_and_own_prediction_then_sharpe
 
 def test_partial_set_target_of_a_certain_sample_is_the_peer_on_its_candidates():
     peer = torch.tensor([[0.1, 0.6, 0.3]])
-    target = partial_set_targets(torch.tensor([1.0]), peer, torch.tensor([[1.0, 0.0, 1.0]]), torch.full((1, 3), 1 / 3), T=1.0)
+    cand, own = torch.tensor([[1.0, 0.0, 1.0]]), torch.full((1, 3), 1 / 3)
+    target = partial_set_targets(torch.tensor([1.0]), peer, cand, own, T=1.0)
     torch.testing.assert_close(target, torch.tensor([[0.25, 0.0, 0.75]]))
 
 
 def test_unlabeled_set_target_averages_every_view_of_both_nets_then_sharpens():
-    views = [torch.tensor([[0.6, 0.4]]), torch.tensor([[0.8, 0.2]]), torch.tensor([[0.2, 0.8]]), torch.tensor([[0.4, 0.6]])]
+    views = [torch.tensor([[a, 1 - a]]) for a in (0.6, 0.8, 0.2, 0.4)]
     # mean [0.5, 0.5]: sharpening keeps it uniform; labels outside S are allowed (no cand input)
     torch.testing.assert_close(unlabeled_set_targets(views, T=0.5), torch.tensor([[0.5, 0.5]]))
     # mean of the first two = [0.7, 0.3] -> [0.49, 0.09] / 0.58
@@ -111,6 +121,7 @@ def _spy_splits(algo: coreg.CoReg, monkeypatch):
     return calls, w_by_net, probs_by_net, data.trusted
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of")  # the spy takes no step
 def test_net_a_trains_on_the_split_of_net_b_and_vice_versa(monkeypatch):
     calls, w_by_net, probs_by_net, trusted = _spy_splits(_build(), monkeypatch)
     assert [me for me, *_ in calls] == [0, 1]
@@ -121,6 +132,7 @@ def test_net_a_trains_on_the_split_of_net_b_and_vice_versa(monkeypatch):
         assert split_probs is probs_by_net[peer]
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of")  # the spy takes no step
 def test_without_co_pseudo_labelling_each_net_trains_on_its_own_split(monkeypatch):
     calls, w_by_net, probs_by_net, trusted = _spy_splits(_build(co_pseudo_label=False), monkeypatch)
     assert [me for me, *_ in calls] == [0, 1]
@@ -210,3 +222,30 @@ def test_predict_is_the_sum_of_both_nets():
     logits_a, logits_b = algo.predict_nets(x)
     torch.testing.assert_close(algo.predict(x), logits_a + logits_b)
     assert not torch.allclose(logits_a, logits_b)
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_reference_option_recopies_key_nets_at_each_epoch_start(reset, monkeypatch):
+    algo = _build(reset_key_each_epoch=reset)
+    _run(algo, epochs=2)  # warm-up + one epoch of momentum updates: key nets lag behind their nets
+
+    def divide(i, data):
+        same = all(torch.equal(k, q) for k, q in zip(algo.key_nets[0].parameters(), algo.net_a.parameters()))
+        assert same == reset
+        raise _Stop
+
+    monkeypatch.setattr(algo, "_divide", divide)
+    with pytest.raises(_Stop):
+        algo.train_epoch(_data()[0], 2)
+
+
+def test_reference_cosine_period_and_warmup_options():
+    algo = _build(cosine_period=800, reference_warmup=True)
+    assert algo.schedulers[0].T_max == 800 and algo.schedulers[0].eta_min == pytest.approx(0.05e-3)
+    assert _build().schedulers[0].T_max == 4  # training.epochs
+    metrics = algo.train_epoch(_data()[0], 0)  # strong views, batch 32: still a finite warm-up
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))

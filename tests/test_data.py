@@ -45,7 +45,10 @@ def test_registry_matches_the_paper_and_torchvision():
 
 
 def test_import_is_cheap():
-    code = "import sys, trainables.common.data; print(sorted(m for m in ('torch', 'torchvision', 'sklearn') if m in sys.modules))"
+    code = (
+        "import sys, trainables.common.data; "
+        "print(sorted(m for m in ('torch', 'torchvision', 'sklearn') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -68,7 +71,12 @@ def test_digits_shapes_and_content(digits):
     # Train + test is exactly sklearn's set, values 0..16 mapped to 0..255.
     ref = load_digits()
     ref_x = np.rint(ref.images * 255 / 16).astype(np.uint8)
-    ours = sorted(x.tobytes() + bytes([y]) for x, y in zip(np.concatenate([digits.train_x, digits.test_x])[:, 0], np.concatenate([digits.train_y, digits.test_y])))
+    ours = sorted(
+        x.tobytes() + bytes([y])
+        for x, y in zip(
+            np.concatenate([digits.train_x, digits.test_x])[:, 0], np.concatenate([digits.train_y, digits.test_y])
+        )
+    )
     theirs = sorted(x.tobytes() + bytes([y]) for x, y in zip(ref_x, ref.target))
     assert ours == theirs
     # Normalisation statistics of the training images, in [0, 1] units.
@@ -127,7 +135,11 @@ def test_stratified_subset_counts():
 
 def _write_idx(path: Path, array: np.ndarray, compress: bool) -> None:
     """An idx file written from the format's description: 0, 0, type 0x08 (ubyte), ndim, sizes."""
-    data = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.astype(np.uint8).tobytes()
+    data = (
+        bytes([0, 0, 0x08, array.ndim])
+        + struct.pack(f">{array.ndim}I", *array.shape)
+        + array.astype(np.uint8).tobytes()
+    )
     path.write_bytes(gzip.compress(data) if compress else data)
 
 

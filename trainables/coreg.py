@@ -28,7 +28,9 @@ Implementation details / deviations:
    stale mean. ``distribution_alignment=False`` turns it off.
 3. Division losses are min-max normalised and averaged over the last ``loss_history`` (5) epochs
    before the GMM (``max_iter=10, tol=1e-2, reg_covar=5e-4``, ``random_state=seed``), as in
-   ``train.py: eval_train``. Few-shot trusted samples get w = 1 and are always in P.
+   ``train.py: eval_train``. The paper writes P = {L_div < tau_div}; like the reference we threshold
+   the GMM clean probability instead, P = {w > tau_div}. Few-shot trusted samples get w = 1 and are
+   always in P.
 4. Eq. 5-7 as in the reference: the peer's prediction for P comes from the division pass (one weak
    view, eval mode, aligned); the own mean over K weak views uses the net being trained in train
    mode and the peer in eval mode (reference ``train``: ``net.train(); net2.eval()``).
@@ -262,7 +264,9 @@ class CoReg:
         self.w[i] = w
         return probs
 
-    def _train_net(self, me: int, data: TrainData, epoch: int, *, in_p: Tensor, w: Tensor, split_probs: Tensor) -> MeanMeter:
+    def _train_net(
+        self, me: int, data: TrainData, epoch: int, *, in_p: Tensor, w: Tensor, split_probs: Tensor
+    ) -> MeanMeter:
         """One epoch of net ``me`` on the split ``in_p`` with clean probabilities ``w`` and split-maker predictions."""
         p, meter = self.params, MeanMeter()
         net, peer = self.nets[me], self.nets[1 - me]
@@ -285,8 +289,9 @@ class CoReg:
 
             # Co-pseudo-labelling (Eq. 5-8)
             with torch.no_grad():
-                logits_w, z_x_w = zip(*(net.forward_with_embedding(data.views.weak(x_x)) for _ in range(p.num_weak_views)))
-                own_x = torch.stack([F.softmax(logits, dim=1) for logits in logits_w]).mean(dim=0)  # (Bx, C)
+                weak_x = [net.forward_with_embedding(data.views.weak(x_x)) for _ in range(p.num_weak_views)]
+                own_x = torch.stack([F.softmax(logits, dim=1) for logits, _ in weak_x]).mean(dim=0)  # (Bx, C)
+                z_x_w = weak_x[0][1]  # (Bx, D), moves the prototypes (Eq. 11)
                 targets_x = partial_set_targets(w[idx_x], split_probs[idx_x], data.cand[idx_x], own_x, p.T)
                 views_u = [data.views.weak(x_u) for _ in range(p.num_weak_views)]
                 targets_u = unlabeled_set_targets([F.softmax(m(v), dim=1) for m in label_nets for v in views_u], p.T)
@@ -311,11 +316,12 @@ class CoReg:
             # Prototypical similarity alignment (Eq. 10-11)
             loss_prot = logits.new_zeros(())
             if p.prototypes:
-                self.prototypes = ema_update_prototypes(self.prototypes, z_x_w[0], targets_x.argmax(dim=1), p.proto_momentum)
+                pseudo_x = targets_x.argmax(dim=1)  # (Bx,)
+                self.prototypes = ema_update_prototypes(self.prototypes, z_x_w, pseudo_x, p.proto_momentum)  # Eq. 11
                 sim = prototype_logits(z, self.prototypes, p.proto_temperature)  # (2Bx + 2Bu, C)
-                loss_prot = kl_div(F.log_softmax(sim[in_x], dim=1), mixed_targets[in_x]).mean() + p.lambda_u * mean_or_zero(
-                    squared_error(F.softmax(sim[in_u], dim=1), mixed_targets[in_u])
-                )
+                loss_prot_x = kl_div(F.log_softmax(sim[in_x], dim=1), mixed_targets[in_x]).mean()  # Eq. 10, P
+                loss_prot_u = mean_or_zero(squared_error(F.softmax(sim[in_u], dim=1), mixed_targets[in_u]))  # Eq. 10, U
+                loss_prot = loss_prot_x + p.lambda_u * loss_prot_u
 
             # Noisy supervised contrastive learning (Eq. 12)
             loss_cont = logits.new_zeros(())

@@ -100,7 +100,7 @@ def prepare_data(config: dict[str, Any], device: torch.device) -> TrialData:
     cell, seed = config["cell"], config["cell"]["seed"]
     train_settings = TrainSettings(**config["training"])
     dataset = load_dataset(DatasetSpec(**cell["dataset"]))
-    annotation = load_cached(Path(config["cache_dir"]), config["annotation_key"])
+    annotation = load_cached(Path(config["cache_dir"]), config["annotation_key"], with_probs=False)
     num_classes = len(dataset.class_names)
     split = make_split(
         dataset.train_y,

@@ -24,10 +24,10 @@ Implementation details / deviations from the reference (github Portugas0807/Co-R
 from __future__ import annotations
 
 import json
-import logging
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -36,8 +36,6 @@ if TYPE_CHECKING:
 
     from orchestrator.config import ClipAnnotatorSpec
     from trainables.common.data import Dataset
-
-log = logging.getLogger(__name__)
 
 PREPROCESS_VERSION = 1
 """Bump when :func:`preprocess_images` changes what it computes (it is part of the cache key)."""
@@ -111,7 +109,9 @@ def load_clip_model(
     if pretrained is not None and _looks_like_path(pretrained):
         pretrained = str(Path(pretrained).expanduser())
         if not Path(pretrained).is_file():
-            raise FileNotFoundError(f"CLIP checkpoint {pretrained}: no such file (pretrained: is a tag or a checkpoint path)")
+            raise FileNotFoundError(
+                f"CLIP checkpoint {pretrained}: no such file (pretrained: is a tag or a checkpoint path)"
+            )
     try:
         # Random init draws from torch's global generator: seed it locally so that every actor of
         # a pool (and a later re-run) holds identical weights, without disturbing the caller.
@@ -158,7 +158,9 @@ def preprocess_images(images: torch.Tensor, cfg: dict[str, Any]) -> torch.Tensor
         else:
             # open_clip's ResizeKeepRatio: bicubic whatever the configured interpolation.
             scale = min(h / th, w / tw)
-            x = TF.resize(x, [round(h / scale), round(w / scale)], interpolation=InterpolationMode.BICUBIC, antialias=True)
+            x = TF.resize(
+                x, [round(h / scale), round(w / scale)], interpolation=InterpolationMode.BICUBIC, antialias=True
+            )
         x = TF.center_crop(x, [th, tw])
     elif mode == "longest":
         scale = max(h / th, w / tw)
@@ -199,7 +201,9 @@ class ClipActor:
         import torch
 
         if use_gpu and not torch.cuda.is_available():
-            warnings.warn("GPUs were requested for the CLIP annotator but CUDA is not available here; using the CPU")
+            warnings.warn(
+                "GPUs were requested for the CLIP annotator but CUDA is not available here; using the CPU", stacklevel=2
+            )
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model, self.tokenizer, self.preprocess_cfg = load_clip_model(
             model, pretrained, model_config_path, precision, str(self.device), init_seed
@@ -238,8 +242,10 @@ class ClipActor:
         import torch
         import torch.nn.functional as F
 
+        if batch["image"].dtype != np.uint8:
+            raise ValueError(f"ClipActor expects uint8 images, got {batch['image'].dtype}")
         # Ray hands read-only zero-copy views; torch wants writable memory, so copy the batch once.
-        images = torch.from_numpy(np.array(batch["image"], dtype=np.uint8, copy=True))
+        images = torch.from_numpy(np.array(batch["image"], copy=True))
         with torch.inference_mode():
             x = preprocess_images(images.to(self.device, non_blocking=True), self.preprocess_cfg)
             feats = F.normalize(self.model.encode_image(x.to(self.input_dtype)).float(), dim=-1)  # (B, D)
@@ -252,10 +258,17 @@ def actor_kwargs(spec: ClipAnnotatorSpec, class_names: Sequence[str]) -> dict[st
     """Constructor arguments of :class:`ClipActor` for an annotator spec."""
     from orchestrator.annotation.templates import templates_for
 
+    def absolute(path: str | None) -> str | None:
+        # Actors may run in another working directory (or on another node with the same mounts).
+        return str(Path(path).expanduser().resolve()) if path is not None else None
+
+    pretrained = spec.pretrained
+    if pretrained is not None and _looks_like_path(pretrained):
+        pretrained = absolute(pretrained)
     return {
         "model": model_name_for(spec),
-        "pretrained": spec.pretrained,
-        "model_config_path": spec.model_config_path,
+        "pretrained": pretrained,
+        "model_config_path": absolute(spec.model_config_path),
         "templates": templates_for(spec.templates),
         "class_names": list(class_names),
         "logit_scale": spec.logit_scale,
@@ -312,12 +325,14 @@ def annotate_clip(
     )
     probs = np.empty((total, len(kwargs["templates"]), len(class_names)), dtype=np.float16)
     seen = np.zeros(total, dtype=np.int64)
+    done = 0
     for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
         index = batch["index"]
         probs[index] = batch["probs"]
         seen[index] += 1
+        done += len(index)
         if progress is not None:
-            progress(int((seen > 0).sum()), total)
+            progress(done, total)
     if not (seen == 1).all():
         raise RuntimeError(
             f"CLIP annotation returned {int((seen == 0).sum())} missing and {int((seen > 1).sum())} duplicated samples"

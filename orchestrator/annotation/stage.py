@@ -31,9 +31,10 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any
 
 import numpy as np
 
@@ -48,7 +49,7 @@ CACHE_FORMAT = 1
 
 CONSUMES = ("cand", "noisy_label", "noisy_label_avg", "soft")
 
-Spec = Union[SyntheticAnnotatorSpec, ClipAnnotatorSpec]
+Spec = SyntheticAnnotatorSpec | ClipAnnotatorSpec
 
 
 @dataclass
@@ -83,7 +84,9 @@ class Annotation:
             return self.cand_train.astype(np.float32)
         if consumes not in CONSUMES:
             raise ValueError(f"unknown target kind {consumes!r}; allowed: {', '.join(CONSUMES)}")
-        value = {"noisy_label": self.noisy_label, "noisy_label_avg": self.noisy_label_avg, "soft": self.soft_train}[consumes]
+        value = {"noisy_label": self.noisy_label, "noisy_label_avg": self.noisy_label_avg, "soft": self.soft_train}[
+            consumes
+        ]
         if value is None:
             raise ValueError(
                 f"annotation {self.key} ({self.meta.get('kind', '?')} annotator) has no {consumes!r}; "
@@ -168,7 +171,9 @@ def _check_axes(spec: Spec, q: float | None, eta: float | None, seed: int) -> No
         raise ValueError(f"annotator {spec.name!r} ({spec.kind}): q and eta apply only to synthetic annotators")
 
 
-def annotation_key(dataset: Dataset, spec: Spec, *, q: float | None = None, eta: float | None = None, seed: int = 0) -> str:
+def annotation_key(
+    dataset: Dataset, spec: Spec, *, q: float | None = None, eta: float | None = None, seed: int = 0
+) -> str:
     """Hash of everything that determines the annotation (the cache key).
 
     Synthetic: data set, generator, q, eta, seed. CLIP: the probabilities' key plus the candidate
@@ -245,15 +250,25 @@ def _versions() -> dict[str, str]:
 def candidate_stats(cand: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """Partial accuracy (true label in S), mean |S| and the realised noise rate eta = 1 - partial acc."""
     partial_acc = float(cand[np.arange(len(labels)), labels].mean())
-    return {"partial_acc": partial_acc, "mean_set_size": float(cand.sum(axis=1).mean()), "eta_realised": 1.0 - partial_acc}
+    return {
+        "partial_acc": partial_acc,
+        "mean_set_size": float(cand.sum(axis=1).mean()),
+        "eta_realised": 1.0 - partial_acc,
+    }
 
 
-def zero_shot_stats(probs_train: np.ndarray, probs_test: np.ndarray, dataset: Dataset, template: int) -> dict[str, float]:
+def zero_shot_stats(
+    probs_train: np.ndarray, probs_test: np.ndarray, dataset: Dataset, template: int
+) -> dict[str, float]:
     """Zero-shot accuracy of one template and of the template average, on train and test."""
     out = {}
     for split, probs, labels in (("train", probs_train, dataset.train_y), ("test", probs_test, dataset.test_y)):
-        out[f"zs_acc_{split}"] = float((cands.single_labels(probs, template) == labels).mean()) if len(labels) else float("nan")
-        out[f"zs_acc_avg_{split}"] = float((cands.average_labels(probs) == labels).mean()) if len(labels) else float("nan")
+        out[f"zs_acc_{split}"] = (
+            float((cands.single_labels(probs, template) == labels).mean()) if len(labels) else float("nan")
+        )
+        out[f"zs_acc_avg_{split}"] = (
+            float((cands.average_labels(probs) == labels).mean()) if len(labels) else float("nan")
+        )
     return out
 
 
@@ -278,7 +293,10 @@ def load_cached(cache_dir: Path, key: str, *, with_probs: bool = True) -> Annota
     if with_probs and meta.get("probs_key"):
         probs_found = _read_entry(cache_dir / "clip_probs" / meta["probs_key"])
         if probs_found is None:
-            raise FileNotFoundError(f"annotation {key}: its CLIP probabilities {meta['probs_key']} are missing from {cache_dir / 'clip_probs'}")
+            raise FileNotFoundError(
+                f"annotation {key}: its CLIP probabilities {meta['probs_key']} are missing from "
+                f"{cache_dir / 'clip_probs'}"
+            )
         probs = probs_found[0]
     return Annotation(key=key, cached=True, stats=meta["stats"], meta=meta, **arrays, **probs)
 
@@ -347,7 +365,9 @@ def _annotate_clip(
 ) -> Annotation:
     templates = templates_for(spec.templates)
     if spec.single_template >= len(templates):
-        raise ValueError(f"annotator {spec.name!r}: single_template {spec.single_template} >= number of templates ({len(templates)})")
+        raise ValueError(
+            f"annotator {spec.name!r}: single_template {spec.single_template} >= number of templates ({len(templates)})"
+        )
     class_names = clip_class_names(dataset, spec)
     probs_key = clip_probs_key(dataset, spec)
     probs_entry = cache_dir / "clip_probs" / probs_key
@@ -401,4 +421,6 @@ def _annotate_clip(
         "versions": _versions(),
     }
     _write_entry(entry, arrays, meta)
-    return Annotation(key=key, cached=False, probs_train=probs_train, probs_test=probs_test, stats=stats, meta=meta, **arrays)
+    return Annotation(
+        key=key, cached=False, probs_train=probs_train, probs_test=probs_test, stats=stats, meta=meta, **arrays
+    )

@@ -243,7 +243,9 @@ def _eye(n: int, ref: Tensor) -> Tensor:
 def _rotate(x: Tensor, m: Tensor, s: Tensor) -> Tensor:
     angle = m * s * math.radians(30.0)
     cos, sin = torch.cos(angle), torch.sin(angle)
-    theta = torch.stack([torch.stack([cos, -sin, torch.zeros_like(cos)], 1), torch.stack([sin, cos, torch.zeros_like(cos)], 1)], 1)
+    theta = _eye(len(x), x)
+    theta[:, 0, 0], theta[:, 0, 1] = cos, -sin
+    theta[:, 1, 0], theta[:, 1, 1] = sin, cos
     return _affine(x, theta)
 
 

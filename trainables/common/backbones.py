@@ -82,7 +82,10 @@ class MLP(nn.Module):
 
     def __init__(self, in_dim: int, hidden: int = 256):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, hidden), nn.ReLU(inplace=True))
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
+        )  # fmt: skip
         self.out_dim = hidden
 
     def forward(self, x: Tensor) -> Tensor:

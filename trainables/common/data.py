@@ -32,9 +32,10 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -87,7 +88,8 @@ CIFAR100_CLASSES = (
     "mouse", "mushroom", "oak_tree", "orange", "orchid", "otter", "palm_tree", "pear", "pickup_truck", "pine_tree",
     "plain", "plate", "poppy", "porcupine", "possum", "rabbit", "raccoon", "ray", "road", "rocket",
     "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail", "snake", "spider",
-    "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank", "telephone", "television", "tiger", "tractor",
+    "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank", "telephone", "television", "tiger",
+    "tractor",
     "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow_tree", "wolf", "woman", "worm",
 )  # fmt: skip
 
@@ -99,9 +101,15 @@ DATASETS: dict[str, DatasetInfo] = {
     info.name: info
     for info in (
         DatasetInfo("digits", NUMBERS, channels=1, image_size=8, hflip=False, default_backbone="small_cnn"),
-        DatasetInfo("fashion_mnist", FASHION_MNIST_CLASSES, channels=1, image_size=28, hflip=True, default_backbone="small_cnn"),
-        DatasetInfo("cifar10", CIFAR10_CLASSES, channels=3, image_size=32, hflip=True, default_backbone="preact_resnet18"),
-        DatasetInfo("cifar100", CIFAR100_CLASSES, channels=3, image_size=32, hflip=True, default_backbone="preact_resnet18"),
+        DatasetInfo(
+            "fashion_mnist", FASHION_MNIST_CLASSES, channels=1, image_size=28, hflip=True, default_backbone="small_cnn"
+        ),
+        DatasetInfo(
+            "cifar10", CIFAR10_CLASSES, channels=3, image_size=32, hflip=True, default_backbone="preact_resnet18"
+        ),
+        DatasetInfo(
+            "cifar100", CIFAR100_CLASSES, channels=3, image_size=32, hflip=True, default_backbone="preact_resnet18"
+        ),
         DatasetInfo("svhn", NUMBERS, channels=3, image_size=32, hflip=False, default_backbone="preact_resnet18"),
     )
 }
@@ -225,7 +233,9 @@ def _find_idx_files(root: Path) -> dict[str, Path] | None:
     return None
 
 
-def _missing(name: str, root: Path, expected: str, layout: str, cause: BaseException | None = None) -> DatasetNotFoundError:
+def _missing(
+    name: str, root: Path, expected: str, layout: str, cause: BaseException | None = None
+) -> DatasetNotFoundError:
     why = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
     return DatasetNotFoundError(
         f"{name}: data set files not found or unreadable under {root}{why}. Expected {expected}. "
@@ -256,7 +266,9 @@ def _load_fashion_mnist(spec: DatasetSpec) -> Arrays:
     arrays = {key: read_idx(path) for key, path in files.items()}
     for key in ("train_x", "test_x"):
         if arrays[key].ndim != 3 or arrays[key].dtype != np.uint8:
-            raise ValueError(f"fashion_mnist: {files[key]} holds {arrays[key].dtype} {arrays[key].shape}, expected uint8 (N, 28, 28)")
+            raise ValueError(
+                f"fashion_mnist: {files[key]} holds {arrays[key].dtype} {arrays[key].shape}, expected uint8 (N, 28, 28)"
+            )
     return (
         arrays["train_x"][:, None],
         arrays["train_y"].astype(np.int64),
@@ -295,8 +307,12 @@ def _load_cifar(spec: DatasetSpec) -> Arrays:
         cls, folder, files = datasets.CIFAR100, "cifar-100-python", "train, test, meta"
     expected = f"{root / folder}/{{{files}}}"
     layout = f"torchvision's layout (<root>/{folder}/...)"
-    train = _call_torchvision(spec.name, root, expected, layout, lambda: cls(str(root), train=True, download=spec.download))
-    test = _call_torchvision(spec.name, root, expected, layout, lambda: cls(str(root), train=False, download=spec.download))
+    train = _call_torchvision(
+        spec.name, root, expected, layout, lambda: cls(str(root), train=True, download=spec.download)
+    )
+    test = _call_torchvision(
+        spec.name, root, expected, layout, lambda: cls(str(root), train=False, download=spec.download)
+    )
     if tuple(train.classes) != DATASETS[spec.name].class_names:
         raise ValueError(f"{spec.name}: the class list in {root / folder} differs from the known one: {train.classes}")
     return (
@@ -315,8 +331,12 @@ def _load_svhn(spec: DatasetSpec) -> Arrays:
     expected = f"{root}/{{train_32x32.mat, test_32x32.mat}}"
     layout = "torchvision's layout (the two .mat files directly in <root>)"
     # torchvision maps the .mat files' label 10 to digit 0 and transposes to (N, 3, 32, 32).
-    train = _call_torchvision("svhn", root, expected, layout, lambda: SVHN(str(root), split="train", download=spec.download))
-    test = _call_torchvision("svhn", root, expected, layout, lambda: SVHN(str(root), split="test", download=spec.download))
+    train = _call_torchvision(
+        "svhn", root, expected, layout, lambda: SVHN(str(root), split="train", download=spec.download)
+    )
+    test = _call_torchvision(
+        "svhn", root, expected, layout, lambda: SVHN(str(root), split="test", download=spec.download)
+    )
     return (
         np.ascontiguousarray(train.data),
         train.labels.astype(np.int64),
@@ -378,9 +398,14 @@ def load_dataset(spec: DatasetSpec) -> Dataset:
     expected_shape = (info.channels, info.image_size, info.image_size)
     for what, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
         if x.dtype != np.uint8 or x.shape[1:] != expected_shape or len(x) != len(y):
-            raise ValueError(f"{spec.name}: {what} images are {x.dtype} {x.shape} with {len(y)} labels; expected uint8 (N, {expected_shape})")
+            raise ValueError(
+                f"{spec.name}: {what} images are {x.dtype} {x.shape} with {len(y)} labels; "
+                f"expected uint8 (N, {expected_shape})"
+            )
         if y.min() < 0 or y.max() >= info.num_classes:
-            raise ValueError(f"{spec.name}: {what} labels span [{y.min()}, {y.max()}], expected [0, {info.num_classes - 1}]")
+            raise ValueError(
+                f"{spec.name}: {what} labels span [{y.min()}, {y.max()}], expected [0, {info.num_classes - 1}]"
+            )
     mean, std = channel_stats(train_x)
 
     for what, n, purpose in (("subsample", spec.subsample, 1), ("test_subsample", spec.test_subsample, 2)):
@@ -388,7 +413,10 @@ def load_dataset(spec: DatasetSpec) -> Dataset:
             continue
         x, y = (train_x, train_y) if purpose == 1 else (test_x, test_y)
         if n > len(y):
-            raise ValueError(f"{spec.name}: {what}={n} exceeds the {len(y)} available {'training' if purpose == 1 else 'test'} images")
+            raise ValueError(
+                f"{spec.name}: {what}={n} exceeds the {len(y)} available "
+                f"{'training' if purpose == 1 else 'test'} images"
+            )
         keep = stratified_subset(y, n, _subset_rng(spec.subsample_seed, purpose))
         if purpose == 1:
             train_x, train_y = train_x[keep], train_y[keep]

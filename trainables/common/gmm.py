@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 from torch import Tensor
 
@@ -30,6 +33,8 @@ def clean_probability(
     """
     x = losses.detach().double().cpu().numpy().reshape(-1, 1)
     gmm = GaussianMixture(n_components=2, max_iter=max_iter, tol=tol, reg_covar=reg_covar, random_state=seed)
-    gmm.fit(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # 10 EM steps is the published setting, not a failure
+        gmm.fit(x)
     posterior = gmm.predict_proba(x)[:, gmm.means_.argmin()]
     return torch.from_numpy(posterior).to(device=losses.device, dtype=losses.dtype)
