@@ -20,6 +20,7 @@ import optuna
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
+from orchestrator.config import signature
 from orchestrator.plan import Study
 from search_spaces import Space, get_space, parameter_names
 
@@ -74,7 +75,7 @@ class MultiStudySearcher(Searcher):
                 study_name=study_id,
                 storage=self._storage,
                 direction="maximize" if plan.mode == "max" else "minimize",
-                sampler=_sampler(plan.method.search.sampler, plan.cell.seed),
+                sampler=_sampler(plan.method.search.sampler, int(signature(study_id, 8), 16)),
                 load_if_exists=True,
             )
             study.set_user_attr("objective", plan.objective)

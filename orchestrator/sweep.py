@@ -82,7 +82,13 @@ def run_annotations(grid: Grid, studies: list[Study], datasets: dict, tracker, p
     for n, (job, cell) in enumerate(jobs.items(), 1):
         tic = time.perf_counter()
         ann = annotate(
-            datasets[cell.dataset.name], cell.annotator, q=cell.q, eta=cell.eta, seed=cell.seed, cache_dir=cache_dir
+            datasets[cell.dataset.name],
+            cell.annotator,
+            q=cell.q,
+            eta=cell.eta,
+            seed=cell.seed,
+            cache_dir=cache_dir,
+            progress=_progress_printer(f"[annotate {n}/{len(jobs)}] {cell.dataset.name} {cell.annotator.name}"),
         )
         annotations[job] = ann
         tags = cell.tags()
@@ -93,6 +99,19 @@ def run_annotations(grid: Grid, studies: list[Study], datasets: dict, tracker, p
         source = "cache" if ann.cached else f"{time.perf_counter() - tic:.1f}s"
         print(f"[annotate {n}/{len(jobs)}] {cell.label(with_seed=cell.annotator.kind == 'synthetic')}: {stats} ({source})", flush=True)
     return annotations
+
+
+def _progress_printer(prefix: str, every_s: float = 5.0):
+    """``progress(done, total)`` callback that prints at most every ``every_s`` seconds."""
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done == total or now - last[0] >= every_s:
+            last[0] = now
+            print(f"{prefix}: {done}/{total} images", flush=True)
+
+    return progress
 
 
 def trial_tags(config: dict[str, Any]) -> dict[str, str]:

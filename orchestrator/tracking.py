@@ -140,7 +140,7 @@ class MlflowTrialCallback(Callback):
         tags = {"kind": "trial", "tune_trial_id": trial.trial_id, **self.tags_for(config)}
         name = f"{config['method']} {tags['cell']} #{trial.trial_id.rsplit('_', 1)[-1]}"
         run_id = self.tracker.start_run(name, tags, self.parent)
-        params = flatten({k: config[k] for k in ("method", "cell", "params", "training", "objective")})
+        params = flatten({k: config[k] for k in ("method", "cell", "params", "training", "objective") if k in config})
         self.tracker.log_params(run_id, params)
         self.tracker.log_dict(run_id, config, "resolved_config.json")
         self.runs[trial.trial_id] = run_id
