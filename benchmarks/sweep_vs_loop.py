@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--method", default="proden")
+    parser.add_argument("--checkpoint-every", type=int, default=1, help="epochs between Tune checkpoints")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     tmp = Path(tempfile.mkdtemp(prefix="bench-sweep-"))
@@ -39,7 +40,12 @@ def main() -> None:
             "datasets": [{"name": "digits"}],
             "annotators": [{"kind": "synthetic"}],
             "grid": {"q": [0.3], "eta": [0.3], "seeds": list(range(args.trials))},
-            "training": {"epochs": args.epochs, "batch_size": 128, "backbone": "small_cnn"},
+            "training": {
+                "epochs": args.epochs,
+                "batch_size": 128,
+                "backbone": "small_cnn",
+                "checkpoint_every": args.checkpoint_every,
+            },
             "methods": [{"name": args.method}],
             "resources": {"cpus_per_trial": 1, "max_concurrent_trials": cores},
             "ray": {"num_cpus": cores},
@@ -61,7 +67,10 @@ def main() -> None:
         run_trial(dict(config, device="cpu"), lambda metrics, save: None)
     plain = time.perf_counter() - tic
 
-    print(f"\n{args.trials} {args.method} trials x {args.epochs} epochs on digits, {cores} cores")
+    print(
+        f"\n{args.trials} {args.method} trials x {args.epochs} epochs on digits, {cores} cores, "
+        f"checkpoint every {args.checkpoint_every} epochs"
+    )
     print(f"  orchestrator (Ray start + annotation + Tune/Optuna + MLflow + checkpoints): {orchestrated:8.1f} s")
     print(f"    of which summed inside-trial time:                                         {inside:8.1f} s")
     print(f"  plain sequential loop, same configs, torch on {cores} threads:                 {plain:8.1f} s")

@@ -238,6 +238,7 @@ def run(grid: Grid, grid_path: Path | None = None) -> dict[str, Any]:
                 scheduler=scheduler,
                 num_samples=total,
                 max_concurrent_trials=grid.resources.max_concurrent_trials,
+                reuse_actors=True,  # no new process (and torch import) per trial
             ),
             run_config=tune.RunConfig(
                 name=f"{grid.experiment}-{grid_sig}",

@@ -31,25 +31,21 @@ class Space:
             return False, value
         return True, value
 
-    def float(self, name: str, low: float, high: float, *, log: bool = False) -> float:
+    def _number(self, suggest: Callable[..., Any], cast: type, name: str, low: Any, high: Any, log: bool) -> Any:
         fixed, value = self._override(name)
         if fixed:
-            return float(value)
+            return cast(value)
         if value is not None:
             if "choices" in value:
                 return self.trial.suggest_categorical(name, list(value["choices"]))
             low, high, log = value.get("low", low), value.get("high", high), value.get("log", log)
-        return self.trial.suggest_float(name, low, high, log=log)
+        return suggest(name, low, high, log=log)
+
+    def float(self, name: str, low: float, high: float, *, log: bool = False) -> float:
+        return self._number(self.trial.suggest_float, float, name, low, high, log)
 
     def int(self, name: str, low: int, high: int, *, log: bool = False) -> int:
-        fixed, value = self._override(name)
-        if fixed:
-            return int(value)
-        if value is not None:
-            if "choices" in value:
-                return self.trial.suggest_categorical(name, list(value["choices"]))
-            low, high, log = value.get("low", low), value.get("high", high), value.get("log", log)
-        return self.trial.suggest_int(name, low, high, log=log)
+        return self._number(self.trial.suggest_int, int, name, low, high, log)
 
     def categorical(self, name: str, choices: list[Any]) -> Any:
         fixed, value = self._override(name)
