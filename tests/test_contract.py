@@ -22,13 +22,7 @@ FAST = {"warmup_epochs": 1, "contrastive_start": 0, "queue_size": 128, "rampup_e
 """Overrides that make any method reach its main phase within EPOCHS (applied where a field exists)."""
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and OpenMP threads stall when the CPUs are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(seed: int = 0) -> TrainData:

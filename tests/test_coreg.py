@@ -18,13 +18,7 @@ N, C = 48, 4
 TRUSTED = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and OpenMP threads stall when the CPUs are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(seed: int = 0) -> tuple[TrainData, torch.Tensor]:
