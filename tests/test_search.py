@@ -1,0 +1,98 @@
+"""The multi-study Optuna searcher and the per-study ASHA scheduler, without Ray trials."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import optuna
+from ray.tune.schedulers import TrialScheduler
+from ray.tune.search import Searcher
+
+from orchestrator.config import parse_grid
+from orchestrator.plan import expand
+from orchestrator.search import MultiStudySearcher, PerStudyScheduler
+
+
+def studies(asha_for_cc: bool = False):
+    cc_search = {"num_samples": 2}
+    if asha_for_cc:
+        cc_search["asha"] = {"grace_period": 1, "reduction_factor": 2}
+    grid = parse_grid(
+        {
+            "experiment": "s",
+            "datasets": [{"name": "digits"}],
+            "annotators": [{"kind": "synthetic"}],
+            "grid": {"q": [0.3], "eta": [0.3]},
+            "training": {"epochs": 4, "lr": 0.07},
+            "methods": [
+                {"name": "cc", "search": cc_search},
+                {"name": "coreg", "params": {"tau_div": 0.6}, "search": {"num_samples": 1, "space": {"beta1": 0.2}}},
+            ],
+        }
+    )
+    return expand(grid)
+
+
+def searcher(plans, storage):
+    def make(study, sampled):
+        return study.trial_config(sampled, annotation_key="k", cache_dir="/cache", cpus=1)
+
+    return MultiStudySearcher(plans, make, storage)
+
+
+def test_round_robin_first_trial_is_the_resolved_config_and_budgets_hold(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    plans = studies()
+    s = searcher(plans, storage)
+    first, second, third = (s.suggest(f"t{i}") for i in range(3))
+    assert [c["method"] for c in (first, second, third)] == ["cc", "coreg", "cc"]
+    assert first["training"]["lr"] == 0.07  # the grid's value, not a sample
+    assert second["params"]["tau_div"] == 0.6 and second["params"]["beta1"] == 0.2  # grid value, fixed override
+    coreg_trial = optuna.load_study(study_name=plans[1].study_id, storage=storage).trials[0]
+    assert "beta1" not in coreg_trial.params and coreg_trial.params["tau_div"] == 0.6  # fixed: not searched
+    assert third["training"]["lr"] != 0.07  # the second cc trial is sampled
+    assert s.suggest("t3") is None  # budgets spent, trials still running
+    s.on_trial_complete("t0", {"val/covering_rate": 0.5, "test/acc": 0.4, "epoch": 4})
+    s.on_trial_complete("t1", {"val/covering_rate": 0.7, "test/acc": 0.6, "epoch": 4})
+    s.on_trial_complete("t2", None, error=True)
+    # within one driver a failed trial is Tune's to retry (max_retries), not a new Optuna trial
+    assert s.suggest("t4") == Searcher.FINISHED
+
+    # A new driver on the same storage (a resumed sweep) sees what is done and redoes the failure.
+    again = searcher(studies(), storage)
+    redo = again.suggest("r0")
+    assert redo["method"] == "cc"
+    cc = optuna.load_study(study_name=plans[0].study_id, storage=storage)
+    completed = [t for t in cc.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(completed) == 1 and completed[0].user_attrs["metrics"]["test/acc"] == 0.4
+
+
+def test_finished_when_every_budget_is_spent(tmp_path):
+    s = searcher(studies(), f"sqlite:///{tmp_path / 'optuna.db'}")
+    for i in range(3):
+        config = s.suggest(f"t{i}")
+        s.on_trial_complete(f"t{i}", {config["objective"]: 0.5})
+    assert s.suggest("t3") == Searcher.FINISHED
+
+
+def trial(trial_id, study):
+    return SimpleNamespace(trial_id=trial_id, config={"study": study.study_id, "training": {"epochs": 4}})
+
+
+def test_asha_stops_bad_trials_within_a_study_only(tmp_path):
+    plans = studies(asha_for_cc=True)
+    cc, coreg = plans
+    stopped: set[str] = set()
+    scheduler = PerStudyScheduler(plans, stopped)
+    good, bad, other = trial("good", cc), trial("bad", cc), trial("other", coreg)
+    for t in (good, bad, other):
+        scheduler.on_trial_add(None, t)
+    # a strong result in another study must not raise the bar for cc's rung
+    assert scheduler.on_trial_result(None, other, {"epoch": 1, "val/covering_rate": 0.99}) == TrialScheduler.CONTINUE
+    assert scheduler.on_trial_result(None, good, {"epoch": 1, "val/covering_rate": 0.5}) == TrialScheduler.CONTINUE
+    assert scheduler.on_trial_result(None, bad, {"epoch": 1, "val/covering_rate": 0.1}) == TrialScheduler.STOP
+    assert stopped == {"bad"}
+    # the study without ASHA runs everything to the end
+    worse = trial("worse", coreg)
+    scheduler.on_trial_add(None, worse)
+    assert scheduler.on_trial_result(None, worse, {"epoch": 1, "val/covering_rate": 0.0}) == TrialScheduler.CONTINUE
