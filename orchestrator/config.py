@@ -79,9 +79,9 @@ class ClipAnnotatorSpec(Strict):
     """open_clip pretrained tag, a hub id, or a local checkpoint path; None = random weights."""
     model_config_path: str | None = None
     """Path to an open_clip model config JSON, for models open_clip does not know by name."""
-    templates: Union[Literal["paper27", "openai80"], list[str]] = "paper27"
+    templates: Union[Literal["paper27", "openai80"], tuple[str, ...]] = "paper27"
     """Prompt templates: the paper's 27, CLIP's 80, or an explicit list with one ``{}`` each."""
-    class_names: list[str] | None = None
+    class_names: tuple[str, ...] | None = None
     """Override the data set's class descriptions (one per class, in label order)."""
     candidate_mode: Literal["multi_prompt", "top_k", "prob_ratio"] = "multi_prompt"
     top_k: int = Field(default=2, ge=1)
@@ -98,7 +98,7 @@ class ClipAnnotatorSpec(Strict):
     @field_validator("templates")
     @classmethod
     def _templates(cls, templates: Any) -> Any:
-        if isinstance(templates, list):
+        if isinstance(templates, tuple):
             if not templates:
                 raise ValueError("templates must not be empty")
             bad = [t for t in templates if t.count("{}") != 1]

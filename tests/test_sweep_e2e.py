@@ -109,3 +109,48 @@ def test_second_sweep_reuses_the_annotation(sweep):
     assert [r.data.tags["cached"] for r in runs] == ["True"]
     assert not runs_of(client, exp.experiment_id, "attributes.status = 'RUNNING'")
     assert Path(grid.storage_path / "annotations").is_dir()
+
+
+def test_clip_annotated_sweep_end_to_end(tmp_path, ray_session):
+    """The CLIP path through the real entry point: a tiny random open_clip model from a config
+    annotates digits on Ray Data, the annotation run carries zero-shot statistics, trials train on
+    the union-of-templates candidate sets."""
+    tiny = Path(__file__).parent / "fixtures" / "tiny_clip.json"
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(
+        yaml.safe_dump(
+            {
+                "experiment": "e2e-clip",
+                "storage": str(tmp_path / "results"),
+                "datasets": [{"name": "digits", "subsample": 200, "test_subsample": 100}],
+                "annotators": [
+                    {
+                        "kind": "clip",
+                        "name": "tiny_clip",
+                        "pretrained": None,
+                        "model_config_path": str(tiny),
+                        "templates": ["a photo of a {}", "a drawing of a {}", "a blurry photo of the {}"],
+                        "batch_size": 64,
+                    }
+                ],
+                "grid": {"seeds": [0]},
+                "training": {"epochs": 2, "batch_size": 32, "backbone": "small_cnn"},
+                "methods": [{"name": "cc"}],
+            }
+        )
+    )
+    grid = load_grid(grid_file)
+    summary = run(grid, grid_file)
+    assert summary["failed"] == 0
+    client = MlflowClient(grid.resolved_tracking_uri)
+    exp = client.get_experiment_by_name("e2e-clip")
+    children = runs_of(client, exp.experiment_id, f"tags.`mlflow.parentRunId` = '{summary['parent_run_id']}'")
+    (annotation,) = [r for r in children if r.data.tags["kind"] == "annotation"]
+    stats = annotation.data.metrics
+    for key in ("zs_acc_train", "zs_acc_test", "zs_acc_avg_train", "zs_acc_avg_test", "partial_acc", "mean_set_size"):
+        assert f"annotation/{key}" in stats, key
+    assert 1.0 <= stats["annotation/mean_set_size"] <= 3.0  # union of 3 templates' answers
+    (trial,) = [r for r in children if r.data.tags["kind"] == "trial"]
+    assert trial.info.status == "FINISHED"
+    assert (trial.data.tags["annotator"], trial.data.tags["q"], trial.data.tags["eta"]) == ("tiny_clip", "", "")
+    assert len(client.get_metric_history(trial.info.run_id, "test/acc")) == 2
