@@ -181,5 +181,5 @@ def test_search_space_contains_the_defaults(trained):
 def test_registry_get():
     assert get("coreg") is ALGORITHMS["coreg"]
     assert all(name == spec.name for name, spec in ALGORITHMS.items())
-    with pytest.raises(KeyError, match="cc, coreg, proden"):
+    with pytest.raises(KeyError, match="cc, coreg, lwc, lws, proden, rc"):
         get("dividemix_typo")

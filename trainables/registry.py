@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from trainables import cc, coreg, proden
+from trainables import cc, coreg, lwc, lws, proden, rc
 from trainables.api import AlgorithmSpec
 
-ALGORITHMS: dict[str, AlgorithmSpec] = {spec.name: spec for spec in (cc.SPEC, coreg.SPEC, proden.SPEC)}
+ALGORITHMS: dict[str, AlgorithmSpec] = {
+    spec.name: spec for spec in (cc.SPEC, coreg.SPEC, lwc.SPEC, lws.SPEC, proden.SPEC, rc.SPEC)
+}
 
 
 def get(name: str) -> AlgorithmSpec:
