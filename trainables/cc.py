@@ -32,8 +32,7 @@ from torch import Tensor
 from trainables.api import AlgorithmSpec, BuildContext, TrainData
 from trainables.common.batches import train_batches
 from trainables.common.losses import partial_ce
-from trainables.common.nets import Net, seeded
-from trainables.common.optim import make_optimizer
+from trainables.common.single_net import SingleNet
 from trainables.common.targets import restrict_to_candidates
 
 
@@ -46,10 +45,8 @@ class CCParams:
 class CC:
     def __init__(self, params: CCParams, ctx: BuildContext):
         self.params = params
-        with seeded(ctx.seed):
-            self.net = Net(ctx.make_encoder(), ctx.num_classes, proj_dim=None).to(ctx.device)
-        self.optimizer, self.scheduler = make_optimizer(self.net.parameters(), ctx.train, ctx.train.epochs)
-        self.batch_size = ctx.train.batch_size
+        self.model = SingleNet(ctx)
+        self.net, self.batch_size = self.model.net, self.model.batch_size
         self.probs = torch.full((ctx.num_samples, ctx.num_classes), 1.0 / ctx.num_classes, device=ctx.device)
         """(N, C) latest prediction of each sample restricted to S (for reporting only)."""
 
@@ -62,20 +59,15 @@ class CC:
             logits = self.net(view(data.x[idx]))  # (B, C)
             loss = partial_ce(logits, cand).mean()
 
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            self.model.step(loss)
 
             self.probs[idx] = restrict_to_candidates(F.softmax(logits.detach(), dim=1), cand)
             total, steps = total + loss.item(), steps + 1
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.scheduler.step()
+        lr = self.model.end_epoch()
         return {"train/loss": total / max(steps, 1), "train/lr": lr}
 
-    @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
-        self.net.eval()
-        return self.net(x)
+        return self.model.predict(x)
 
     def pseudo_labels(self) -> Tensor:
         return self.probs.clone()
@@ -85,16 +77,12 @@ class CC:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "net": self.net.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            **self.model.state_dict(),
             "probs": self.probs.clone(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.net.load_state_dict(state["net"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.model.load_state_dict(state)
         self.probs.copy_(state["probs"])
 
 

@@ -36,8 +36,7 @@ from torch import Tensor
 from trainables.api import AlgorithmSpec, BuildContext, TrainData
 from trainables.common.batches import train_batches
 from trainables.common.losses import soft_ce
-from trainables.common.nets import Net, seeded
-from trainables.common.optim import make_optimizer
+from trainables.common.single_net import SingleNet
 from trainables.common.targets import restrict_to_candidates
 
 
@@ -50,10 +49,8 @@ class RCParams:
 class RC:
     def __init__(self, params: RCParams, ctx: BuildContext):
         self.params = params
-        with seeded(ctx.seed):
-            self.net = Net(ctx.make_encoder(), ctx.num_classes, proj_dim=None).to(ctx.device)
-        self.optimizer, self.scheduler = make_optimizer(self.net.parameters(), ctx.train, ctx.train.epochs)
-        self.batch_size = ctx.train.batch_size
+        self.model = SingleNet(ctx)
+        self.net, self.batch_size = self.model.net, self.model.batch_size
         self.conf = torch.full((ctx.num_samples, ctx.num_classes), 1.0 / ctx.num_classes, device=ctx.device)
         """(N, C) confidences; set uniform on S by the first epoch (the candidate sets come with the data)."""
         self.initialised = False
@@ -69,12 +66,9 @@ class RC:
             logits = self.net(view(data.x[idx]))  # (B, C)
             loss = soft_ce(logits, self.conf[idx]).mean()
 
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            self.model.step(loss)
             total, steps = total + loss.item(), steps + 1
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.scheduler.step()
+        lr = self.model.end_epoch()
         self._update_confidences(data)
         return {"train/loss": total / max(steps, 1), "train/lr": lr}
 
@@ -86,10 +80,8 @@ class RC:
             probs = F.softmax(self.net(data.views.plain(data.x[idx])), dim=1)  # (B, C)
             self.conf[idx] = restrict_to_candidates(probs, data.cand[idx])
 
-    @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
-        self.net.eval()
-        return self.net(x)
+        return self.model.predict(x)
 
     def pseudo_labels(self) -> Tensor:
         return self.conf.clone()
@@ -99,17 +91,13 @@ class RC:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "net": self.net.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            **self.model.state_dict(),
             "conf": self.conf.clone(),
             "initialised": self.initialised,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.net.load_state_dict(state["net"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.model.load_state_dict(state)
         self.conf.copy_(state["conf"])
         self.initialised = bool(state["initialised"])
 

@@ -16,8 +16,7 @@ from torch import Tensor
 from trainables.api import BuildContext, TrainData
 from trainables.common.batches import train_batches
 from trainables.common.losses import leveraged_weighted_loss
-from trainables.common.nets import Net, seeded
-from trainables.common.optim import make_optimizer
+from trainables.common.single_net import SingleNet
 from trainables.common.targets import restrict_to_candidates
 
 
@@ -26,10 +25,8 @@ class LeveragedWeighted:
 
     def __init__(self, params: Any, ctx: BuildContext, psi: str):
         self.params, self.psi = params, psi
-        with seeded(ctx.seed):
-            self.net = Net(ctx.make_encoder(), ctx.num_classes, proj_dim=None).to(ctx.device)
-        self.optimizer, self.scheduler = make_optimizer(self.net.parameters(), ctx.train, ctx.train.epochs)
-        self.batch_size = ctx.train.batch_size
+        self.model = SingleNet(ctx)
+        self.net, self.batch_size = self.model.net, self.model.batch_size
         self.conf = torch.full((ctx.num_samples, ctx.num_classes), 1.0 / ctx.num_classes, device=ctx.device)
         """(N, C) weights on S (a distribution over S); set uniform on S by the first epoch."""
         self.conf_out = torch.zeros(ctx.num_samples, ctx.num_classes, device=ctx.device)
@@ -51,23 +48,18 @@ class LeveragedWeighted:
             weights = self.conf[idx] + self.conf_out[idx]  # (B, C)
             loss = leveraged_weighted_loss(logits, cand, weights, beta=self.params.beta, psi=self.psi).mean()
 
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            self.model.step(loss)
 
             # weights follow the current prediction, renormalised separately on S and off S
             probs = F.softmax(logits.detach(), dim=1)
             self.conf[idx] = restrict_to_candidates(probs, cand)
             self.conf_out[idx] = restrict_to_candidates(probs, 1.0 - cand)
             total, steps = total + loss.item(), steps + 1
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.scheduler.step()
+        lr = self.model.end_epoch()
         return {"train/loss": total / max(steps, 1), "train/lr": lr}
 
-    @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
-        self.net.eval()
-        return self.net(x)
+        return self.model.predict(x)
 
     def pseudo_labels(self) -> Tensor:
         return self.conf.clone()
@@ -77,18 +69,14 @@ class LeveragedWeighted:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "net": self.net.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            **self.model.state_dict(),
             "conf": self.conf.clone(),
             "conf_out": self.conf_out.clone(),
             "initialised": self.initialised,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.net.load_state_dict(state["net"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.model.load_state_dict(state)
         self.conf.copy_(state["conf"])
         self.conf_out.copy_(state["conf_out"])
         self.initialised = bool(state["initialised"])
