@@ -39,7 +39,8 @@ class Strict(BaseModel):
 class DatasetSpec(Strict):
     name: str
     root: str | None = None
-    """Directory holding the data set files (torchvision layout, or Debian's fashion-mnist dir)."""
+    """Directory holding the data set files (torchvision layout, Debian's fashion-mnist dir, or the
+    directory of lost.mat / MSRCv2.mat)."""
     download: bool = False
     """Let torchvision download the files (users' machines only; never in tests)."""
     subsample: int | None = Field(default=None, gt=0)
@@ -48,6 +49,34 @@ class DatasetSpec(Strict):
     """Keep a seeded, class-stratified subset of this many test images."""
     subsample_seed: int = 0
     """Seed of the subsets (and of the train/test split for data sets that have none)."""
+    split: int | None = Field(default=None, ge=0)
+    """Predefined train/test split (0-based) of data sets that ship them (lost, msrcv2: 0..4; default 0)."""
+    feature_scaling: Literal["per_feature", "global"] | None = None
+    """Feature data sets only (default ``per_feature``): z-score every dimension with the training
+    part's mean and std, or (``global``) subtract the training mean and divide every dimension by
+    one training scale, which keeps the relative scales of the features (Lost's carry information)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data: Any) -> Any:
+        info = DATASETS.get(data.get("name")) if isinstance(data, dict) else None
+        if info is not None and info.splits and data.get("split") is None:
+            data = {**data, "split": 0}
+        if info is not None and info.kind == "features" and data.get("feature_scaling") is None:
+            data = {**data, "feature_scaling": "per_feature"}
+        return data
+
+    @model_validator(mode="after")
+    def _fits_dataset(self) -> "DatasetSpec":
+        if self.feature_scaling is not None and DATASETS[self.name].kind != "features":
+            raise ValueError(f"feature_scaling: {self.name} has images, not features (images are normalised per channel)")
+        splits = DATASETS[self.name].splits
+        if self.split is not None and splits == 0:
+            with_splits = ", ".join(n for n, info in DATASETS.items() if info.splits)
+            raise ValueError(f"split: {self.name} has no predefined train/test splits (data sets that have: {with_splits})")
+        if self.split is not None and self.split >= splits:
+            raise ValueError(f"split: {self.name} has {splits} predefined splits (0..{splits - 1}), got {self.split}")
+        return self
 
     @field_validator("root")
     @classmethod
@@ -107,7 +136,20 @@ class ClipAnnotatorSpec(Strict):
         return templates
 
 
-AnnotatorSpec = Annotated[Union[SyntheticAnnotatorSpec, ClipAnnotatorSpec], Field(discriminator="kind")]
+class GivenAnnotatorSpec(Strict):
+    """The candidate sets shipped with the data set (lost, msrcv2: the real annotators' ambiguity).
+
+    Plain PLL: the sets are used as they are. No synthetic noise is put on top (the q / eta axes
+    are refused for this kind): for NPLL on these data sets use the synthetic annotator, which
+    draws new sets from the true labels."""
+
+    kind: Literal["given"]
+    name: str = "given"
+
+
+AnnotatorSpec = Annotated[
+    Union[SyntheticAnnotatorSpec, ClipAnnotatorSpec, GivenAnnotatorSpec], Field(discriminator="kind")
+]
 
 
 class GridAxes(Strict):
@@ -210,6 +252,9 @@ class SearchSpec(Strict):
 
 class MethodSpec(Strict):
     name: str
+    label: str | None = Field(default=None, min_length=1)
+    """Row name in the tables, tag ``label`` and part of the study name (default: ``name``). Lets
+    one grid hold variants of a method: ``{name: dividemix, label: dividemix*, params: {starred: true}}``."""
     params: dict[str, Any] = {}
     """Fixed overrides of the method's hyperparameter dataclass."""
     training: TrainingSpec = TrainingSpec()
@@ -251,12 +296,12 @@ class Grid(Strict):
     def _unique_names(self) -> "Grid":
         for what, names in (
             ("annotators", [a.name for a in self.annotators]),
-            ("datasets", [d.name for d in self.datasets]),
-            ("methods", [m.name for m in self.methods]),
+            ("datasets", [d.name if d.split is None else f"{d.name} split {d.split}" for d in self.datasets]),
+            ("methods", [m.label or m.name for m in self.methods]),
         ):
             dupes = sorted({n for n in names if names.count(n) > 1})
             if dupes:
-                raise ValueError(f"{what}: duplicate name(s) {dupes}; give each entry a distinct name")
+                raise ValueError(f"{what}: duplicate name(s) {dupes}; give each entry a distinct name (methods: a distinct label)")
         return self
 
     @property
@@ -280,7 +325,7 @@ def _loc(loc: tuple) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("synthetic", "clip") and out.endswith("]"):
+        elif part in ("synthetic", "clip", "given") and out.endswith("]"):
             continue  # discriminated-union tag: the kind is already in the message
         else:
             out += f".{part}" if out else str(part)
@@ -294,9 +339,9 @@ def _format(err: ValidationError) -> list[str]:
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         elif e["type"] == "union_tag_invalid":
-            msg = f"unknown annotator kind {e['input'].get('kind')!r}; allowed: synthetic, clip" if isinstance(e["input"], dict) else msg
+            msg = f"unknown annotator kind {e['input'].get('kind')!r}; allowed: synthetic, clip, given" if isinstance(e["input"], dict) else msg
         elif e["type"] == "union_tag_not_found":
-            msg = "missing 'kind' (allowed: synthetic, clip)"
+            msg = "missing 'kind' (allowed: synthetic, clip, given)"
         lines.append(f"{_loc(e['loc'])}: {msg}")
     return lines
 
@@ -323,6 +368,16 @@ def _check_semantics(grid: Grid) -> list[str]:
             n = len(templates_for(ann.templates))
             if ann.single_template >= n:
                 problems.append(f"annotators[{i}].single_template: {ann.single_template} >= number of templates ({n})")
+        for ds in grid.datasets:
+            info = DATASETS[ds.name]
+            if ann.kind == "given" and not info.has_candidates:
+                shipped = ", ".join(n for n, d in DATASETS.items() if d.has_candidates)
+                problems.append(
+                    f"annotators[{i}] ({ann.name!r}, kind given): dataset {ds.name} ships no candidate sets "
+                    f"(data sets that do: {shipped}); use a synthetic or clip annotator for it"
+                )
+            if ann.kind == "clip" and info.kind != "image":
+                problems.append(f"annotators[{i}] ({ann.name!r}, kind clip): dataset {ds.name} has {info.kind}, not images")
     train_fields = {f.name for f in dataclasses.fields(TrainSettings)}
     for i, m in enumerate(grid.methods):
         where = f"methods[{i}]"
@@ -341,10 +396,14 @@ def _check_semantics(grid: Grid) -> list[str]:
                 TypeAdapter(typing.get_type_hints(spec.params)[key]).validate_python(value)
             except ValidationError as err:
                 problems.append(f"{where}.params.{key}: {err.errors()[0]['msg']} (got {value!r})")
-        if spec.consumes in ("noisy_label", "noisy_label_avg", "soft"):
+        try:  # the target kind may depend on the params (starred variants)
+            consumes = spec.consumes_for({**dataclasses.asdict(spec.params()), **m.params})
+        except (TypeError, ValueError):  # an invalid override, reported above
+            consumes = spec.consumes
+        if consumes != "cand" or spec.reads_annotator_probs:
             for ann in grid.annotators:
                 if ann.kind != "clip":
-                    problems.append(f"{where}.name: {m.name} learns from {spec.consumes}, which the {ann.kind} annotator {ann.name!r} does not produce")
+                    problems.append(f"{where}.name: {m.name} learns from {consumes}, which the {ann.kind} annotator {ann.name!r} does not produce")
         try:
             asked = parameter_names(m.name)
         except KeyError as err:

@@ -57,6 +57,9 @@ class Cell:
         if self.unlabeled_fraction != 1.0:
             parts.append(f"frac={self.unlabeled_fraction:g}")
         if with_seed:
+            # A predefined split is a repetition like a seed: shown with it, pooled without it.
+            if self.dataset.split is not None:
+                parts.append(f"split={self.dataset.split}")
             parts.append(f"seed={self.seed}")
         return " ".join(parts)
 
@@ -99,6 +102,7 @@ class Study:
         config = {
             "study": self.study_id,
             "method": self.method.name,
+            "label": self.method.label or self.method.name,
             "cell": self.cell.as_config(),
             "params": params,
             "training": training,
@@ -138,7 +142,7 @@ def expand(grid: Grid) -> list[Study]:
             spec = ALGORITHMS[method.name]
             params = {**dataclasses.asdict(spec.params()), **method.params}
             training = method.training.apply(base)
-            study_key = signature({"cell": cell.as_config(), "method": method.model_dump(), "training": dataclasses.asdict(training)}, 10)
-            study_id = f"{grid.experiment}.{method.name}.{study_key}"
+            study_key = signature({"cell": cell.as_config(), "method": method.model_dump(exclude={"label"} if method.label is None else None), "training": dataclasses.asdict(training)}, 10)
+            study_id = f"{grid.experiment}.{method.label or method.name}.{study_key}"
             studies.append(Study(study_id, cell, method, training, params))
     return studies

@@ -42,7 +42,8 @@ class MultiStudySearcher(Searcher):
 
     Args:
         studies: the sweep's studies.
-        make_config: ``make_config(study, sampled) -> dict`` builds a trial's resolved config.
+        make_config: ``make_config(study, sampled, optuna_trial, resuming) -> dict`` builds a trial's
+            resolved config; ``resuming`` is True for a trial an interrupted sweep left unfinished.
         storage: Optuna storage URL (``sqlite:///.../optuna.db``).
         stopped_early: set of Tune trial ids the scheduler stopped early (told as PRUNED).
     """
@@ -50,7 +51,7 @@ class MultiStudySearcher(Searcher):
     def __init__(
         self,
         studies: list[Study],
-        make_config: Callable[[Study, dict[str, Any]], dict[str, Any]],
+        make_config: Callable[[Study, dict[str, Any], int, bool], dict[str, Any]],
         storage: str,
         stopped_early: set[str] | None = None,
     ):
@@ -63,6 +64,7 @@ class MultiStudySearcher(Searcher):
         self._studies: dict[str, optuna.Study] = {}
         self._live: dict[str, tuple[str, optuna.Trial]] = {}
         self._asked: dict[str, int] = {}
+        self._resumable: dict[str, list[optuna.trial.FrozenTrial]] = {}
         self._cursor = 0
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:  # noqa: D102
@@ -82,11 +84,17 @@ class MultiStudySearcher(Searcher):
             study.set_user_attr("method", plan.method.name)
             study.set_user_attr("cell", plan.cell.label())
             self._studies[study_id] = study
-            # Budget spent = trials that finished (or were pruned); failed and abandoned ones are
-            # asked again, so an interrupted sweep finishes its studies when it is run again.
+            # Budget spent = trials that finished (or were pruned). Trials left RUNNING by an
+            # interrupted driver (Ctrl-C, killed, lost head node) are handed out again first, with
+            # the same parameters and trial number, so they resume from their last checkpoint;
+            # failed trials are asked anew.
+            trials = study.get_trials(deepcopy=False)
             done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-            self._asked[study_id] = sum(t.state in done for t in study.get_trials(deepcopy=False))
-            if self._asked[study_id] == 0:
+            self._asked[study_id] = sum(t.state in done for t in trials)
+            self._resumable[study_id] = [
+                t for t in trials if t.state == optuna.trial.TrialState.RUNNING and "sampled" in t.user_attrs
+            ]
+            if self._asked[study_id] == 0 and not self._resumable[study_id]:
                 defaults = self._defaults(plan)
                 if defaults:
                     # The first trial of every study evaluates the method's published defaults.
@@ -106,19 +114,32 @@ class MultiStudySearcher(Searcher):
             self._plans[s].method.search.num_samples - self._asked.get(s, 0) for s in self._order
         )
 
+    def resumable(self) -> int:
+        """How many unfinished trials of an interrupted sweep will be resumed (loads every study)."""
+        for study_id in self._order:
+            self._study(study_id)
+        return sum(len(self._resumable[s]) for s in self._order)
+
     def suggest(self, trial_id: str) -> dict | str | None:
         for _ in range(len(self._order)):
             study_id = self._order[self._cursor % len(self._order)]
             self._cursor += 1
             study = self._study(study_id)
             plan = self._plans[study_id]
-            if self._asked[study_id] >= plan.method.search.num_samples:
+            if self._resumable[study_id]:
+                frozen = self._resumable[study_id].pop(0)
+                ot_trial = optuna.Trial(study, frozen._trial_id)
+                sampled, resuming = dict(frozen.user_attrs["sampled"]), True
+            elif self._asked[study_id] >= plan.method.search.num_samples:
                 continue
-            ot_trial = study.ask()
-            sampled = get_space(plan.method.name)(Space(ot_trial, plan.method.search.space))
+            else:
+                ot_trial = study.ask()
+                sampled = get_space(plan.method.name)(Space(ot_trial, plan.method.search.space))
+                ot_trial.set_user_attr("sampled", sampled)
+                resuming = False
             self._asked[study_id] += 1
             self._live[trial_id] = (study_id, ot_trial)
-            config = self._make_config(plan, sampled)
+            config = self._make_config(plan, sampled, ot_trial.number, resuming)
             ot_trial.set_user_attr("signature", config["signature"])
             ot_trial.set_user_attr("tune_trial_id", trial_id)
             return config
@@ -151,11 +172,13 @@ class MultiStudySearcher(Searcher):
             study.tell(ot_trial, float(value))
 
     def abandon_live(self) -> int:
-        """Mark the Optuna trials of still-running Tune trials as failed (the driver is stopping)."""
+        """The driver is stopping with trials still running: leave their Optuna trials RUNNING
+        (marked ``interrupted``) so that the next run of the same grid resumes them from their last
+        checkpoint, exactly as after a driver that was killed outright."""
         abandoned = list(self._live)
         for trial_id in abandoned:
-            study_id, ot_trial = self._live.pop(trial_id)
-            self._studies[study_id].tell(ot_trial, state=optuna.trial.TrialState.FAIL)
+            _, ot_trial = self._live.pop(trial_id)
+            ot_trial.set_user_attr("interrupted", True)
         return len(abandoned)
 
     # Studies persist in their RDB storage; the driver-side state is rebuilt from it on restore.

@@ -13,14 +13,14 @@ PRODEN and CC, on a local Ray and a local sqlite MLflow store; no GPU or interne
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
-import statistics
+import socket
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from orchestrator.config import ClipAnnotatorSpec, Grid, GridError, load_grid, signature
 from orchestrator.plan import Cell, Study, expand
@@ -32,13 +32,14 @@ log = logging.getLogger("orchestrator.sweep")
 def check_inputs(grid: Grid) -> dict[str, Any]:
     """Load every data set and check every annotator's model files before Ray starts.
 
-    Returns the loaded data sets by name (the annotation stage reuses them)."""
+    Returns the loaded data sets by spec (the annotation stage reuses them; one data set can be
+    listed once per predefined split)."""
     from trainables.common.data import load_dataset
 
     problems, datasets = [], {}
     for i, spec in enumerate(grid.datasets):
         try:
-            datasets[spec.name] = load_dataset(spec)
+            datasets[spec] = load_dataset(spec)
         except (FileNotFoundError, RuntimeError, OSError, ValueError) as err:
             problems.append(f"datasets[{i}] ({spec.name}): {err}")
     for i, ann in enumerate(grid.annotators):
@@ -59,10 +60,10 @@ def check_inputs(grid: Grid) -> dict[str, Any]:
             Path(pretrained).exists() or pretrained.startswith("hf-hub:")
         ):
             problems.append(f"annotators[{i}].pretrained: no such checkpoint file {pretrained}")
-        for name, ds in datasets.items():
+        for ds in datasets.values():
             if ann.class_names is not None and len(ann.class_names) != len(ds.class_names):
                 problems.append(
-                    f"annotators[{i}].class_names: {len(ann.class_names)} names but {name} has "
+                    f"annotators[{i}].class_names: {len(ann.class_names)} names but {ds.name} has "
                     f"{len(ds.class_names)} classes"
                 )
     if problems:
@@ -82,7 +83,7 @@ def run_annotations(grid: Grid, studies: list[Study], datasets: dict, tracker, p
     for n, (job, cell) in enumerate(jobs.items(), 1):
         tic = time.perf_counter()
         ann = annotate(
-            datasets[cell.dataset.name],
+            datasets[cell.dataset],
             cell.annotator,
             q=cell.q,
             eta=cell.eta,
@@ -94,7 +95,8 @@ def run_annotations(grid: Grid, studies: list[Study], datasets: dict, tracker, p
         tags = cell.tags()
         if cell.annotator.kind != "synthetic":
             tags["seed"] = ""
-        tracker.log_annotation(parent, ann, tags, cell.as_config())
+        if not tracker.find_runs({"kind": "annotation", "annotation_key": ann.key}, parent=parent, max_results=1):
+            tracker.log_annotation(parent, ann, tags, cell.as_config())
         stats = ", ".join(f"{k}={v:.3f}" for k, v in ann.stats.items() if k in ("partial_acc", "mean_set_size", "zs_acc_test"))
         source = "cache" if ann.cached else f"{time.perf_counter() - tic:.1f}s"
         print(f"[annotate {n}/{len(jobs)}] {cell.label(with_seed=cell.annotator.kind == 'synthetic')}: {stats} ({source})", flush=True)
@@ -118,6 +120,7 @@ def trial_tags(config: dict[str, Any]) -> dict[str, str]:
     cell = config["cell"]
     tags = {
         "method": config["method"],
+        "label": config.get("label", config["method"]),
         "dataset": cell["dataset"]["name"],
         "annotator": cell["annotator"]["name"],
         "q": "" if cell["q"] is None else f"{cell['q']:g}",
@@ -125,64 +128,113 @@ def trial_tags(config: dict[str, Any]) -> dict[str, str]:
         "shots": str(cell["shots"]),
         "fraction": f"{cell['unlabeled_fraction']:g}",
         "seed": str(cell["seed"]),
+        "split": "" if cell["dataset"].get("split") is None else str(cell["dataset"]["split"]),
         "signature": config["signature"],
         "study": config["study"],
         "objective": config["objective"],
     }
+    if "optuna_trial" in config:
+        tags["optuna_trial"] = str(config["optuna_trial"])
     tags["cell"] = " ".join(
         [tags["dataset"], tags["annotator"]]
         + [f"{k}={tags[k]}" for k in ("q", "eta") if tags[k]]
-        + [f"shots={tags['shots']}", f"frac={tags['fraction']}", f"seed={tags['seed']}"]
+        + [f"shots={tags['shots']}", f"frac={tags['fraction']}"]
+        + ([f"split={tags['split']}"] if tags["split"] else [])
+        + [f"seed={tags['seed']}"]
     )
     return tags
 
 
-def summarize(studies: list[Study], storage: str) -> tuple[str, list[dict]]:
-    """Per cell (seeds pooled) and method: the best trial of each seed's study by its label-free
-    objective, then mean +- std over seeds of its last-epoch and selected test accuracy.
+class SweepLockedError(GridError):
+    """Another driver is running a sweep on the same storage directory."""
 
-    Read from the Optuna storage, so it covers every trial of the studies, whichever sweep ran it."""
-    import optuna
 
-    grouped: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    for study in studies:
+@contextlib.contextmanager
+def storage_lock(storage: Path):
+    """One driver per storage directory: two drivers would resume each other's running trials."""
+    import fcntl
+
+    storage.mkdir(parents=True, exist_ok=True)
+    path = storage / ".sweep.lock"
+    with open(path, "a+") as handle:
         try:
-            loaded = optuna.load_study(study_name=study.study_id, storage=storage)
-            best = loaded.best_trial
-        except (KeyError, ValueError):  # study never started, or no completed trial
-            continue
-        grouped[(study.cell.label(with_seed=False), study.method.name)].append(best.user_attrs.get("metrics", {}))
-    rows = []
-    for (cell, method), runs in sorted(grouped.items()):
-        last = [m.get("test/acc", float("nan")) for m in runs]
-        sel = [m.get("test/acc_selected", float("nan")) for m in runs]
-        rows.append(
-            {
-                "cell": cell,
-                "method": method,
-                "seeds": len(runs),
-                "test_acc_mean": statistics.fmean(last),
-                "test_acc_std": statistics.stdev(last) if len(last) > 1 else 0.0,
-                "selected_acc_mean": statistics.fmean(sel),
-                "selected_acc_std": statistics.stdev(sel) if len(sel) > 1 else 0.0,
-            }
-        )
-    lines = ["| cell | method | seeds | test acc % (last epoch) | test acc % (label-free selected) |", "|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(
-            f"| {r['cell']} | {r['method']} | {r['seeds']} | {100 * r['test_acc_mean']:.2f} +- {100 * r['test_acc_std']:.2f} "
-            f"| {100 * r['selected_acc_mean']:.2f} +- {100 * r['selected_acc_std']:.2f} |"
-        )
-    return "\n".join(lines), rows
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise SweepLockedError(
+                f"another sweep is running on storage {storage} ({handle.read().strip() or 'unknown process'}); "
+                "wait for it, or give this grid another storage:"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def run(grid: Grid, grid_path: Path | None = None) -> dict[str, Any]:
-    """Run the whole sweep. Returns a dict with the tracking URI, parent run id and summary rows."""
+def find_sweep_run(tracker, grid_sig: str):
+    """The parent run of an earlier sweep of the same grid (same experiment and grid signature)."""
+    runs = tracker.find_runs({"kind": "sweep", "grid_signature": grid_sig}, max_results=1)
+    return runs[0] if runs else None
+
+
+def open_sweep_run(tracker, grid: Grid, grid_path: Path | None, grid_sig: str, resume: bool) -> tuple[str, bool]:
+    """Reuse the parent run of an earlier sweep of this grid (so a resumed sweep adds no duplicate
+    runs) or start a new one. Returns (run id, resumed)."""
+    earlier = find_sweep_run(tracker, grid_sig)
+    if earlier is None:
+        if resume:
+            raise GridError(
+                f"--resume: no earlier sweep of experiment {grid.experiment!r} with this grid (signature "
+                f"{grid_sig}) in {grid.resolved_tracking_uri}; run without --resume to start one"
+            )
+        parent = tracker.start_run(
+            f"sweep {grid.experiment} {time.strftime('%Y-%m-%d %H:%M:%S')}",
+            {"kind": "sweep", "grid_signature": grid_sig, "grid_file": str(grid_path or "")},
+        )
+        tracker.log_dict(parent, grid.model_dump(mode="json"), "grid_resolved.json")
+        if grid_path is not None:
+            tracker.log_file(parent, grid_path)
+        tracker.log_params(parent, {"grid_signature": grid_sig})
+        return parent, False
+    parent = earlier.info.run_id
+    # Runs a killed driver left RUNNING get a final status now; the trials among them that resume
+    # from their checkpoints are reopened when they start again.
+    stale = tracker.close_open_runs(parent, "KILLED")
+    tracker.reopen_run(parent)
+    resumes = int(earlier.data.tags.get("resumes", "0")) + 1
+    tracker.set_tags(parent, {"resumes": str(resumes)})
+    print(
+        f"resuming sweep run {parent} (started {time.strftime('%Y-%m-%d %H:%M', time.localtime(earlier.info.start_time / 1000))}, "
+        f"previous status {earlier.info.status}" + (f", {stale} runs left RUNNING marked KILLED" if stale else "") + ")",
+        flush=True,
+    )
+    return parent, True
+
+
+def run(
+    grid: Grid,
+    grid_path: Path | None = None,
+    *,
+    resume: bool = False,
+    trainable: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) the whole sweep. Returns a dict with the tracking URI, parent run id, summary
+    rows and the Tune results. ``trainable`` replaces the Tune function (tests inject faults)."""
+    with storage_lock(grid.storage_path):
+        return _run(grid, grid_path, resume=resume, trainable=trainable)
+
+
+def _run(grid: Grid, grid_path: Path | None, *, resume: bool, trainable: Callable | None) -> dict[str, Any]:
     # Small trials checkpoint often; Tune's advice to checkpoint less is noise for them.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     import ray
     from ray import tune
 
+    from orchestrator import report
     from orchestrator.search import MultiStudySearcher, PerStudyScheduler
     from orchestrator.tracking import ConsoleProgress, MlflowTrialCallback, Tracker
     from trainables.loop import train_trial
@@ -190,28 +242,41 @@ def run(grid: Grid, grid_path: Path | None = None) -> dict[str, Any]:
     studies = expand(grid)
     datasets = check_inputs(grid)
     storage = grid.storage_path
-    storage.mkdir(parents=True, exist_ok=True)
-    total = sum(s.method.search.num_samples for s in studies)
     grid_sig = signature(grid.model_dump())
+    tracker = Tracker(grid.resolved_tracking_uri, grid.experiment, artifact_location=grid.artifact_location)
+    parent, resumed = open_sweep_run(tracker, grid, grid_path, grid_sig, resume)
+    optuna_storage = f"sqlite:///{storage / 'optuna.db'}"
+    cache_dir = str(storage / "annotations")
+    cpus = grid.resources.cpus_per_trial
+    annotations: dict[tuple, Any] = {}
+
+    def make_config(study: Study, sampled: dict[str, Any], number: int, resuming: bool) -> dict[str, Any]:
+        ann = annotations[study.cell.annotation_job]
+        config = study.trial_config(sampled, annotation_key=ann.key, cache_dir=cache_dir, cpus=cpus)
+        config["optuna_trial"] = number
+        if resuming:
+            earlier = tracker.find_runs({"kind": "trial", "study": study.study_id, "optuna_trial": str(number)}, max_results=1)
+            if earlier:
+                config["mlflow_run_id"] = earlier[0].info.run_id
+                if "checkpoint" in earlier[0].data.tags:
+                    config["resume_checkpoint"] = earlier[0].data.tags["checkpoint"]
+        return config
+
+    stopped_early: set[str] = set()
+    searcher = MultiStudySearcher(studies, make_config, optuna_storage, stopped_early)
+    to_resume = searcher.resumable()
+    to_ask = max(searcher.remaining() - to_resume, 0)  # the budget counts interrupted trials too
+    total = to_resume + to_ask
     print(
-        f"experiment {grid.experiment!r}: {len({s.cell for s in studies})} cells x "
-        f"{len(grid.methods)} methods = {len(studies)} studies, {total} trials\n"
-        f"  storage:  {storage}\n  tracking: {grid.resolved_tracking_uri}",
+        f"experiment {grid.experiment!r}: {len({s.cell for s in studies})} cells x {len(grid.methods)} methods = "
+        f"{len(studies)} studies, {sum(s.method.search.num_samples for s in studies)} trials"
+        + (f" ({to_resume} interrupted trials resume from their checkpoints, {to_ask} still to run)" if resumed else "")
+        + f"\n  storage:  {storage}\n  tracking: {grid.resolved_tracking_uri}",
         flush=True,
     )
+    tracker.log_params(parent, {"num_studies": str(len(studies)), "num_trials": str(sum(s.method.search.num_samples for s in studies))})
 
-    tracker = Tracker(grid.resolved_tracking_uri, grid.experiment, artifact_location=grid.artifact_location)
-    parent = tracker.start_run(
-        f"sweep {grid.experiment} {time.strftime('%Y-%m-%d %H:%M:%S')}",
-        {"kind": "sweep", "grid_signature": grid_sig, "grid_file": str(grid_path or "")},
-    )
-    tracker.log_dict(parent, grid.model_dump(mode="json"), "grid_resolved.json")
-    if grid_path is not None:
-        tracker.log_file(parent, grid_path)
-    tracker.log_params(parent, {"num_studies": str(len(studies)), "num_trials": str(total), "grid_signature": grid_sig})
-
-    callback = MlflowTrialCallback(tracker, parent, trial_tags)
-    searcher = None
+    callback = MlflowTrialCallback(tracker, parent, trial_tags, describe=lambda c, r: describe_trial(c, r, grid.resolved_tracking_uri))
     status = "FAILED"
     try:
         if not ray.is_initialized():
@@ -219,75 +284,96 @@ def run(grid: Grid, grid_path: Path | None = None) -> dict[str, Any]:
                 ray.init(address=grid.ray.address, log_to_driver=False)
             else:
                 ray.init(num_cpus=grid.ray.num_cpus, include_dashboard=False, log_to_driver=False)
-        annotations = run_annotations(grid, studies, datasets, tracker, parent)
-        cache_dir = str(storage / "annotations")
-        cpus = grid.resources.cpus_per_trial
-
-        def make_config(study: Study, sampled: dict[str, Any]) -> dict[str, Any]:
-            ann = annotations[study.cell.annotation_job]
-            return study.trial_config(sampled, annotation_key=ann.key, cache_dir=cache_dir, cpus=cpus)
-
-        stopped_early: set[str] = set()
-        optuna_storage = f"sqlite:///{storage / 'optuna.db'}"
-        searcher = MultiStudySearcher(studies, make_config, optuna_storage, stopped_early)
-        scheduler = PerStudyScheduler(studies, stopped_early)
-        tuner = tune.Tuner(
-            tune.with_resources(train_trial, {"cpu": cpus, "gpu": grid.resources.gpus_per_trial}),
-            tune_config=tune.TuneConfig(
-                search_alg=searcher,
-                scheduler=scheduler,
-                num_samples=total,
-                max_concurrent_trials=grid.resources.max_concurrent_trials,
-                reuse_actors=True,  # no new process (and torch import) per trial
-            ),
-            run_config=tune.RunConfig(
-                name=f"{grid.experiment}-{grid_sig}",
-                storage_path=str(storage / "ray_results"),
-                callbacks=[callback, ConsoleProgress(total, lambda c: f"{c['method']} {trial_tags(c)['cell']}")],
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                failure_config=tune.FailureConfig(max_failures=grid.max_retries),
-                verbose=0,
-            ),
-        )
-        result_grid = tuner.fit()
-        table, rows = summarize(studies, optuna_storage)
-        failed = [r for r in result_grid if r.error is not None]
-        tracker.log_text(parent, table + "\n", "summary.md")
-        tracker.set_tags(parent, {"trials_failed": str(len(failed)), "trials_run": str(len(result_grid))})
-        print("\n" + table, flush=True)
+        annotations.update(run_annotations(grid, studies, datasets, tracker, parent))
+        results = []
+        if total:
+            scheduler = PerStudyScheduler(studies, stopped_early)
+            tuner = tune.Tuner(
+                tune.with_resources(trainable or train_trial, {"cpu": cpus, "gpu": grid.resources.gpus_per_trial}),
+                tune_config=tune.TuneConfig(
+                    search_alg=searcher,
+                    scheduler=scheduler,
+                    num_samples=total,
+                    max_concurrent_trials=grid.resources.max_concurrent_trials,
+                    reuse_actors=True,  # no new process (and torch import) per trial
+                ),
+                run_config=tune.RunConfig(
+                    name=f"{grid.experiment}-{grid_sig}",
+                    storage_path=str(storage / "ray_results"),
+                    callbacks=[callback, ConsoleProgress(total, lambda c: f"{c['method']} {trial_tags(c)['cell']}")],
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                    failure_config=tune.FailureConfig(max_failures=grid.max_retries),
+                    verbose=0,
+                ),
+            )
+            results = list(tuner.fit())
+        failed = [r for r in results if r.error is not None]
+        tables = report.publish(tracker, parent)
+        tracker.set_tags(parent, {"trials_failed": str(len(failed)), "trials_run": str(len(results))})
+        print("\n" + tables.console(), flush=True)
         for r in failed:
             print(f"trial {r.config.get('study')} failed: {str(r.error).splitlines()[0][:300]}", file=sys.stderr)
         status = "KILLED" if callback.open_runs() else "FINISHED"
         return {
             "tracking_uri": grid.resolved_tracking_uri,
             "parent_run_id": parent,
-            "rows": rows,
+            "rows": tables.rows,
+            "tables": tables,
             "failed": len(failed),
             "interrupted": status == "KILLED",
-            "results": [(r.config, r.metrics) for r in result_grid if r.config],
+            "resumed": resumed,
+            "results": [(r.config, r.metrics) for r in results if r.config],
+            "result_grid": results,
         }
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
-        if searcher is not None:
-            searcher.abandon_live()
+        searcher.abandon_live()
         closed = callback.close_all("KILLED")
         closed += tracker.close_open_runs(parent, "KILLED")
         tracker.end_run(parent, status)
         print(
             f"\nresults: MLflow experiment {grid.experiment!r} (parent run {parent}, status {status}"
-            + (f", {closed} unfinished trial runs marked KILLED" if closed else "")
+            + (f", {closed} unfinished trial runs marked KILLED; run the same command again to resume them" if closed else "")
             + f")\n  mlflow ui --backend-store-uri {grid.resolved_tracking_uri}\n"
-            f"  optuna-dashboard sqlite:///{storage / 'optuna.db'}\n  ray results: {storage / 'ray_results'}",
+            f"  optuna-dashboard {optuna_storage}\n  ray results: {storage / 'ray_results'}",
             flush=True,
         )
+
+
+def describe_trial(config: dict[str, Any], run_id: str, tracking_uri: str) -> str:
+    """Markdown for a trial run's description in the MLflow UI: copyable rerun and ablation commands."""
+    from trainables.registry import ALGORITHMS
+
+    base = f"python -m orchestrator.rerun {run_id} --tracking-uri {tracking_uri}"
+    lines = [
+        f"**{config['method']}** on {trial_tags(config)['cell']} (signature `{config['signature']}`)",
+        "",
+        "Rerun this configuration:",
+        "```",
+        base,
+        "```",
+    ]
+    ablations = ALGORITHMS[config["method"]].ablations
+    if ablations:
+        lines += ["", "Run each ablation of the method on this configuration:", "```"]
+        lines += [f"{base} --ablation {name}" for name in ablations]
+        lines += ["```"]
+    lines += ["", "Other seeds or overrides: add `--seeds 0 1 2` or `--set training.lr=0.01 --set params.<name>=<value>`."]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m orchestrator.sweep", description=__doc__.splitlines()[0])
     parser.add_argument("grid", nargs="?", type=Path, help="grid file (default: the embedded default grid)")
     parser.add_argument("--dry-run", action="store_true", help="validate the grid and print the plan, run nothing")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the earlier sweep of this grid (refused if there is none); running the same command "
+        "again without it resumes too, or starts the sweep if it never ran",
+    )
     args = parser.parse_args(argv)
     grid_path = args.grid or DEFAULT_GRID
     try:
@@ -299,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{s.method.name:12s} {s.cell.label()}  ({s.method.search.num_samples} trials)")
             print(f"{len(studies)} studies, {sum(s.method.search.num_samples for s in studies)} trials; grid is valid")
             return 0
-        summary = run(grid, grid_path)
+        summary = run(grid, grid_path, resume=args.resume)
     except GridError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

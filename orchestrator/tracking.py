@@ -7,7 +7,13 @@ Layout of a sweep in MLflow (experiment = grid ``experiment``):
 - a nested run per annotation (``kind=annotation``) with its statistics;
 - a nested run per Tune trial (``kind=trial``) with the flattened resolved config as params, the
   per-epoch metrics (step = epoch), tags (method, dataset, annotator, q, eta, shots, fraction, seed,
-  signature, study) and ``resolved_config.json``.
+  signature, study, optuna_trial, best_in_cell), ``resolved_config.json``, the rerun commands as its
+  description, and at the end ``plots/*.png`` and the deployable ``student/`` model
+  (:mod:`orchestrator.plots`, :mod:`orchestrator.student`);
+- the results tables on the parent run (:mod:`orchestrator.report`).
+
+A resumed sweep reuses its parent run and reopens the runs of the trials it resumes (no duplicate
+runs); :meth:`MlflowTrialCallback.on_checkpoint` records where each trial's latest checkpoint is.
 
 Trials never talk to MLflow themselves: :class:`MlflowTrialCallback` logs what Tune reports, so a
 trial that crashes, is killed or whose node is lost still ends with a final status (FAILED / KILLED)
@@ -17,6 +23,7 @@ set by the driver, never left RUNNING.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -26,6 +33,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from ray.tune import Callback
+
+from orchestrator.student import log_trial_artifacts
 
 MAX_PARAM_LEN = 6000
 REPORTED_PREFIXES = ("train/", "test/", "val/", "pl/", "split/", "time/")
@@ -99,6 +108,24 @@ class Tracker:
         )
         return [r.info.run_id for r in runs]
 
+    def find_runs(self, tags: dict[str, str], parent: str | None = None, max_results: int = 5000) -> list[Any]:
+        """Runs of the experiment carrying all ``tags`` (and nested under ``parent``), newest first."""
+        clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+        if parent is not None:
+            clauses.append(f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent}'")
+        return self.client.search_runs(
+            [self.experiment_id], filter_string=" and ".join(clauses), max_results=max_results,
+            order_by=["attributes.start_time DESC"],
+        )
+
+    def children(self, parent: str, kind: str | None = None) -> list[Any]:
+        """Every run nested under ``parent`` (of one ``kind`` tag if given)."""
+        return self.find_runs({"kind": kind} if kind else {}, parent=parent)
+
+    def reopen_run(self, run_id: str) -> None:
+        """Mark a run RUNNING again (a resumed sweep or trial continues logging into it)."""
+        self.client.update_run(run_id, status="RUNNING")
+
     def close_open_runs(self, parent: str, status: str) -> int:
         """Give every still-RUNNING child of ``parent`` a final status. Returns how many."""
         ids = self.open_runs(parent)
@@ -126,33 +153,57 @@ class Tracker:
 class MlflowTrialCallback(Callback):
     """Mirrors every Tune trial into a nested MLflow run under the sweep's parent run."""
 
-    def __init__(self, tracker: Tracker, parent_run_id: str, tags_for: Any):
+    def __init__(self, tracker: Tracker, parent_run_id: str, tags_for: Any, describe: Any = None):
         self.tracker = tracker
         self.parent = parent_run_id
         self.tags_for = tags_for  # config -> dict of tags (cell + method)
+        self.describe = describe  # (config, run_id) -> markdown shown as the run's description
         self.runs: dict[str, str] = {}  # tune trial id -> mlflow run id
+        self.logged_until: dict[str, int] = {}  # tune trial id -> last epoch already in MLflow
+        self.history: dict[str, list[dict[str, float]]] = {}  # tune trial id -> reported metrics (plots)
         self.errors: dict[str, str] = {}
 
     def _run_for(self, trial) -> str:
         if trial.trial_id in self.runs:
             return self.runs[trial.trial_id]
         config = trial.config
+        run_id = config.get("mlflow_run_id")
+        if run_id:
+            # A trial of an interrupted sweep resumes into the run it started (no duplicate run);
+            # epochs it logged after its last checkpoint are trained again but not logged twice.
+            self.tracker.reopen_run(run_id)
+            history = self.tracker.client.get_metric_history(run_id, "epoch")
+            self.logged_until[trial.trial_id] = int(max((m.value for m in history), default=0))
+            resumed = int(self.tracker.client.get_run(run_id).data.tags.get("resumed", "0")) + 1
+            self.tracker.set_tags(run_id, {"resumed": str(resumed), "tune_trial_id": trial.trial_id})
+            self.runs[trial.trial_id] = run_id
+            return run_id
         tags = {"kind": "trial", "tune_trial_id": trial.trial_id, **self.tags_for(config)}
         name = f"{config['method']} {tags['cell']} #{trial.trial_id.rsplit('_', 1)[-1]}"
         run_id = self.tracker.start_run(name, tags, self.parent)
         params = flatten({k: config[k] for k in ("method", "cell", "params", "training", "objective") if k in config})
         self.tracker.log_params(run_id, params)
         self.tracker.log_dict(run_id, config, "resolved_config.json")
+        if self.describe is not None:
+            self.tracker.set_tags(run_id, {"mlflow.note.content": self.describe(config, run_id)})
         self.runs[trial.trial_id] = run_id
         return run_id
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
+        # Where a resumed sweep finds this trial's latest state (shared storage on a cluster).
+        self.tracker.set_tags(self._run_for(trial), {"checkpoint": checkpoint.path})
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self._run_for(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         run_id = self._run_for(trial)
-        metrics = {k: v for k, v in result.items() if k.startswith(REPORTED_PREFIXES)}
-        self.tracker.log_metrics(run_id, metrics, step=int(result.get("epoch", result.get("training_iteration", 0))))
+        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        metrics = {k: v for k, v in result.items() if k.startswith(REPORTED_PREFIXES) or k == "epoch"}
+        self.history.setdefault(trial.trial_id, []).append({**metrics, "epoch": step})
+        if step <= self.logged_until.get(trial.trial_id, 0):
+            return
+        self.tracker.log_metrics(run_id, metrics, step=step)
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
         run_id = self._run_for(trial)
@@ -164,6 +215,12 @@ class MlflowTrialCallback(Callback):
         last = trial.last_result or {}
         if "test/acc" in last:
             self.tracker.set_tags(run_id, {"final_test_acc": f"{last['test/acc']:.4f}"})
+        history = self.history.pop(trial.trial_id, [])
+        try:
+            log_trial_artifacts(self.tracker.client, run_id, trial.config, history, trial.checkpoint)
+        except Exception as err:  # plots and the student are extras: never fail the sweep over them
+            logging.getLogger(__name__).warning("trial %s: plots / student not logged: %r", trial.trial_id, err)
+            self.tracker.set_tags(run_id, {"artifacts_error": repr(err)[:5000]})
         self.tracker.end_run(run_id, "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
@@ -213,6 +270,9 @@ class ConsoleProgress(Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self.running.add(trial.trial_id)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        self.running.add(trial.trial_id)  # a trial on a reused actor may report before any start event
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self.running.discard(trial.trial_id)

@@ -154,3 +154,14 @@ def test_trial_signature_depends_on_what_determines_the_result():
     c = study.trial_config({"lr": 0.2}, annotation_key="k", cache_dir="/x", cpus=1)
     assert a["signature"] == b["signature"] != c["signature"]
     assert a["training"]["lr"] == 0.1 and c["training"]["lr"] == 0.2
+
+
+def test_labels_let_one_grid_hold_variants_of_a_method():
+    raw = base()
+    raw["methods"] = [{"name": "cc"}, {"name": "cc", "label": "cc-slow", "training": {"lr": 0.01}}]
+    studies = expand(parse_grid(raw))
+    assert len({s.study_id for s in studies}) == len(studies)
+    configs = [s.trial_config({}, annotation_key="k", cache_dir="/c", cpus=1) for s in studies]
+    assert {c["label"] for c in configs} == {"cc", "cc-slow"} and {c["method"] for c in configs} == {"cc"}
+    raw["methods"] = [{"name": "cc"}, {"name": "cc"}]
+    assert "duplicate name(s) ['cc']" in error_of(raw)

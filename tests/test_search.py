@@ -34,8 +34,9 @@ def studies(asha_for_cc: bool = False):
 
 
 def searcher(plans, storage):
-    def make(study, sampled):
-        return study.trial_config(sampled, annotation_key="k", cache_dir="/cache", cpus=1)
+    def make(study, sampled, number, resuming):
+        config = study.trial_config(sampled, annotation_key="k", cache_dir="/cache", cpus=1)
+        return {**config, "optuna_trial": number, "resuming": resuming}
 
     return MultiStudySearcher(plans, make, storage)
 
@@ -65,6 +66,30 @@ def test_round_robin_first_trial_is_the_resolved_config_and_budgets_hold(tmp_pat
     cc = optuna.load_study(study_name=plans[0].study_id, storage=storage)
     completed = [t for t in cc.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(completed) == 1 and completed[0].user_attrs["metrics"]["test/acc"] == 0.4
+
+
+def test_interrupted_trials_are_handed_out_again_with_their_parameters(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    plans = studies()
+    s = searcher(plans, storage)
+    configs = {f"t{i}": s.suggest(f"t{i}") for i in range(3)}  # cc default, coreg default, cc sampled
+    s.on_trial_complete("t0", {"val/covering_rate": 0.5, "epoch": 4})
+    assert s.abandon_live() == 2  # the driver stops with t1 and t2 running
+
+    again = searcher(studies(), storage)
+    assert again.resumable() == 2
+    resumed = [again.suggest(f"r{i}") for i in range(2)]
+    assert all(c["resuming"] for c in resumed)
+    by_study = {c["study"]: c for c in resumed}
+    for old in (configs["t1"], configs["t2"]):
+        new = by_study[old["study"]]
+        assert new["optuna_trial"] == old["optuna_trial"] and new["signature"] == old["signature"]
+    assert again.suggest("r2") is None  # nothing new to ask: the budgets hold
+    again.on_trial_complete("r0", {resumed[0]["objective"]: 0.6, "epoch": 4})
+    again.on_trial_complete("r1", {resumed[1]["objective"]: 0.7, "epoch": 4})
+    assert again.suggest("r3") == Searcher.FINISHED
+    states = [t.state for p in plans for t in optuna.load_study(study_name=p.study_id, storage=storage).trials]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 3 and len(states) == 3
 
 
 def test_finished_when_every_budget_is_spent(tmp_path):

@@ -82,6 +82,9 @@ def test_sweep_lands_nested_runs_with_metrics_and_tags(sweep):
         assert r.data.params["training.epochs"] == str(EPOCHS)
         artifacts = [a.path for a in client.list_artifacts(r.info.run_id)]
         assert "resolved_config.json" in artifacts
+        assert "artifacts_error" not in tags, tags.get("artifacts_error")
+        assert "plots/learning_curves.png" in [a.path for a in client.list_artifacts(r.info.run_id, "plots")]
+        assert "student/MLmodel" in [a.path for a in client.list_artifacts(r.info.run_id, "student")]
     coreg = next(r for r in trials if r.data.tags["method"] == "coreg")
     for key in ("test/acc_net_a", "test/acc_net_b", "split/size", "split/precision"):
         assert key in coreg.data.metrics, key
@@ -101,14 +104,42 @@ def test_optuna_studies_hold_one_study_per_cell_and_method(sweep):
     assert trials[0].params["lr"] != trials[1].params["lr"]
 
 
-def test_second_sweep_reuses_the_annotation(sweep):
+def test_running_the_same_grid_again_adds_no_runs_and_reuses_the_annotation(sweep):
     grid, summary, second = sweep
+    assert second["resumed"] and second["parent_run_id"] == summary["parent_run_id"]
+    assert second["results"] == []  # every study's budget was spent: nothing ran again
     client = MlflowClient(grid.resolved_tracking_uri)
     exp = client.get_experiment_by_name("e2e")
-    runs = runs_of(client, exp.experiment_id, f"tags.`mlflow.parentRunId` = '{second['parent_run_id']}' and tags.kind = 'annotation'")
-    assert [r.data.tags["cached"] for r in runs] == ["True"]
+    assert len(runs_of(client, exp.experiment_id, "tags.kind = 'sweep'")) == 1
+    children = runs_of(client, exp.experiment_id, f"tags.`mlflow.parentRunId` = '{summary['parent_run_id']}'")
+    assert sorted(r.data.tags["kind"] for r in children) == ["annotation"] + ["trial"] * 4
     assert not runs_of(client, exp.experiment_id, "attributes.status = 'RUNNING'")
     assert Path(grid.storage_path / "annotations").is_dir()
+
+
+def test_parent_run_carries_the_results_tables_and_best_runs_are_tagged(sweep):
+    grid, summary, second = sweep
+    client = MlflowClient(grid.resolved_tracking_uri)
+    parent = summary["parent_run_id"]
+    listed = {a.path for a in client.list_artifacts(parent, "tables")}
+    assert {"tables/results.md", "tables/results.csv", "tables/results.html", "tables/annotations.csv"} <= listed
+    rows = {r["row"]: r for r in summary["rows"]}
+    assert set(rows) == {"cc", "coreg", "proden"}
+    exp = client.get_experiment_by_name("e2e")
+    trials = runs_of(client, exp.experiment_id, f"tags.`mlflow.parentRunId` = '{parent}' and tags.kind = 'trial'")
+    cc = [r for r in trials if r.data.tags["method"] == "cc"]
+    best = [r for r in cc if r.data.tags["best_in_cell"] == "true"]
+    assert len(best) == 1 and [r.data.tags["best_in_cell"] for r in cc].count("false") == 1
+    # the best cc trial is the one with the higher label-free objective, and the table shows its accuracy
+    assert best[0].data.metrics["val/covering_rate"] == max(r.data.metrics["val/covering_rate"] for r in cc)
+    assert rows["cc"]["test_acc_mean"] == pytest.approx(best[0].data.metrics["test/acc"])
+    assert rows["cc"]["best_runs"] == f"seed0:{best[0].info.run_id}"
+    text = Path(client.download_artifacts(parent, "tables/results.md")).read_text()
+    assert "| cc |" in text and "partial acc %" in text
+    for r in trials:  # every trial run's description holds the command that reruns it
+        assert f"python -m orchestrator.rerun {r.info.run_id}" in r.data.tags["mlflow.note.content"]
+    coreg = next(r for r in trials if r.data.tags["method"] == "coreg")
+    assert "--ablation no_prototypes" in coreg.data.tags["mlflow.note.content"]
 
 
 def test_clip_annotated_sweep_end_to_end(tmp_path, ray_session):
@@ -154,3 +185,106 @@ def test_clip_annotated_sweep_end_to_end(tmp_path, ray_session):
     assert trial.info.status == "FINISHED"
     assert (trial.data.tags["annotator"], trial.data.tags["q"], trial.data.tags["eta"]) == ("tiny_clip", "", "")
     assert len(client.get_metric_history(trial.info.run_id, "test/acc")) == 2
+
+
+def test_rerun_runs_an_ablation_on_more_seeds_nested_under_the_sweep(sweep, capsys):
+    from orchestrator.rerun import main as rerun_main
+
+    grid, summary, _ = sweep
+    client = MlflowClient(grid.resolved_tracking_uri)
+    exp = client.get_experiment_by_name("e2e")
+    parent = summary["parent_run_id"]
+    coreg = runs_of(client, exp.experiment_id, f"tags.`mlflow.parentRunId` = '{parent}' and tags.method = 'coreg'")[0]
+    uri = grid.resolved_tracking_uri
+
+    assert rerun_main([coreg.info.run_id, "--tracking-uri", uri, "--ablation", "no_such_thing"]) == 2
+    err = capsys.readouterr().err
+    assert "no_such_thing" in err and "no_prototypes" in err and "no_co_pseudo_label" in err
+    assert rerun_main([coreg.info.run_id, "--tracking-uri", uri, "--set", "params.nope=1"]) == 2
+    assert "has no such setting" in capsys.readouterr().err
+
+    code = rerun_main([coreg.info.run_id, "--tracking-uri", uri, "--ablation", "no_prototypes", "--seeds", "0", "1"])
+    assert code == 0
+    reruns = runs_of(client, exp.experiment_id, f"tags.rerun_of = '{coreg.info.run_id}'")
+    assert len(reruns) == 2
+    for r in reruns:
+        assert r.info.status == "FINISHED" and r.data.tags["mlflow.parentRunId"] == parent
+        assert r.data.tags["variant"] == "no_prototypes"
+        assert r.data.params["params.prototypes"] == "False" and r.data.params["params.warmup_epochs"] == "1"
+    assert sorted(r.data.tags["seed"] for r in reruns) == ["0", "1"]
+    csv_text = Path(client.download_artifacts(parent, "tables/results.csv")).read_text()
+    line = next(l for l in csv_text.splitlines() if l.startswith("coreg [no_prototypes],"))
+    assert ",2," in line  # two seeds in the ablation's row
+    assert "| coreg |" in Path(client.download_artifacts(parent, "tables/results.md")).read_text()
+
+
+def _chromium():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import mlflow_ui_check
+
+    return mlflow_ui_check
+
+
+def test_rerun_page_launches_an_ablation_from_a_real_browser(sweep, tmp_path):
+    import asyncio
+    import json
+    import threading
+    import time
+    import urllib.request
+
+    import aiohttp
+
+    from orchestrator.webui import App, LocalLauncher, make_server
+
+    ui = _chromium()
+    binary = ui.find_chromium()
+    if binary is None:
+        pytest.skip("no chromium binary (apt-get install chromium)")
+    grid, summary, _ = sweep
+    client = MlflowClient(grid.resolved_tracking_uri)
+    exp = client.get_experiment_by_name("e2e")
+    parent = summary["parent_run_id"]
+    proden = runs_of(client, exp.experiment_id, f"tags.`mlflow.parentRunId` = '{parent}' and tags.method = 'proden'")[0]
+    coreg = next(
+        r for r in runs_of(client, exp.experiment_id, f"tags.`mlflow.parentRunId` = '{parent}' and tags.method = 'coreg'")
+        if "rerun_of" not in r.data.tags
+    )
+    server = make_server(App(grid.resolved_tracking_uri, LocalLauncher(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_port}"
+
+    async def drive(port: int) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as response:
+            target = next(t for t in json.load(response) if t["type"] == "page")
+        async with aiohttp.ClientSession() as session, session.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0) as ws:
+            page = ui.Page(ws)
+            await page.open(base + "/")
+            assert not await page.wait_for_text(["e2e", "FINISHED"], 30)
+            await page.evaluate("document.querySelector('a[href^=\"/sweep/\"]').click()")
+            assert not await page.wait_for_text(["Trial runs", "Test accuracy", proden.data.tags["cell"]], 30)
+            buttons = await page.evaluate(f"document.querySelectorAll('tr[data-run=\"{coreg.info.run_id}\"] button').length")
+            assert buttons == 1 + 5  # rerun + Co-Reg's five ablations
+            await page.evaluate(f"document.querySelector('tr[data-run=\"{coreg.info.run_id}\"] button[data-ablation=\"no_unlabeled\"]').click()")
+            assert not await page.wait_for_text(["Launched reruns", "--ablation no_unlabeled"], 30)
+            deadline = time.monotonic() + 240
+            status = ""
+            while time.monotonic() < deadline:
+                status = await page.evaluate("(document.querySelector('td.status') || {}).innerText || ''")
+                if status != "RUNNING":
+                    break
+                await asyncio.sleep(2.0)
+                await page.open(base + "/jobs")
+                await page.wait_for_text(["Launched reruns"], 30)
+            await page.screenshot(tmp_path / "jobs.png")
+            return status
+
+    with ui.chromium(binary, 1200, 900) as port:
+        status = asyncio.run(drive(port))
+    logs = "\n".join(p.read_text() for p in tmp_path.glob("*.log"))
+    assert status == "SUCCEEDED", logs[-3000:]
+    new = runs_of(client, exp.experiment_id, f"tags.rerun_of = '{coreg.info.run_id}' and tags.variant = 'no_unlabeled'")
+    assert len(new) == 1 and new[0].info.status == "FINISHED"
+    assert new[0].data.params["params.use_unlabeled"] == "False"
+    assert (tmp_path / "jobs.png").stat().st_size > 10_000

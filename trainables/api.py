@@ -64,9 +64,11 @@ class TrainData:
     Attributes:
         x: stored samples, (N, C, H, W) uint8 images or (N, D) float features, on ``device``.
         cand: (N, C) float {0, 1} candidate sets. Few-shot samples carry the singleton of their
-            revealed label. For single-label methods this is the one-hot of the noisy label.
+            revealed label. For single-label methods this is the one-hot of the noisy label; for
+            distillation methods (``soft``, ``soft_single``) the annotator's probabilities.
         trusted: (N,) bool, True for the few-shot samples whose label was revealed by a human.
-        soft: (N, C) float annotator probabilities, or None (only for distillation methods).
+        soft: (N, C) float annotator probabilities (trusted rows not overwritten), or None (only
+            for distillation methods).
         views: makes plain / weak / strong network inputs from ``x[idx]``.
         generator: the CPU generator all shuffling uses.
     """
@@ -151,6 +153,16 @@ class Algorithm(Protocol):
         ...
 
 
+@runtime_checkable
+class StoredPredictions(Protocol):
+    """Optional, for a method that predicts from stored annotator outputs instead of images
+    (zero_shot): the loop evaluates it with ``stored_logits`` in place of ``predict``."""
+
+    def stored_logits(self, split: str) -> Tensor:
+        """Logits (n, C) of the samples of ``split`` (``train``, ``val`` or ``test``), in the loop's order."""
+        ...
+
+
 @dataclass(frozen=True)
 class AlgorithmSpec:
     """A registry entry. ``name`` is the single name used everywhere (grid.yaml, file, tags)."""
@@ -162,7 +174,24 @@ class AlgorithmSpec:
     """``build(params, ctx) -> Algorithm``."""
     consumes: str = "cand"
     """What the method learns from: ``cand`` (candidate sets), ``noisy_label`` (one label per
-    sample, template-0 argmax), ``noisy_label_avg`` (template-average argmax) or ``soft``."""
+    sample, argmax of template ``single_template``), ``noisy_label_avg`` (template-average argmax),
+    ``soft`` (template-average probabilities) or ``soft_single`` (template ``single_template``)."""
     ablations: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Named ablations: each maps to the params overrides that switch a component off."""
     description: str = ""
+    consumes_when: Callable[[Any], str] | None = None
+    """``params -> target kind`` for a method whose variants learn from different targets (the
+    starred rows: ``starred=True`` -> template average); None: always ``consumes``."""
+    reads_annotator_probs: bool = False
+    """The loop passes the annotator's class probabilities of the train / val / test samples in
+    ``BuildContext.extras["annotator_probs"]`` (same template choice as the target kind)."""
+    trains: bool = True
+    """False for a method with nothing to learn (zero_shot): the loop runs a single epoch."""
+
+    def consumes_for(self, params: Any) -> str:
+        """The target kind for ``params`` (an instance of ``self.params`` or a dict of its fields)."""
+        if self.consumes_when is None:
+            return self.consumes
+        if isinstance(params, dict):
+            params = self.params(**params)
+        return self.consumes_when(params)

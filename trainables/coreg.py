@@ -94,6 +94,11 @@ EVAL_BATCH_SIZE = 512
 class CoRegParams:
     warmup_epochs: int = 10
     """Warm-up epochs (Eq. 1-3). The paper uses 20-100 of 100-800; grids set it relative to ``training.epochs``."""
+    neg_entropy_weight: float = 1.0
+    """Weight of the negative-entropy term in the warm-up loss (Eq. 3 uses 1). Partial CE plus a
+    weight-1 entropy bonus is minimised by predictions spread evenly over S, so with large candidate
+    sets (synthetic q = 0.3: |S| ~ 3.7) and short warm-ups the nets leave warm-up barely better than
+    a uniform guess within S; a smaller weight lets them disambiguate."""
     tau_div: float = 0.5
     """Clean-probability threshold: P = {w > tau_div} (reference ``--p_threshold``)."""
     T: float = 0.5
@@ -238,7 +243,7 @@ class CoReg:
                 logits = net(view(data.x[idx]))  # (B, C)
                 loss_sup = partial_ce(logits, cand).mean()  # Eq. 1
                 loss_neg = neg_entropy(logits).mean()  # Eq. 2
-                loss = loss_sup + loss_neg  # Eq. 3
+                loss = loss_sup + p.neg_entropy_weight * loss_neg  # Eq. 3
 
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

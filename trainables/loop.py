@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from trainables.api import Algorithm, BuildContext, TrainData, TrainSettings
+from trainables.api import Algorithm, BuildContext, StoredPredictions, TrainData, TrainSettings
 from trainables.common.augment import make_views
 from trainables.common.backbones import make_encoder
 from trainables.common.data import Dataset, load_dataset
@@ -30,6 +30,7 @@ from trainables.registry import ALGORITHMS
 
 EVAL_BATCH = 1024
 CHECKPOINT_FILE = "state.pt"
+PREDICTIONS_FILE = "predictions.npz"
 
 
 def seed_everything(seed: int) -> None:
@@ -90,6 +91,9 @@ class TrialData:
     split: Split
     aug_generator: torch.Generator
     """Draws every augmentation; its state is checkpointed so a resumed run sees the same views."""
+    annotator_probs: dict[str, torch.Tensor] | None = None
+    """(n, C) annotator class probabilities of the train / val / test samples, for methods whose
+    spec ``reads_annotator_probs`` (zero_shot); None otherwise."""
 
 
 def prepare_data(config: dict[str, Any], device: torch.device) -> TrialData:
@@ -100,7 +104,10 @@ def prepare_data(config: dict[str, Any], device: torch.device) -> TrialData:
     cell, seed = config["cell"], config["cell"]["seed"]
     train_settings = TrainSettings(**config["training"])
     dataset = load_dataset(DatasetSpec(**cell["dataset"]))
-    annotation = load_cached(Path(config["cache_dir"]), config["annotation_key"], with_probs=False)
+    spec = ALGORITHMS[config["method"]]
+    annotation = load_cached(
+        Path(config["cache_dir"]), config["annotation_key"], with_probs=spec.reads_annotator_probs
+    )
     num_classes = len(dataset.class_names)
     split = make_split(
         dataset.train_y,
@@ -110,7 +117,7 @@ def prepare_data(config: dict[str, Any], device: torch.device) -> TrialData:
         fraction=cell["unlabeled_fraction"],
         seed=seed,
     )
-    consumes = ALGORITHMS[config["method"]].consumes
+    consumes = spec.consumes_for(config["params"])
     targets = annotation.targets(consumes)[split.train].astype(np.float32)  # (N, C)
     cand = annotation.cand_train.astype(np.float32)
     revealed_y = dataset.train_y[split.train[split.trusted]]
@@ -127,8 +134,16 @@ def prepare_data(config: dict[str, Any], device: torch.device) -> TrialData:
         trusted=to(split.trusted),
         views=views,
         generator=torch.Generator().manual_seed(seed + 2),
-        soft=to(annotation.targets("soft")[split.train]) if consumes == "soft" else None,
+        soft=to(annotation.targets(consumes)[split.train]) if consumes in ("soft", "soft_single") else None,
     )
+    annotator_probs = None
+    if spec.reads_annotator_probs:
+        train_probs = annotation.class_probs(consumes, "train")
+        annotator_probs = {
+            "train": to(train_probs[split.train]),
+            "val": to(train_probs[split.val]),
+            "test": to(annotation.class_probs(consumes, "test")),
+        }
     train_cand = cand[split.train].copy()
     train_cand[split.trusted] = targets[split.trusted]
     return TrialData(
@@ -142,30 +157,55 @@ def prepare_data(config: dict[str, Any], device: torch.device) -> TrialData:
         test_y=to(dataset.test_y),
         split=split,
         aug_generator=aug_generator,
+        annotator_probs=annotator_probs,
     )
 
 
 def build_algorithm(config: dict[str, Any], td: TrialData, device: torch.device) -> Algorithm:
+    ds = td.dataset
+    return build_from_info(
+        config,
+        num_classes=len(ds.class_names),
+        sample_shape=ds.train_x.shape[1:],
+        default_backbone=ds.default_backbone,
+        num_samples=td.data.num_samples,
+        device=device,
+        extras={} if td.annotator_probs is None else {"annotator_probs": td.annotator_probs},
+    )
+
+
+def build_from_info(
+    config: dict[str, Any],
+    *,
+    num_classes: int,
+    sample_shape: tuple[int, ...],
+    default_backbone: str,
+    num_samples: int,
+    device: torch.device,
+    extras: dict[str, Any] | None = None,
+) -> Algorithm:
+    """Build the config's algorithm from what is known about the data, without the data: the
+    deployable student (``orchestrator/student.py``) rebuilds a trained algorithm this way.
+    ``sample_shape`` is one stored sample's shape: (C, H, W) images or (D,) features."""
     spec = ALGORITHMS[config["method"]]
     train_settings = TrainSettings(**config["training"])
     params = spec.params(**config["params"])
-    ds = td.dataset
-    backbone = ds.default_backbone if train_settings.backbone == "auto" else train_settings.backbone
-    x = ds.train_x
-    in_channels = x.shape[1] if x.ndim == 4 else 1
-    image_size = x.shape[-1] if x.ndim == 4 else 0
-    in_dim = x.shape[1] if x.ndim == 2 else None
+    backbone = default_backbone if train_settings.backbone == "auto" else train_settings.backbone
+    in_channels = sample_shape[0] if len(sample_shape) == 3 else 1
+    image_size = sample_shape[-1] if len(sample_shape) == 3 else 0
+    in_dim = sample_shape[0] if len(sample_shape) == 1 else None
 
     def make() -> torch.nn.Module:
         return make_encoder(backbone, in_channels=in_channels, image_size=image_size, in_dim=in_dim)
 
     ctx = BuildContext(
-        num_classes=len(ds.class_names),
-        num_samples=td.data.num_samples,
+        num_classes=num_classes,
+        num_samples=num_samples,
         make_encoder=make,
         train=train_settings,
         device=device,
         seed=config["cell"]["seed"],
+        extras=dict(extras or {}),
     )
     torch.manual_seed(config["cell"]["seed"])
     return spec.build(params, ctx)
@@ -181,17 +221,25 @@ def predict(algo: Algorithm, x: torch.Tensor, view: Callable[[torch.Tensor], tor
     return torch.cat(outs)
 
 
+def split_logits(algo: Algorithm, td: TrialData, split: str) -> torch.Tensor:
+    """Logits (n, C) of the ``val`` or ``test`` samples: the method's stored predictions when it
+    predicts from annotator outputs (:class:`StoredPredictions`), else ``predict`` on the plain view."""
+    if isinstance(algo, StoredPredictions):
+        return algo.stored_logits(split)
+    return predict(algo, {"val": td.val_x, "test": td.test_x}[split], td.data.views.plain)
+
+
 def evaluate(algo: Algorithm, td: TrialData) -> dict[str, float]:
     """Metrics shared by every method. Test and training labels are used here, for reporting only."""
     plain = td.data.views.plain
     metrics: dict[str, float] = {}
-    logits = predict(algo, td.test_x, plain)
+    logits = split_logits(algo, td, "test")
     metrics["test/acc"] = (logits.argmax(1) == td.test_y).float().mean().item()
     if hasattr(algo, "predict_nets"):
         for name, net_logits in zip(("a", "b"), predict(algo, td.test_x, plain, "predict_nets")):
             metrics[f"test/acc_net_{name}"] = (net_logits.argmax(1) == td.test_y).float().mean().item()
     if len(td.val_x):
-        val_probs = predict(algo, td.val_x, plain).softmax(1)
+        val_probs = split_logits(algo, td, "val").softmax(1)
         hit = td.val_cand.gather(1, val_probs.argmax(1, keepdim=True)).squeeze(1)
         metrics["val/covering_rate"] = hit.mean().item()
         metrics["val/partial_loss"] = -(val_probs * td.val_cand).sum(1).clamp_min(1e-12).log().mean().item()
@@ -236,6 +284,8 @@ def run_trial(
         np.random.set_state(state["numpy_rng"])
         torch.set_rng_state(state["torch_rng"])
     stop = settings.epochs if max_epochs is None else min(settings.epochs, max_epochs)
+    if not ALGORITHMS[config["method"]].trains:
+        stop = min(stop, 1)  # nothing to learn (zero_shot): one evaluation
     metrics: dict[str, float] = {}
     for epoch in range(start_epoch, stop):
         tic = time.perf_counter()
@@ -254,7 +304,7 @@ def run_trial(
         save = None
         if last or (epoch + 1) % settings.checkpoint_every == 0:
 
-            def save(directory: Path, epoch: int = epoch, best: dict = dict(best)) -> None:
+            def save(directory: Path, epoch: int = epoch, best: dict = dict(best), last: bool = last) -> None:
                 torch.save(
                     {
                         "algorithm": algo.state_dict(),
@@ -266,9 +316,13 @@ def run_trial(
                         "numpy_rng": np.random.get_state(),
                         "torch_rng": torch.get_rng_state(),
                         "config": config,
+                        "num_samples": td.data.num_samples,  # rebuilds the algorithm without the data
                     },
                     directory / CHECKPOINT_FILE,
                 )
+                if last:  # the final test predictions, for the driver's confusion matrix (labels stay there)
+                    test_pred = split_logits(algo, td, "test").argmax(1)
+                    np.savez(directory / PREDICTIONS_FILE, test_pred=test_pred.cpu().numpy())
 
         report(metrics, save)
     return metrics
@@ -289,11 +343,15 @@ def train_trial(config: dict[str, Any]) -> None:
             save(Path(tmp))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
-    if checkpoint is None:
-        run_trial(config, report)
-    else:
+    if checkpoint is not None:  # Tune retrying this trial after an error
         with checkpoint.as_directory() as directory:
             run_trial(config, report, restore_dir=Path(directory))
+        return
+    resume = config.get("resume_checkpoint")  # the last checkpoint of an interrupted sweep's trial
+    if resume and (Path(resume) / CHECKPOINT_FILE).is_file():
+        run_trial(config, report, restore_dir=Path(resume))
+    else:
+        run_trial(config, report)
 
 
 __all__ = ["train_trial", "run_trial", "make_split", "prepare_data", "evaluate", "seed_everything"]

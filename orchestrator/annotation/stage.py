@@ -17,7 +17,9 @@ The CLIP probabilities are the expensive part and do not depend on the candidate
 have their own key (:func:`clip_probs_key`, which leaves the mode options out): switching
 ``candidate_mode`` / ``top_k`` / ``prob_ratio`` / ``single_template`` re-derives the sets from
 the stored probabilities without running the model. CLIP is deterministic, so the seed is not in
-its keys; the synthetic generator's key has q, eta and the seed.
+its keys; the synthetic generator's key has q, eta and the seed. The ``given`` annotator returns
+the candidate sets shipped with the data set (``Dataset.train_cand``); its key is the data set's
+identity, whose fingerprint covers those sets.
 
 Ground-truth labels are read only to compute ``Annotation.stats``.
 """
@@ -41,15 +43,22 @@ import numpy as np
 from orchestrator.annotation import candidates as cands
 from orchestrator.annotation.synthetic import flip_candidates
 from orchestrator.annotation.templates import templates_for
-from orchestrator.config import ClipAnnotatorSpec, SyntheticAnnotatorSpec, signature
+from orchestrator.config import ClipAnnotatorSpec, GivenAnnotatorSpec, SyntheticAnnotatorSpec, signature
 from trainables.common.data import Dataset
 
-CACHE_FORMAT = 1
-"""Bump when what an entry holds or how it is computed changes (it is part of every key)."""
+CACHE_FORMAT = 2
+"""Bump when what an entry holds or how it is computed changes (it is part of every key).
+2: CLIP entries also hold ``soft_single_train``."""
 
-CONSUMES = ("cand", "noisy_label", "noisy_label_avg", "soft")
+PROBS_FORMAT = 1
+"""The same for the CLIP probabilities entries (part of :func:`clip_probs_key`); kept apart so that
+a change to the derived arrays does not throw away the expensive probabilities."""
 
-Spec = SyntheticAnnotatorSpec | ClipAnnotatorSpec
+CONSUMES = ("cand", "noisy_label", "noisy_label_avg", "soft", "soft_single")
+SINGLE_TEMPLATE_KINDS = ("noisy_label", "soft_single")
+"""Target kinds read from template ``single_template``; the other CLIP kinds use the template average."""
+
+Spec = SyntheticAnnotatorSpec | ClipAnnotatorSpec | GivenAnnotatorSpec
 
 
 @dataclass
@@ -63,6 +72,7 @@ class Annotation:
     noisy_label: np.ndarray | None = None  # (N,) int64, argmax of template ``single_template``
     noisy_label_avg: np.ndarray | None = None  # (N,) int64, argmax of the template average
     soft_train: np.ndarray | None = None  # (N, C) float32, template-averaged probabilities
+    soft_single_train: np.ndarray | None = None  # (N, C) float32, probabilities of template ``single_template``
     probs_train: np.ndarray | None = None  # (N, T, C) float16
     probs_test: np.ndarray | None = None  # (M, T, C) float16
     stats: dict[str, float] = field(default_factory=dict)
@@ -84,17 +94,38 @@ class Annotation:
             return self.cand_train.astype(np.float32)
         if consumes not in CONSUMES:
             raise ValueError(f"unknown target kind {consumes!r}; allowed: {', '.join(CONSUMES)}")
-        value = {"noisy_label": self.noisy_label, "noisy_label_avg": self.noisy_label_avg, "soft": self.soft_train}[
-            consumes
-        ]
+        value = {
+            "noisy_label": self.noisy_label,
+            "noisy_label_avg": self.noisy_label_avg,
+            "soft": self.soft_train,
+            "soft_single": self.soft_single_train,
+        }[consumes]
         if value is None:
             raise ValueError(
                 f"annotation {self.key} ({self.meta.get('kind', '?')} annotator) has no {consumes!r}; "
                 "only the CLIP annotator gives noisy labels and soft labels"
             )
-        if consumes == "soft":
+        if consumes in ("soft", "soft_single"):
             return value.astype(np.float32)
         return np.eye(self.num_classes, dtype=np.float32)[value]
+
+    def class_probs(self, consumes: str, split: str) -> np.ndarray:
+        """(n, C) float32 zero-shot class probabilities of the ``train`` or ``test`` split behind the
+        target kind ``consumes``: template ``single_template`` for ``noisy_label`` / ``soft_single``,
+        the template average for ``noisy_label_avg`` / ``soft``; each row renormalised after fp16
+        storage. Needs the per-template probabilities (``load_cached(..., with_probs=True)``)."""
+        if consumes not in CONSUMES or consumes == "cand":
+            allowed = ", ".join(CONSUMES[1:])
+            raise ValueError(f"no class probabilities behind target kind {consumes!r}; allowed: {allowed}")
+        probs = {"train": self.probs_train, "test": self.probs_test}[split]
+        if probs is None:
+            raise ValueError(
+                f"annotation {self.key} ({self.meta.get('kind', '?')} annotator) has no per-template "
+                "probabilities (only CLIP annotations have them; load them with with_probs=True)"
+            )
+        if consumes in SINGLE_TEMPLATE_KINDS:
+            return _renormalised(probs[:, self.meta["annotator"]["single_template"]])
+        return _renormalised(cands.average_probs(probs))
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,7 +172,7 @@ def clip_probs_key(dataset: Dataset, spec: ClipAnnotatorSpec) -> str:
 
     return signature(
         {
-            "format": CACHE_FORMAT,
+            "format": PROBS_FORMAT,
             "kind": "clip_probs",
             "dataset": dataset.identity,
             "model": model_name_for(spec),
@@ -190,6 +221,8 @@ def annotation_key(
             "eta": float(eta),
             "seed": int(seed),
         }
+    elif isinstance(spec, GivenAnnotatorSpec):
+        content = {"kind": "given", "dataset": dataset.identity}
     else:
         content = {
             "kind": "clip",
@@ -241,6 +274,12 @@ def _versions() -> dict[str, str]:
         if module is not None:
             versions[name] = getattr(module, "__version__", "?")
     return versions
+
+
+def _renormalised(probs: np.ndarray) -> np.ndarray:
+    """(N, C) float32 rows summing to 1 (after fp16 storage)."""
+    probs = probs.astype(np.float32)
+    return probs / probs.sum(axis=1, keepdims=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,7 +352,7 @@ def annotate(
 ) -> Annotation:
     """The annotation of ``dataset`` by ``spec``, from ``cache_dir`` if present, else computed and cached.
 
-    Synthetic annotators need ``q`` and ``eta``; CLIP annotators refuse them and ignore ``seed``.
+    Synthetic annotators need ``q`` and ``eta``; CLIP and given annotators refuse them and ignore ``seed``.
     ``progress(done, total)`` reports CLIP images annotated (not called on a cache hit).
     """
     cache_dir = Path(cache_dir)
@@ -323,6 +362,10 @@ def annotate(
         if (entry / "meta.json").is_file():
             return load_cached(cache_dir, key)
         return _annotate_synthetic(dataset, spec, q, eta, seed, key, entry)
+    if isinstance(spec, GivenAnnotatorSpec):
+        if (entry / "meta.json").is_file():
+            return load_cached(cache_dir, key)
+        return _annotate_given(dataset, spec, key, entry)
     return _annotate_clip(dataset, spec, key, entry, cache_dir, progress)
 
 
@@ -349,6 +392,28 @@ def _annotate_synthetic(
         "stats": stats,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "elapsed_s": time.time() - start,
+        "versions": _versions(),
+    }
+    _write_entry(entry, {"cand_train": cand}, meta)
+    return Annotation(key=key, cached=False, cand_train=cand, stats=stats, meta=meta)
+
+
+def _annotate_given(dataset: Dataset, spec: GivenAnnotatorSpec, key: str, entry: Path) -> Annotation:
+    if dataset.train_cand is None:
+        raise ValueError(f"annotator {spec.name!r} (given): dataset {dataset.name} ships no candidate sets")
+    cand = dataset.train_cand.astype(bool)  # (N, C)
+    stats = {
+        **candidate_stats(cand, dataset.train_y),
+        "num_train": float(len(dataset.train_y)),
+        "num_test": float(len(dataset.test_y)),
+    }
+    meta = {
+        "key": key,
+        "kind": "given",
+        "annotator": spec.model_dump(mode="json"),
+        "dataset": dataset.identity,
+        "stats": stats,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": _versions(),
     }
     _write_entry(entry, {"cand_train": cand}, meta)
@@ -399,6 +464,7 @@ def _annotate_clip(
         "noisy_label": cands.single_labels(probs_train, spec.single_template),
         "noisy_label_avg": cands.average_labels(probs_train),
         "soft_train": cands.soft_labels(probs_train),
+        "soft_single_train": _renormalised(probs_train[:, spec.single_template]),
     }
     stats = {
         **candidate_stats(arrays["cand_train"], dataset.train_y),

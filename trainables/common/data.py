@@ -1,4 +1,4 @@
-"""Image data sets as plain uint8 arrays, with a content identity for cache keys.
+"""Data sets as plain arrays (uint8 images or float features), with a content identity for cache keys.
 
 ``DATASETS`` describes every known data set without touching the disk (``orchestrator.config``
 imports it to validate grid files, so this module imports only numpy and the standard library;
@@ -17,8 +17,20 @@ Where the files come from:
   torchvision's layout ``root/FashionMNIST/raw``.
 - ``cifar10``, ``cifar100``, ``svhn``: torchvision's readers and layout (``download: true`` lets
   torchvision fetch the files; tests never do).
+- ``lost``, ``msrcv2``: the classic real-world partial-label benchmarks (Cour et al. 2011; Liu and
+  Dietterich 2012) as MATLAB v5 files ``lost.mat`` / ``MSRCv2.mat`` (the redistribution in
+  github.com/agapiR/partial-label-learning, ``data/realworld/``), found in ``root`` or
+  ``root/pll``. Keys: ``features`` (N x d float), ``p_labels`` (N x C shipped candidate sets),
+  ``logitlabels`` (one-hot truth, for metrics only), ``tr`` / ``te`` (1 x 5 cells of predefined
+  train/test splits, 1-based). ``DatasetSpec.split`` (0..4) picks the split. These are *feature*
+  data sets (``kind="features"``): ``train_x`` holds the raw float32 features, ``mean`` / ``std``
+  the per-dimension statistics of the split's training part (the feature views standardise with
+  them, so test features are standardised with training statistics only; ``DatasetSpec.
+  feature_scaling`` chooses per-dimension z-scores or one shared scale), and ``train_cand`` the
+  shipped candidate sets of the training part (the ``given`` annotator returns them). The files
+  carry no class names: the classes are called ``"class 0"`` ...
 
-The default root of the torchvision data sets is ``$COREG_DATA_ROOT`` or
+The default root of the torchvision and partial-label data sets is ``$COREG_DATA_ROOT`` or
 ``~/.cache/coreg-orchestrator/datasets``.
 
 Class descriptions follow the Co-Reg paper: torchvision class names for CIFAR-10/100 and
@@ -69,10 +81,23 @@ class DatasetInfo:
     hflip: bool
     """Whether a horizontal flip preserves the label (no for digits: a flipped 2 is not a 2)."""
     default_backbone: str
+    kind: str = "image"
+    """``image`` (uint8 (N, C, H, W)) or ``features`` (float32 (N, feature_dim))."""
+    feature_dim: int = 0
+    """Width of a feature vector (feature data sets only)."""
+    splits: int = 0
+    """Number of predefined train/test splits shipped with the data (0: none; ``split`` is refused)."""
+    file: str | None = None
+    """File name of a partial-label ``.mat`` data set."""
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def has_candidates(self) -> bool:
+        """Whether the data set ships its own candidate sets (what the ``given`` annotator uses)."""
+        return self.file is not None
 
 
 NUMBERS = tuple(f"number {d}" for d in range(10))
@@ -97,6 +122,18 @@ FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )  # fmt: skip
 
+
+def _generic_classes(n: int) -> tuple[str, ...]:
+    """The partial-label .mat files carry no class names."""
+    return tuple(f"class {i}" for i in range(n))
+
+
+def _pll(name: str, file: str, num_classes: int, feature_dim: int) -> DatasetInfo:
+    return DatasetInfo(
+        name, _generic_classes(num_classes), channels=0, image_size=0, hflip=False, default_backbone="mlp",
+        kind="features", feature_dim=feature_dim, splits=5, file=file,
+    )  # fmt: skip
+
 DATASETS: dict[str, DatasetInfo] = {
     info.name: info
     for info in (
@@ -111,30 +148,34 @@ DATASETS: dict[str, DatasetInfo] = {
             "cifar100", CIFAR100_CLASSES, channels=3, image_size=32, hflip=True, default_backbone="preact_resnet18"
         ),
         DatasetInfo("svhn", NUMBERS, channels=3, image_size=32, hflip=False, default_backbone="preact_resnet18"),
+        _pll("lost", "lost.mat", num_classes=16, feature_dim=108),
+        _pll("msrcv2", "MSRCv2.mat", num_classes=23, feature_dim=48),
     )
 }
 
 
 @dataclass
 class Dataset:
-    """A loaded image data set. Labels are ground truth: only the annotator's statistics and the
-    loop's reported metrics may read them."""
+    """A loaded data set. Labels are ground truth: only the annotator's statistics and the loop's
+    reported metrics may read them."""
 
     name: str
-    train_x: np.ndarray  # (N, C, H, W) uint8
+    train_x: np.ndarray  # (N, C, H, W) uint8 images or (N, D) float32 features
     train_y: np.ndarray  # (N,) int64
-    test_x: np.ndarray  # (M, C, H, W) uint8
+    test_x: np.ndarray  # (M, C, H, W) uint8 images or (M, D) float32 features
     test_y: np.ndarray  # (M,) int64
     class_names: list[str]
     mean: tuple[float, ...]
-    """Per-channel mean of the full training split, in [0, 1] units."""
+    """Per-channel mean of the full training split, in [0, 1] units (features: per dimension, raw units)."""
     std: tuple[float, ...]
-    """Per-channel standard deviation of the full training split, in [0, 1] units."""
+    """Per-channel standard deviation of the full training split, in [0, 1] units (features: per dimension)."""
     hflip: bool
     default_backbone: str
     identity: dict[str, Any] = field(default_factory=dict)
     """Everything that determines the content (name, split, subsets, array fingerprint)."""
     kind: str = "image"
+    train_cand: np.ndarray | None = None
+    """(N, C) bool candidate sets shipped with the data set (None for the image data sets)."""
 
     @property
     def num_classes(self) -> int:
@@ -355,6 +396,62 @@ _LOADERS: dict[str, Callable[[DatasetSpec], Arrays]] = {
 }
 
 
+PLL_SOURCE = "github.com/agapiR/partial-label-learning (data/realworld/), originally Min-Ling Zhang's PLL data page"
+
+
+def _sparse_to_dense(a: Any) -> np.ndarray:
+    return np.asarray(a.toarray() if hasattr(a, "toarray") else a)
+
+
+def _pll_root(spec: DatasetSpec) -> Path:
+    return Path(spec.root).expanduser() if spec.root is not None else default_data_root()
+
+
+def _load_pll_mat(spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
+    """(train_x, train_y, test_x, test_y, train_cand, source) of predefined split ``spec.split``
+    of a real-world partial-label data set (``<root>/<file>`` or ``<root>/pll/<file>``)."""
+    info = DATASETS[spec.name]
+    assert info.file is not None
+    root = _pll_root(spec)
+    looked = [root / info.file, root / "pll" / info.file]
+    path = next((p for p in looked if p.is_file()), None)
+    if path is None:
+        raise DatasetNotFoundError(
+            f"{spec.name}: {info.file} not found (looked for {' and '.join(str(p) for p in looked)}). "
+            f"Set the dataset's `root:` in grid.yaml to the directory holding {info.file}, or put it in "
+            f"$COREG_DATA_ROOT or $COREG_DATA_ROOT/pll (default {default_data_root()}). "
+            f"There is no automatic download; the file is in {PLL_SOURCE}."
+        )
+    from scipy.io import loadmat
+
+    try:
+        mat = loadmat(str(path))
+    except Exception as err:  # truncated file, HDF5 (v7.3) instead of v5, not a .mat at all
+        raise DatasetNotFoundError(f"{spec.name}: {path} is not a readable MATLAB v5 file ({type(err).__name__}: {err})") from err
+    missing = [k for k in ("features", "p_labels", "logitlabels", "tr", "te") if k not in mat]
+    if missing:
+        raise ValueError(f"{spec.name}: {path} lacks the key(s) {missing}; has {sorted(k for k in mat if not k.startswith('__'))}")
+    x = _sparse_to_dense(mat["features"]).astype(np.float64)  # (N, D)
+    cand = _sparse_to_dense(mat["p_labels"]) > 0  # (N, C)
+    onehot = _sparse_to_dense(mat["logitlabels"])  # (N, C)
+    if not (x.shape[0] == cand.shape[0] == onehot.shape[0]) or cand.shape != onehot.shape:
+        raise ValueError(f"{spec.name}: {path}: features {x.shape}, p_labels {cand.shape}, logitlabels {onehot.shape} disagree")
+    if not np.all(onehot.sum(axis=1) == 1):
+        raise ValueError(f"{spec.name}: {path}: logitlabels is not one-hot")
+    y = onehot.argmax(axis=1).astype(np.int64)
+    tr, te = np.asarray(mat["tr"]).ravel(), np.asarray(mat["te"]).ravel()
+    split = 0 if spec.split is None else spec.split
+    if not split < min(len(tr), len(te)):
+        raise ValueError(f"{spec.name}: split {split} asked but {path} has {min(len(tr), len(te))} splits")
+    train = np.asarray(tr[split], dtype=np.int64).ravel() - 1  # MATLAB indices are 1-based
+    test = np.asarray(te[split], dtype=np.int64).ravel() - 1
+    n = len(y)
+    if train.min() < 0 or test.min() < 0 or train.max() >= n or test.max() >= n or np.intersect1d(train, test).size:
+        raise ValueError(f"{spec.name}: {path}: split {split} has indices outside 1..{n} or shared by train and test")
+    source = {"source": str(path.name), "split": {"predefined": split, "of": int(min(len(tr), len(te)))}}
+    return x[train].astype(np.float32), y[train], x[test].astype(np.float32), y[test], cand[train], source
+
+
 # --------------------------------------------------------------------------------------------
 
 
@@ -385,6 +482,39 @@ def fingerprint(*arrays: np.ndarray) -> str:
     return h.hexdigest()
 
 
+def feature_stats(x: np.ndarray, scaling: str = "per_feature") -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-dimension mean and scale of features (N, D) for ``DatasetSpec.feature_scaling``.
+
+    ``per_feature``: each dimension's std (a constant dimension gets 1, i.e. is left unscaled).
+    ``global``: one scale for every dimension, the root of the mean variance, so the relative
+    scales of the dimensions (e.g. PCA components) survive.
+    """
+    mean = x.astype(np.float64).mean(axis=0)
+    var = x.astype(np.float64).var(axis=0)
+    if scaling == "per_feature":
+        std = np.sqrt(var)
+        std[std == 0] = 1.0
+    elif scaling == "global":
+        std = np.full_like(var, np.sqrt(var.mean()) or 1.0)
+    else:
+        raise ValueError(f"unknown feature scaling {scaling!r}; allowed: per_feature, global")
+    return tuple(float(m) for m in mean), tuple(float(v) for v in std)
+
+
+def _check_arrays(spec: DatasetSpec, info: DatasetInfo, what: str, x: np.ndarray, y: np.ndarray) -> None:
+    if info.kind == "features":
+        ok, expected = x.dtype == np.float32 and x.shape[1:] == (info.feature_dim,), f"float32 (N, {info.feature_dim})"
+        noun = "features"
+    else:
+        shape = (info.channels, info.image_size, info.image_size)
+        ok, expected = x.dtype == np.uint8 and x.shape[1:] == shape, f"uint8 (N, {shape})"
+        noun = "images"
+    if not ok or len(x) != len(y):
+        raise ValueError(f"{spec.name}: {what} {noun} are {x.dtype} {x.shape} with {len(y)} labels; expected {expected}")
+    if y.min() < 0 or y.max() >= info.num_classes:
+        raise ValueError(f"{spec.name}: {what} labels span [{y.min()}, {y.max()}], expected [0, {info.num_classes - 1}]")
+
+
 def load_dataset(spec: DatasetSpec) -> Dataset:
     """Load a data set described by a grid.yaml ``datasets:`` entry.
 
@@ -394,19 +524,18 @@ def load_dataset(spec: DatasetSpec) -> Dataset:
     if spec.name not in DATASETS:
         raise ValueError(f"unknown dataset {spec.name!r}; allowed: {', '.join(sorted(DATASETS))}")
     info = DATASETS[spec.name]
-    train_x, train_y, test_x, test_y, source = _LOADERS[spec.name](spec)
-    expected_shape = (info.channels, info.image_size, info.image_size)
+    train_cand = None
+    if info.kind == "features":
+        train_x, train_y, test_x, test_y, train_cand, source = _load_pll_mat(spec)
+        if train_cand.shape != (len(train_y), info.num_classes):
+            raise ValueError(f"{spec.name}: candidate sets are {train_cand.shape}, expected ({len(train_y)}, {info.num_classes})")
+        mean, std = feature_stats(train_x, spec.feature_scaling or "per_feature")  # the split's training part only
+    else:
+        train_x, train_y, test_x, test_y, source = _LOADERS[spec.name](spec)
     for what, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
-        if x.dtype != np.uint8 or x.shape[1:] != expected_shape or len(x) != len(y):
-            raise ValueError(
-                f"{spec.name}: {what} images are {x.dtype} {x.shape} with {len(y)} labels; "
-                f"expected uint8 (N, {expected_shape})"
-            )
-        if y.min() < 0 or y.max() >= info.num_classes:
-            raise ValueError(
-                f"{spec.name}: {what} labels span [{y.min()}, {y.max()}], expected [0, {info.num_classes - 1}]"
-            )
-    mean, std = channel_stats(train_x)
+        _check_arrays(spec, info, what, x, y)
+    if info.kind == "image":
+        mean, std = channel_stats(train_x)
 
     for what, n, purpose in (("subsample", spec.subsample, 1), ("test_subsample", spec.test_subsample, 2)):
         if n is None:
@@ -415,11 +544,12 @@ def load_dataset(spec: DatasetSpec) -> Dataset:
         if n > len(y):
             raise ValueError(
                 f"{spec.name}: {what}={n} exceeds the {len(y)} available "
-                f"{'training' if purpose == 1 else 'test'} images"
+                f"{'training' if purpose == 1 else 'test'} {'samples' if info.kind == 'features' else 'images'}"
             )
         keep = stratified_subset(y, n, _subset_rng(spec.subsample_seed, purpose))
         if purpose == 1:
             train_x, train_y = train_x[keep], train_y[keep]
+            train_cand = None if train_cand is None else train_cand[keep]
         else:
             test_x, test_y = test_x[keep], test_y[keep]
 
@@ -430,7 +560,7 @@ def load_dataset(spec: DatasetSpec) -> Dataset:
         "test_subsample": spec.test_subsample,
         "num_train": int(len(train_y)),
         "num_test": int(len(test_y)),
-        "sha256": fingerprint(train_x, train_y, test_x, test_y),
+        "sha256": fingerprint(train_x, train_y, test_x, test_y, *(() if train_cand is None else (train_cand,))),
     }
     if spec.subsample is not None or spec.test_subsample is not None:
         identity["subsample_seed"] = spec.subsample_seed  # the digits split carries its own seed
@@ -446,4 +576,6 @@ def load_dataset(spec: DatasetSpec) -> Dataset:
         hflip=info.hflip,
         default_backbone=info.default_backbone,
         identity=identity,
+        kind=info.kind,
+        train_cand=train_cand,
     )

@@ -1,0 +1,290 @@
+"""Paper-style results tables of a sweep, built from its MLflow runs and logged on its parent run.
+
+Rows are methods (an ablation or an overridden rerun is a row of its own, ``coreg [no_prototypes]``);
+columns are the grid cells without the seed, labelled by the axes that vary in the sweep: datasets
+(and annotators) for a Table I-style sweep, ``q=0.3 eta=0.1`` for a Table III-style one. For every
+cell and seed the best run of the row is chosen by the study's label-free objective (never by a test
+metric); an entry is the mean +- std over seeds (and predefined splits, for data sets that have them) of
+that run's test accuracy, in %, with the best
+entry of each column marked. Two accuracies are reported side by side: the last epoch's, and the one
+at the epoch the objective selected (``test/acc_selected``).
+
+Beside it, the annotation summary: per data set and annotator (and q, eta for synthetic ones), the
+zero-shot test accuracy (CLIP: single template and template average), the partial accuracy (true
+label in S), the mean |S| and the realised eta, averaged over seeds.
+
+Artifacts on the parent run: ``tables/results.md``, ``tables/results.csv`` (one line per row and
+column with the best run id of every seed), ``tables/results.html`` and ``tables/annotations.csv``.
+The chosen runs are tagged ``best_in_cell=true`` (every other trial run of the same row, cell and
+seed ``false``), so MLflow's search box finds them: ``tags.best_in_cell = 'true'``.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.config import OBJECTIVES
+
+CELL_AXES = ("dataset", "annotator", "q", "eta", "shots", "fraction")
+ANNOTATION_COLUMNS = (
+    ("zero-shot acc % (test)", "annotation/zs_acc_test", 100.0),
+    ("zero-shot* acc % (test)", "annotation/zs_acc_avg_test", 100.0),
+    ("partial acc %", "annotation/partial_acc", 100.0),
+    ("mean set size", "annotation/mean_set_size", 1.0),
+    ("eta realised %", "annotation/eta_realised", 100.0),
+)
+
+
+@dataclass
+class Entry:
+    """One table entry: the best run of a row for each seed of a cell."""
+
+    row: str
+    column: str
+    cell: dict[str, str]
+    best_runs: dict[str, str] = field(default_factory=dict)  # seed -> run id
+    last: list[float] = field(default_factory=list)
+    selected: list[float] = field(default_factory=list)
+
+    @staticmethod
+    def _stats(values: list[float]) -> tuple[float, float]:
+        if not values:
+            return float("nan"), float("nan")
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+    @property
+    def last_stats(self) -> tuple[float, float]:
+        return self._stats(self.last)
+
+    @property
+    def selected_stats(self) -> tuple[float, float]:
+        return self._stats(self.selected)
+
+
+@dataclass
+class Tables:
+    entries: list[Entry]
+    rows_order: list[str]
+    columns_order: list[str]
+    annotations: list[dict[str, Any]]
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        """One dict per entry (the CSV's lines)."""
+        out = []
+        for e in self.entries:
+            (lm, ls), (sm, ss) = e.last_stats, e.selected_stats
+            out.append(
+                {
+                    "row": e.row,
+                    "column": e.column,
+                    **e.cell,
+                    "seeds": len(e.last),
+                    "test_acc_mean": lm,
+                    "test_acc_std": ls,
+                    "selected_acc_mean": sm,
+                    "selected_acc_std": ss,
+                    "best_in_column": self.is_best(e, "last"),
+                    "best_in_column_selected": self.is_best(e, "selected"),
+                    "best_runs": ";".join(f"seed{s}:{r}" for s, r in sorted(e.best_runs.items())),
+                }
+            )
+        return out
+
+    def _entry(self, row: str, column: str) -> Entry | None:
+        return next((e for e in self.entries if e.row == row and e.column == column), None)
+
+    def is_best(self, entry: Entry, which: str) -> bool:
+        def mean(e: Entry) -> float:
+            return (e.last_stats if which == "last" else e.selected_stats)[0]
+
+        same_column = [mean(e) for e in self.entries if e.column == entry.column and e.last]
+        return bool(same_column) and mean(entry) == max(same_column)
+
+    def _grid(self, which: str, fmt) -> list[list[str]]:
+        lines = []
+        for row in self.rows_order:
+            cells = []
+            for column in self.columns_order:
+                e = self._entry(row, column)
+                if e is None or not e.last:
+                    cells.append("-")
+                    continue
+                m, s = e.last_stats if which == "last" else e.selected_stats
+                cells.append(fmt(f"{100 * m:.2f} ± {100 * s:.2f}", self.is_best(e, which)))
+            lines.append([row, *cells])
+        return lines
+
+    def markdown(self) -> str:
+        head = "| method | " + " | ".join(self.columns_order) + " |"
+        sep = "|---|" + "---|" * len(self.columns_order)
+        parts = []
+        for which, title in (
+            ("last", "Test accuracy % at the last epoch"),
+            ("selected", "Test accuracy % at the epoch chosen by the label-free objective"),
+        ):
+            parts += [f"### {title} (mean ± std over seeds, and splits where a data set has them; best per column in bold)", "", head, sep]
+            parts += ["| " + " | ".join(line) + " |" for line in self._grid(which, lambda t, b: f"**{t}**" if b else t)]
+            parts.append("")
+        parts += ["### Annotations (mean over seeds)", "", self._annotation_markdown()]
+        return "\n".join(parts) + "\n"
+
+    def _annotation_markdown(self) -> str:
+        if not self.annotations:
+            return "(no annotation runs)"
+        keys = [k for k in ("dataset", "annotator", "q", "eta") if any(a[k] for a in self.annotations)]
+        cols = [c for c in ANNOTATION_COLUMNS if any(a.get(c[1]) is not None for a in self.annotations)]
+        lines = ["| " + " | ".join(keys + [c[0] for c in cols]) + " |", "|" + "---|" * (len(keys) + len(cols))]
+        for a in self.annotations:
+            values = [("-" if a.get(m) is None else f"{scale * a[m]:.2f}") for _, m, scale in cols]
+            lines.append("| " + " | ".join([a[k] for k in keys] + values) + " |")
+        return "\n".join(lines)
+
+    def csv(self) -> str:
+        buf = io.StringIO()
+        rows = self.rows
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["row", "column"])
+        writer.writeheader()
+        writer.writerows(rows)
+        return buf.getvalue()
+
+    def annotations_csv(self) -> str:
+        buf = io.StringIO()
+        fields = ["dataset", "annotator", "q", "eta", "seeds"] + [m for _, m, _ in ANNOTATION_COLUMNS]
+        writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(self.annotations)
+        return buf.getvalue()
+
+    def html(self, title: str) -> str:
+        def table(which: str, caption: str) -> str:
+            head = "".join(f"<th>{html.escape(c)}</th>" for c in ["method", *self.columns_order])
+            body = "".join(
+                "<tr>" + "".join(f"<td>{c}</td>" for c in line) + "</tr>"
+                for line in self._grid(which, lambda t, b: f"<b>{html.escape(t)}</b>" if b else html.escape(t))
+            )
+            return f"<h3>{html.escape(caption)}</h3><table><tr>{head}</tr>{body}</table>"
+
+        style = (
+            "body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;margin-bottom:1.5em}"
+            "td,th{border:1px solid #bbb;padding:4px 10px;text-align:right}td:first-child,th:first-child{text-align:left}"
+            "b{color:#0a5}"
+        )
+        ann = self._annotation_markdown().splitlines()
+        ann_html = ""
+        if len(ann) > 2:
+            cells = [[c.strip() for c in line.strip("|").split("|")] for line in ann if not line.startswith("|---")]
+            ann_html = "<h3>Annotations (mean over seeds)</h3><table>" + "".join(
+                "<tr>" + "".join(f"<{'th' if i == 0 else 'td'}>{html.escape(c)}</{'th' if i == 0 else 'td'}>" for c in row) + "</tr>"
+                for i, row in enumerate(cells)
+            ) + "</table>"
+        return (
+            f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head>"
+            f"<body><h2>{html.escape(title)}</h2>"
+            + table("last", "Test accuracy % at the last epoch (mean ± std over seeds)")
+            + table("selected", "Test accuracy % at the epoch chosen by the label-free objective")
+            + ann_html
+            + "</body></html>"
+        )
+
+    def console(self) -> str:
+        return self.markdown()
+
+
+def row_label(tags: dict[str, str]) -> str:
+    base, variant = tags.get("label") or tags["method"], tags.get("variant", "")
+    return f"{base} [{variant}]" if variant else base
+
+
+def _column_labels(cells: list[dict[str, str]]) -> dict[tuple, str]:
+    """Label each cell by the axes that vary across the sweep (the dataset name when none does)."""
+    varying = [a for a in CELL_AXES if len({c[a] for c in cells}) > 1]
+    if "q" in varying or "eta" in varying:  # Table III style: a column is a (q, eta) pair
+        varying = [a for a in CELL_AXES if a in varying or a in ("q", "eta")]
+    labels = {}
+    for c in cells:
+        parts = []
+        for axis in varying:
+            parts.append(c[axis] if axis in ("dataset", "annotator") else f"{'frac' if axis == 'fraction' else axis}={c[axis]}")
+        labels[tuple(c[a] for a in CELL_AXES)] = " ".join(parts) or c["dataset"]
+    return labels
+
+
+def build(trial_runs: list[Any], annotation_runs: list[Any]) -> tuple[Tables, dict[str, bool]]:
+    """Tables from finished trial runs (MLflow ``Run`` objects) and the best-run flag of every run."""
+    groups: dict[tuple[str, tuple, str], list[Any]] = defaultdict(list)
+    cells: dict[tuple, dict[str, str]] = {}
+    for run in trial_runs:
+        tags = run.data.tags
+        if run.info.status != "FINISHED" or "test/acc" not in run.data.metrics:
+            continue
+        cell = {a: tags.get(a, "") for a in CELL_AXES}
+        key = tuple(cell.values())
+        cells[key] = cell
+        # Replicates pooled in an entry: seeds, and the predefined splits of a data set that has them.
+        replicate = tags.get("seed", "") + (f"/split{tags['split']}" if tags.get("split") else "")
+        groups[(row_label(tags), key, replicate)].append(run)
+
+    labels = _column_labels(list(cells.values()))
+    entries: dict[tuple[str, tuple], Entry] = {}
+    flags: dict[str, bool] = {}
+    for (row, key, replicate), runs in sorted(groups.items()):
+        objective = runs[0].data.tags.get("objective", "val/covering_rate")
+        sign = 1.0 if OBJECTIVES.get(objective, "max") == "max" else -1.0
+        best = max(runs, key=lambda r: sign * r.data.metrics.get(objective, -sign * float("inf")))
+        for r in runs:
+            flags[r.info.run_id] = r is best
+        entry = entries.setdefault((row, key), Entry(row, labels[key], cells[key]))
+        entry.best_runs[replicate] = best.info.run_id
+        entry.last.append(best.data.metrics["test/acc"])
+        entry.selected.append(best.data.metrics.get("test/acc_selected", best.data.metrics["test/acc"]))
+
+    rows_order = sorted({row for row, _ in entries}, key=lambda r: (r.split(" [")[0], r))
+    columns_order = [labels[k] for k in sorted(cells, key=lambda k: tuple(_sort_key(v) for v in k))]
+    return Tables(list(entries.values()), rows_order, list(dict.fromkeys(columns_order)), _annotation_rows(annotation_runs)), flags
+
+
+def _sort_key(value: str) -> tuple:
+    try:
+        return (0, float(value), "")
+    except ValueError:
+        return (1, 0.0, value)
+
+
+def _annotation_rows(runs: list[Any]) -> list[dict[str, Any]]:
+    grouped: dict[tuple, list[Any]] = defaultdict(list)
+    for run in runs:
+        tags = run.data.tags
+        grouped[tuple(tags.get(k, "") for k in ("dataset", "annotator", "q", "eta"))].append(run)
+    out = []
+    for key, group in sorted(grouped.items()):
+        row: dict[str, Any] = dict(zip(("dataset", "annotator", "q", "eta"), key))
+        row["seeds"] = len(group)
+        for _, metric, _ in ANNOTATION_COLUMNS:
+            values = [r.data.metrics[metric] for r in group if metric in r.data.metrics]
+            row[metric] = statistics.fmean(values) if values else None
+        out.append(row)
+    return out
+
+
+def publish(tracker, parent: str, title: str | None = None) -> Tables:
+    """Build the tables of the sweep ``parent``, tag the best runs and log the artifacts."""
+    trial_runs = tracker.children(parent, "trial")
+    tables, flags = build(trial_runs, tracker.children(parent, "annotation"))
+    current = {r.info.run_id: r.data.tags.get("best_in_cell") for r in trial_runs}
+    for run_id, is_best in flags.items():
+        value = "true" if is_best else "false"
+        if current.get(run_id) != value:
+            tracker.set_tags(run_id, {"best_in_cell": value})
+    title = title or f"Results of {tracker.client.get_run(parent).info.run_name}"
+    tracker.log_text(parent, tables.markdown(), "tables/results.md")
+    tracker.log_text(parent, tables.csv(), "tables/results.csv")
+    tracker.log_text(parent, tables.html(title), "tables/results.html")
+    tracker.log_text(parent, tables.annotations_csv(), "tables/annotations.csv")
+    return tables

@@ -1,0 +1,300 @@
+"""The deployable student: a finished trial's final model as an MLflow pyfunc model.
+
+A trial's checkpoint holds the whole algorithm state. The student rebuilds the algorithm from the
+trial's resolved config through the registry (:func:`trainables.loop.build_from_info`, no data
+needed), loads that state and predicts with the algorithm's own ``predict`` after the trial's
+evaluation view (the same normalisation), so its predictions are the trial's. Usage::
+
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/student")
+    model.predict(images)  # (N, C, H, W) uint8 -> DataFrame: class_id, class_name, probability
+    mlflow models serve -m runs:/<run_id>/student --env-manager local
+
+Details:
+
+1. The model ships the project's ``trainables`` package (``code_paths``) and is saved "from code"
+   (MLflow 3's way, no pickle): this file is copied into the model and MLflow runs it at load time,
+   where the guard at its end registers :class:`StudentModel`. So the model loads in an environment
+   with torch, numpy, pandas, scikit-learn and MLflow but without this project installed.
+2. Its MLmodel metadata holds the class names and the preprocessing (data kind, mean / std, input
+   shape, dtype); the signature pins the input tensor's shape and dtype (``(-1, C, H, W)`` uint8
+   images or ``(-1, D)`` float32 features). Called unwrapped (``unwrap_python_model().predict``),
+   grey images may also come as ``(N, H, W)``.
+3. It is written with ``mlflow.pyfunc.save_model`` and logged as run artifacts ``student/``: MLflow
+   3's ``log_model`` would put it under a separate LoggedModel location instead of the trial run and
+   needs the process-global fluent tracking URI, while the driver logs through explicit clients.
+4. The whole algorithm state is shipped (optimisers and per-sample state included), because
+   ``load_state_dict`` is the one generic way to restore any registered method.
+5. Methods without trainable parameters (zero-shot annotator baselines) have no student: skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import tempfile
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.models import ModelSignature
+from mlflow.pyfunc import PythonModel
+from mlflow.types import ColSpec, Schema, TensorSpec
+from torch import nn
+
+import trainables
+
+STUDENT_PATH = "student"
+PLOTS_PATH = "plots"
+TRAINABLES_DIR = Path(trainables.__file__).parent
+REQUIREMENTS = ("torch", "numpy", "pandas", "scikit-learn")
+
+
+class StudentModel(PythonModel):
+    """pyfunc wrapper: raw samples in, class ids / names / probabilities out."""
+
+    def load_context(self, context) -> None:
+        from trainables.common.augment import make_views
+        from trainables.loop import build_from_info
+
+        info = context.model_config
+        pre = info["preprocessing"]
+        self.class_names = list(info["class_names"])
+        self.input_shape = tuple(pre["input_shape"])
+        self.dtype = np.dtype(pre["dtype"])
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.algo = build_from_info(
+            info["config"],
+            num_classes=len(self.class_names),
+            sample_shape=self.input_shape,
+            default_backbone=info["default_backbone"],
+            num_samples=info["num_samples"],
+            device=self.device,
+        )
+        state = torch.load(context.artifacts["algorithm"], map_location=self.device, weights_only=False)
+        self.algo.load_state_dict(state)
+        generator = torch.Generator().manual_seed(0)  # unused by the plain view
+        self.view = make_views(pre["kind"], mean=pre["mean"], std=pre["std"], hflip=False, generator=generator).plain
+
+    def predict(self, context, model_input: np.ndarray, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        from trainables.loop import predict
+
+        x = np.asarray(model_input, dtype=self.dtype)
+        if len(self.input_shape) == 3 and self.input_shape[0] == 1 and x.ndim == 3:
+            x = x[:, None]  # grey images given as (N, H, W)
+        if x.shape[1:] != self.input_shape:
+            raise ValueError(f"expected samples of shape {self.input_shape}, got {x.shape[1:]}")
+        probs = predict(self.algo, torch.as_tensor(x).to(self.device), self.view).softmax(1)
+        confidence, ids = (t.cpu().numpy() for t in probs.max(1))
+        names = [self.class_names[i] for i in ids]
+        return pd.DataFrame({"class_id": ids.astype(np.int64), "class_name": names, "probability": confidence})
+
+
+def has_parameters(algo: Any) -> bool:
+    """Whether the algorithm holds a network with trainable parameters, directly or in a member
+    object / tuple (``SingleNet.net``, Co-Reg's ``nets``)."""
+
+    def modules(obj: Any, depth: int):
+        if isinstance(obj, nn.Module):
+            yield obj
+        elif isinstance(obj, (list, tuple)):
+            for item in obj:
+                yield from modules(item, depth)
+        elif depth > 0 and hasattr(obj, "__dict__") and not isinstance(obj, type):
+            for value in vars(obj).values():
+                yield from modules(value, depth - 1)
+
+    return any(p.requires_grad for m in modules(algo, 2) for p in m.parameters())
+
+
+def model_info(config: dict[str, Any], dataset: Any, num_samples: int) -> dict[str, Any]:
+    """What the student needs besides the algorithm state (its pyfunc ``model_config``)."""
+    kind = getattr(dataset, "kind", "image")
+    return {
+        "config": config,
+        "class_names": list(dataset.class_names),
+        "default_backbone": dataset.default_backbone,
+        "num_samples": int(num_samples),
+        "preprocessing": {
+            "kind": kind,
+            "input_shape": list(dataset.train_x.shape[1:]),
+            "dtype": str(dataset.train_x.dtype),
+            "mean": None if dataset.mean is None else [float(v) for v in dataset.mean],
+            "std": None if dataset.std is None else [float(v) for v in dataset.std],
+            "scaling": "uint8 / 255, then (x - mean) / std per channel"
+            if kind == "image"
+            else "(x - mean) / std per dimension",
+        },
+    }
+
+
+def signature(info: dict[str, Any]) -> ModelSignature:
+    pre = info["preprocessing"]
+    inputs = Schema([TensorSpec(np.dtype(pre["dtype"]), (-1, *pre["input_shape"]))])
+    outputs = Schema([ColSpec("long", "class_id"), ColSpec("string", "class_name"), ColSpec("float", "probability")])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def requirements() -> list[str]:
+    pins = [f"mlflow=={mlflow.__version__}"]
+    return pins + [f"{name}=={version(name).split('+')[0]}" for name in REQUIREMENTS]
+
+
+def save_student(
+    path: Path, algorithm_state: dict[str, Any], info: dict[str, Any], example: np.ndarray | None = None
+) -> None:
+    """Write the student as an MLflow model directory at ``path`` (which must not exist yet).
+    ``example``: a few raw samples, saved as the model's input example (and serving example)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        state_file = Path(tmp) / "algorithm.pt"
+        torch.save(algorithm_state, state_file)
+        config = info["config"]
+        metadata = {  # copies: shared objects would become YAML aliases in the MLmodel file
+            "class_names": list(info["class_names"]),
+            "preprocessing": dict(info["preprocessing"]),
+            "method": config["method"],
+            "trial_signature": config.get("signature", ""),
+            "study": config.get("study", ""),
+        }
+        with _env(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):  # no progress bar per trial in the sweep's console
+            mlflow.pyfunc.save_model(
+                str(path),
+                python_model=__file__,  # "models from code": this file is the model's code, see the end of it
+                artifacts={"algorithm": str(state_file)},
+                model_config=info,
+                code_paths=[str(TRAINABLES_DIR)],
+                signature=signature(info),
+                input_example=example,
+                metadata=metadata,
+                pip_requirements=requirements(),
+            )
+
+
+def load_trained(checkpoint_dir: Path, dataset: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """(algorithm rebuilt from the checkpoint's config and loaded with its state on the CPU, that
+    state, the student's model info)."""
+    from trainables.loop import CHECKPOINT_FILE, build_from_info
+
+    state = torch.load(Path(checkpoint_dir) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    info = model_info(state["config"], dataset, state["num_samples"])
+    algo = build_from_info(
+        info["config"],
+        num_classes=len(info["class_names"]),
+        sample_shape=tuple(info["preprocessing"]["input_shape"]),
+        default_backbone=info["default_backbone"],
+        num_samples=info["num_samples"],
+        device=torch.device("cpu"),
+    )
+    algo.load_state_dict(state["algorithm"])
+    return algo, state["algorithm"], info
+
+
+def log_student(client: Any, run_id: str, checkpoint_dir: Path, dataset: Any) -> bool:
+    """Log the checkpoint's model as ``student/`` of ``run_id``. False (nothing logged) for a method
+    without trainable parameters."""
+    algo, algorithm_state, info = load_trained(checkpoint_dir, dataset)
+    if not has_parameters(algo):
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        save_student(Path(tmp) / STUDENT_PATH, algorithm_state, info, example=dataset.test_x[:2])
+        client.log_artifacts(run_id, str(Path(tmp) / STUDENT_PATH), STUDENT_PATH)
+    return True
+
+
+@functools.lru_cache(maxsize=2)
+def _load_dataset(spec_json: str) -> Any:
+    from orchestrator.config import DatasetSpec
+    from trainables.common.data import load_dataset
+
+    return load_dataset(DatasetSpec(**json.loads(spec_json)))
+
+
+def driver_dataset(config: dict[str, Any]) -> Any:
+    """The trial's data set, loaded on the driver (cached): class names, preprocessing, test labels."""
+    return _load_dataset(json.dumps(config["cell"]["dataset"], sort_keys=True))
+
+
+def log_trial_artifacts(
+    client: Any, run_id: str, config: dict[str, Any], history: Sequence[dict[str, float]], checkpoint: Any
+) -> list[str]:
+    """Everything logged for a finished trial besides its metrics: ``plots/*.png`` and ``student/``.
+
+    ``checkpoint`` is Tune's latest checkpoint of the trial (or None); the last epoch's holds the
+    test predictions the confusion matrix needs. Returns the artifact paths logged."""
+    from orchestrator import plots
+    from trainables.loop import CHECKPOINT_FILE, PREDICTIONS_FILE
+
+    dataset = driver_dataset(config)
+    history = _with_logged_epochs(client, run_id, history)
+    title = f"{config['method']}  {cell_label(config['cell'])}"
+    logged = []
+    with tempfile.TemporaryDirectory() as tmp, _as_directory(checkpoint) as ckpt:
+        predictions = ckpt / PREDICTIONS_FILE if ckpt is not None else None
+        test_pred = np.load(predictions)["test_pred"] if predictions is not None and predictions.exists() else None
+        figures = plots.trial_figures(
+            history, test_pred=test_pred, test_y=dataset.test_y, class_names=dataset.class_names, title=title
+        )
+        for path in plots.save_figures(figures, Path(tmp) / PLOTS_PATH):
+            logged.append(f"{PLOTS_PATH}/{path.name}")
+        if figures:
+            client.log_artifacts(run_id, str(Path(tmp) / PLOTS_PATH), PLOTS_PATH)
+        if ckpt is not None and (ckpt / CHECKPOINT_FILE).exists() and log_student(client, run_id, ckpt, dataset):
+            logged.append(f"{STUDENT_PATH}/MLmodel")
+    return logged
+
+
+def cell_label(cell: dict[str, Any]) -> str:
+    """``digits flip q=0.3 eta=0.3 shots=0 frac=1 seed=0`` (a figure title)."""
+    parts = [cell["dataset"]["name"], cell["annotator"]["name"]]
+    parts += [f"{axis}={cell[axis]:g}" for axis in ("q", "eta") if cell.get(axis) is not None]
+    return " ".join(parts + [f"shots={cell['shots']}", f"frac={cell['unlabeled_fraction']:g}", f"seed={cell['seed']}"])
+
+
+def _with_logged_epochs(client: Any, run_id: str, history: Sequence[dict[str, float]]) -> list[dict[str, float]]:
+    """A trial resumed by a later sweep reports only the epochs after its checkpoint: the earlier
+    ones come from the run's metric history in MLflow."""
+    first = min((int(r["epoch"]) for r in history if "epoch" in r), default=1)
+    if first <= 1:
+        return list(history)
+    earlier: dict[int, dict[str, float]] = defaultdict(dict)
+    for key in {k for r in history for k in r if k != "epoch"}:
+        for m in client.get_metric_history(run_id, key):
+            if m.step < first:
+                earlier[m.step][key] = m.value
+    return [{"epoch": step, **earlier[step]} for step in sorted(earlier)] + list(history)
+
+
+@contextlib.contextmanager
+def _env(**values: str) -> Iterator[None]:
+    """Environment variables set for the duration of the block."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
+def _as_directory(checkpoint: Any) -> Iterator[Path | None]:
+    """``checkpoint.as_directory()`` as a Path, or None for no checkpoint."""
+    if checkpoint is None:
+        yield None
+    else:
+        with checkpoint.as_directory() as directory:
+            yield Path(directory)
+
+
+if __name__.startswith("code_model_"):  # MLflow runs this file as the student's model code
+    mlflow.models.set_model(StudentModel())

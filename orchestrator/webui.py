@@ -1,0 +1,270 @@
+"""A small web page that lists a sweep's trial runs and launches their reruns and ablations.
+
+    python -m orchestrator.webui --tracking-uri http://head:5000 [--ray-address http://head:8265] [--port 8265]
+
+Pages: ``/`` lists the sweeps (parent runs) of every experiment; ``/sweep/<run id>`` shows the
+sweep's results table and one line per trial run (method, cell, seed, test accuracy, objective,
+best-in-cell flag) with a *Rerun* button and one button per ablation of the method; ``/jobs`` lists
+the launched reruns with their status and the end of their log.
+
+A button runs exactly the command that the trial run's description in the MLflow UI shows
+(``python -m orchestrator.rerun RUN_ID --tracking-uri ... [--ablation NAME]``). With
+``--ray-address`` (the Ray dashboard, ``http://<head>:8265``) it is submitted as a Ray job, so the
+rerun's driver runs on the cluster's head node and its trials on the cluster; without it, the
+command runs as a local process (a laptop, or this page running on the head node itself).
+Standard library only (plus the MLflow client and Ray's job SDK): one file, no front-end build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+STYLE = (
+    "body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;margin:1em 0}"
+    "td,th{border:1px solid #bbb;padding:3px 8px;font-size:14px}th{background:#eee}"
+    "button{margin:1px;font-size:12px}.best{background:#e6f7ec}pre{background:#f6f6f6;padding:6px}"
+)
+
+
+def rerun_command(run_id: str, tracking_uri: str, ablation: str | None = None) -> list[str]:
+    argv = [sys.executable, "-m", "orchestrator.rerun", run_id, "--tracking-uri", tracking_uri]
+    return argv + (["--ablation", ablation] if ablation else [])
+
+
+@dataclass
+class Job:
+    job_id: str
+    command: list[str]
+    started: float = field(default_factory=time.time)
+    process: subprocess.Popen | None = None
+    log_path: Path | None = None
+
+
+class LocalLauncher:
+    """Runs each rerun as a local process (its driver connects to the grid's Ray cluster itself)."""
+
+    kind = "local process"
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = log_dir
+        self.jobs: dict[str, Job] = {}
+
+    def submit(self, argv: list[str]) -> str:
+        job_id = f"rerun-{len(self.jobs) + 1}-{int(time.time())}"
+        log_path = self.log_dir / f"{job_id}.log"
+        with open(log_path, "w") as log:
+            process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.jobs[job_id] = Job(job_id, argv, process=process, log_path=log_path)
+        return job_id
+
+    def status(self, job_id: str) -> str:
+        code = self.jobs[job_id].process.poll()
+        return "RUNNING" if code is None else ("SUCCEEDED" if code == 0 else f"FAILED (exit {code})")
+
+    def logs(self, job_id: str) -> str:
+        return self.jobs[job_id].log_path.read_text(errors="replace")
+
+
+class RayJobLauncher:
+    """Submits each rerun as a Ray job through the cluster's dashboard (job submission API)."""
+
+    kind = "Ray job"
+
+    def __init__(self, address: str):
+        from ray.job_submission import JobSubmissionClient
+
+        self.client = JobSubmissionClient(address)
+        self.jobs: dict[str, Job] = {}
+
+    def submit(self, argv: list[str]) -> str:
+        # The job runs on the head node in the project's environment: the module, not this interpreter.
+        entrypoint = shlex.join(["python", *argv[1:]])
+        job_id = self.client.submit_job(entrypoint=entrypoint)
+        self.jobs[job_id] = Job(job_id, argv)
+        return job_id
+
+    def status(self, job_id: str) -> str:
+        return str(self.client.get_job_status(job_id))
+
+    def logs(self, job_id: str) -> str:
+        return self.client.get_job_logs(job_id)
+
+
+class App:
+    def __init__(self, tracking_uri: str, launcher: Any):
+        from mlflow.tracking import MlflowClient
+
+        self.uri = tracking_uri
+        self.client = MlflowClient(tracking_uri)
+        self.launcher = launcher
+        self.lock = threading.Lock()
+
+    # Pages -------------------------------------------------------------------------------------
+
+    def index(self) -> str:
+        rows = []
+        for exp in self.client.search_experiments():
+            for run in self.client.search_runs([exp.experiment_id], "tags.kind = 'sweep'", order_by=["attributes.start_time DESC"]):
+                rows.append(
+                    f"<tr><td>{html.escape(exp.name)}</td><td><a href='/sweep/{run.info.run_id}'>{html.escape(run.info.run_name or run.info.run_id)}</a></td>"
+                    f"<td>{run.info.status}</td><td>{run.data.params.get('num_trials', '')}</td></tr>"
+                )
+        body = "<table><tr><th>experiment</th><th>sweep</th><th>status</th><th>trials</th></tr>" + "".join(rows) + "</table>"
+        return self._page("Sweeps", body if rows else "<p>No sweeps in this tracking store yet.</p>")
+
+    def sweep(self, parent: str) -> str:
+        from trainables.registry import ALGORITHMS
+
+        run = self.client.get_run(parent)
+        trials = self.client.search_runs(
+            [run.info.experiment_id],
+            f"tags.`mlflow.parentRunId` = '{parent}' and tags.kind = 'trial'",
+            order_by=["tags.cell ASC", "tags.method ASC"],
+            max_results=5000,
+        )
+        table = ""
+        try:
+            table = Path(self.client.download_artifacts(parent, "tables/results.html")).read_text()
+            table = table[table.find("<body>") + 6 : table.rfind("</body>")]
+        except Exception:  # a sweep without tables yet: the runs list is still useful
+            table = "<p>(no results table yet)</p>"
+        lines = []
+        for t in trials:
+            tags, metrics = t.data.tags, t.data.metrics
+            run_id = t.info.run_id
+            spec = ALGORITHMS.get(tags.get("method", ""))
+            buttons = [self._button(run_id, None, "Rerun")]
+            buttons += [self._button(run_id, name, name) for name in (spec.ablations if spec else {})]
+            variant = f" [{html.escape(tags['variant'])}]" if tags.get("variant") else ""
+            lines.append(
+                f"<tr class='{'best' if tags.get('best_in_cell') == 'true' else ''}' data-run='{run_id}'>"
+                f"<td>{html.escape(tags.get('method', ''))}{variant}</td><td>{html.escape(tags.get('cell', ''))}</td>"
+                f"<td>{t.info.status}</td><td>{100 * metrics.get('test/acc', float('nan')):.2f}</td>"
+                f"<td>{metrics.get(tags.get('objective', ''), float('nan')):.4f}</td>"
+                f"<td>{'yes' if tags.get('best_in_cell') == 'true' else ''}</td><td>{''.join(buttons)}</td></tr>"
+            )
+        body = (
+            f"<p><a href='/'>all sweeps</a> · <a href='/jobs'>launched reruns</a> · reruns run as: {self.launcher.kind}</p>"
+            + table
+            + f"<h3>Trial runs ({len(trials)})</h3><table><tr><th>method</th><th>cell</th><th>status</th>"
+            "<th>test acc %</th><th>objective</th><th>best in cell</th><th>launch</th></tr>"
+            + "".join(lines)
+            + "</table>"
+        )
+        return self._page(run.info.run_name or parent, body)
+
+    def jobs(self) -> str:
+        rows = []
+        for job_id, job in sorted(self.launcher.jobs.items(), key=lambda kv: -kv[1].started):
+            log = self.launcher.logs(job_id)[-3000:]
+            rows.append(
+                f"<tr data-job='{html.escape(job_id)}'><td>{html.escape(job_id)}</td><td class='status'>{html.escape(self.launcher.status(job_id))}</td>"
+                f"<td><code>{html.escape(shlex.join(['python', *job.command[1:]]))}</code><pre>{html.escape(log)}</pre></td></tr>"
+            )
+        body = "<p><a href='/'>all sweeps</a></p><table><tr><th>job</th><th>status</th><th>command and log</th></tr>" + "".join(rows) + "</table>"
+        return self._page("Launched reruns", body)
+
+    def launch(self, run_id: str, ablation: str | None) -> str:
+        from orchestrator.rerun import check_ablations
+
+        run = self.client.get_run(run_id)  # unknown ids raise before anything is launched
+        if ablation:
+            check_ablations([ablation], run.data.tags["method"])
+        with self.lock:
+            return self.launcher.submit(rerun_command(run_id, self.uri, ablation))
+
+    # Helpers -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _button(run_id: str, ablation: str | None, label: str) -> str:
+        hidden = f"<input type='hidden' name='ablation' value='{html.escape(ablation)}'>" if ablation else ""
+        return (
+            f"<form method='post' action='/launch' style='display:inline'><input type='hidden' name='run_id' value='{run_id}'>"
+            f"{hidden}<button type='submit' data-ablation='{html.escape(ablation or '')}'>{html.escape(label)}</button></form>"
+        )
+
+    @staticmethod
+    def _page(title: str, body: str) -> str:
+        return (
+            f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{STYLE}</style></head>"
+            f"<body><h2>{html.escape(title)}</h2>{body}</body></html>"
+        )
+
+
+def make_server(app: App, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
+    class Handler(BaseHTTPRequestHandler):
+        def _send(self, code: int, text: str, location: str | None = None) -> None:
+            data = text.encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            if location:
+                self.send_header("Location", location)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:  # noqa: N802
+            path = urlparse(self.path).path
+            try:
+                if path == "/":
+                    self._send(200, app.index())
+                elif path.startswith("/sweep/"):
+                    self._send(200, app.sweep(path.rsplit("/", 1)[-1]))
+                elif path == "/jobs":
+                    self._send(200, app.jobs())
+                else:
+                    self._send(404, App._page("Not found", f"<p>{html.escape(path)}</p>"))
+            except Exception as err:  # shown, not swallowed: the page is a research tool
+                self._send(500, App._page("Error", f"<pre>{html.escape(repr(err))}</pre>"))
+
+        def do_POST(self) -> None:  # noqa: N802
+            if urlparse(self.path).path != "/launch":
+                self._send(404, App._page("Not found", ""))
+                return
+            length = int(self.headers.get("Content-Length", "0"))
+            form = parse_qs(self.rfile.read(length).decode())
+            try:
+                app.launch(form["run_id"][0], form.get("ablation", [None])[0])
+            except Exception as err:
+                self._send(400, App._page("Cannot launch", f"<pre>{html.escape(str(err))}</pre>"))
+                return
+            self._send(303, "", location="/jobs")
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    return ThreadingHTTPServer((host, port), Handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.webui", description=__doc__.splitlines()[0])
+    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{Path('results/mlflow.db').resolve()}"))
+    parser.add_argument("--ray-address", help="Ray dashboard address (http://<head>:8265): submit reruns as Ray jobs")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    args = parser.parse_args(argv)
+    launcher = RayJobLauncher(args.ray_address) if args.ray_address else LocalLauncher(Path(tempfile.mkdtemp(prefix="reruns-")))
+    server = make_server(App(args.tracking_uri, launcher), args.host, args.port)
+    print(f"rerun page on http://{args.host}:{server.server_port} (tracking {args.tracking_uri}; reruns as {launcher.kind})", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""The deployable student: a trained trial's model as an MLflow pyfunc model that predicts what the
+trial predicted, from raw images, also where the project is not installed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from orchestrator.annotation.stage import annotate
+from orchestrator.config import parse_grid
+from orchestrator.plan import expand
+from orchestrator.student import (
+    STUDENT_PATH,
+    _with_logged_epochs,
+    has_parameters,
+    load_trained,
+    log_student,
+    log_trial_artifacts,
+)
+from trainables.common.data import load_dataset
+from trainables.loop import PREDICTIONS_FILE, build_from_info, predict, run_trial
+from trainables.registry import ALGORITHMS
+
+EPOCHS = 3
+
+
+def tiny_config(tmp_path: Path, method: str, **params) -> dict:
+    grid = parse_grid(
+        {
+            "experiment": "student",
+            "storage": str(tmp_path),
+            "datasets": [{"name": "digits", "subsample": 300, "test_subsample": 150}],
+            "annotators": [{"kind": "synthetic"}],
+            "grid": {"q": [0.3], "eta": [0.3], "seeds": [3]},
+            "training": {"epochs": EPOCHS, "batch_size": 32, "backbone": "small_cnn"},
+            "methods": [{"name": method, "params": params}],
+        }
+    )
+    study = expand(grid)[0]
+    dataset = load_dataset(study.cell.dataset)
+    ann = annotate(dataset, study.cell.annotator, q=0.3, eta=0.3, seed=3, cache_dir=tmp_path / "annotations")
+    config = study.trial_config({}, annotation_key=ann.key, cache_dir=str(tmp_path / "annotations"), cpus=1)
+    config["device"] = "cpu"
+    return config
+
+
+@pytest.fixture(scope="module")
+def trial(tmp_path_factory, one_thread):
+    """A finished 3-epoch PRODEN trial: (config, its reported metrics per epoch, checkpoint dir, data set)."""
+    tmp = tmp_path_factory.mktemp("student")
+    config = tiny_config(tmp, "proden")
+    checkpoint = tmp / "checkpoint"
+    checkpoint.mkdir()
+    reported = []
+
+    def report(metrics, save):
+        reported.append(metrics)
+        if save is not None:
+            save(checkpoint)
+
+    run_trial(config, report)
+    from orchestrator.student import driver_dataset
+
+    return config, reported, checkpoint, driver_dataset(config)
+
+
+@pytest.fixture(scope="module")
+def logged(trial, tmp_path_factory):
+    """The trial's student logged to a sqlite MLflow store: (client, run id, model URI)."""
+    _, _, checkpoint, dataset = trial
+    tmp = tmp_path_factory.mktemp("mlflow")
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    experiment = client.create_experiment("student", artifact_location=(tmp / "artifacts").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    assert log_student(client, run_id, checkpoint, dataset)
+    return client, run_id, f"{client.get_run(run_id).info.artifact_uri}/{STUDENT_PATH}"
+
+
+def test_student_predicts_what_the_trial_predicted(trial, logged):
+    config, reported, checkpoint, dataset = trial
+    last = reported[-1]
+    client, run_id, uri = logged
+    assert "MLmodel" in [Path(a.path).name for a in client.list_artifacts(run_id, STUDENT_PATH)]
+    model = mlflow.pyfunc.load_model(uri)
+    out = model.predict(dataset.test_x)  # raw (N, 1, 8, 8) uint8 images
+    assert isinstance(out, pd.DataFrame) and list(out.columns) == ["class_id", "class_name", "probability"]
+
+    trial_pred = np.load(checkpoint / PREDICTIONS_FILE)["test_pred"]  # what run_trial predicted at its last epoch
+    np.testing.assert_array_equal(out["class_id"].to_numpy(), trial_pred)
+    algo, _, _ = load_trained(checkpoint, dataset)
+    from trainables.common.augment import make_views
+
+    plain = make_views("image", mean=dataset.mean, std=dataset.std, hflip=False, generator=torch.Generator()).plain
+    own = predict(algo, torch.as_tensor(dataset.test_x), plain).argmax(1).numpy()
+    np.testing.assert_array_equal(out["class_id"].to_numpy(), own)
+    assert (out["class_id"].to_numpy() == dataset.test_y).mean() == pytest.approx(last["test/acc"], abs=1e-6)
+    assert out["class_name"].tolist() == [dataset.class_names[i] for i in trial_pred]
+    assert ((out["probability"] > 0) & (out["probability"] <= 1)).all()
+
+    # grey images may also come as (N, H, W) to the unwrapped model
+    grey = model.unwrap_python_model().predict(None, dataset.test_x[:, 0])
+    np.testing.assert_array_equal(grey["class_id"].to_numpy(), trial_pred)
+
+
+def test_student_carries_class_names_preprocessing_and_signature(trial, logged):
+    config, _, _, dataset = trial
+    model = mlflow.pyfunc.load_model(logged[2])
+    meta = model.metadata.metadata
+    assert meta["class_names"] == list(dataset.class_names) and meta["method"] == "proden"
+    pre = meta["preprocessing"]
+    assert (pre["kind"], pre["dtype"], pre["input_shape"]) == ("image", "uint8", [1, 8, 8])
+    assert pre["mean"] == pytest.approx(list(dataset.mean)) and pre["std"] == pytest.approx(list(dataset.std))
+    (spec,) = model.metadata.get_input_schema().inputs
+    assert (spec.type, spec.shape) == (np.dtype("uint8"), (-1, 1, 8, 8))
+    assert model.metadata.get_output_schema().input_names() == ["class_id", "class_name", "probability"]
+    with pytest.raises(Exception, match="dtype"):
+        model.predict(dataset.test_x.astype(np.float32))  # the signature refuses un-preprocessed floats
+
+
+def test_student_loads_without_the_project_installed(trial, logged, tmp_path):
+    """A fresh interpreter that cannot import the project's packages (editable install hidden):
+    the model's shipped code is all it needs."""
+    _, _, checkpoint, dataset = trial
+    np.save(tmp_path / "x.npy", dataset.test_x[:20])
+    script = f"""
+import sys
+sys.meta_path = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")]
+sys.path = [p for p in sys.path if p not in ("", {str(Path.cwd())!r}) and "/work/main" not in p]
+for name in ("orchestrator", "trainables"):
+    try:
+        __import__(name)
+        raise SystemExit(name + " is importable: the check would prove nothing")
+    except ImportError:
+        pass
+import json, numpy as np, mlflow
+model = mlflow.pyfunc.load_model({logged[2]!r})
+print(json.dumps(model.predict(np.load("x.npy"))["class_id"].tolist()))
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ids = json.loads(done.stdout.strip().splitlines()[-1])
+    assert ids == np.load(checkpoint / PREDICTIONS_FILE)["test_pred"][:20].tolist()
+
+
+def test_methods_without_parameters_get_no_student(trial, logged, monkeypatch):
+    config, _, checkpoint, dataset = trial
+    algo, _, _ = load_trained(checkpoint, dataset)
+    assert has_parameters(algo)
+    zero_shot = build_from_info(
+        {**config, "method": "zero_shot", "params": {}},
+        num_classes=10,
+        sample_shape=(1, 8, 8),
+        default_backbone="small_cnn",
+        num_samples=5,
+        device=torch.device("cpu"),
+    )  # predicts the annotator's stored probabilities: nothing trained, nothing to deploy
+    assert not has_parameters(zero_shot)
+    import orchestrator.student as student
+
+    monkeypatch.setattr(student, "load_trained", lambda *_: (zero_shot, {}, {}))
+    client = logged[0]
+    run_id = client.create_run(client.get_run(logged[1]).info.experiment_id).info.run_id
+    assert not log_student(client, run_id, checkpoint, dataset)
+    assert client.list_artifacts(run_id) == []
+
+
+def test_parameters_are_found_in_two_network_methods():
+    from trainables.api import BuildContext, TrainSettings
+    from trainables.common.backbones import make_encoder
+
+    ctx = BuildContext(
+        num_classes=10,
+        num_samples=8,
+        make_encoder=lambda: make_encoder("small_cnn", in_channels=1, image_size=8),
+        train=TrainSettings(epochs=1),
+        device=torch.device("cpu"),
+        seed=0,
+    )
+    spec = ALGORITHMS["coreg"]
+    assert has_parameters(spec.build(spec.params(), ctx))
+
+
+class _Checkpoint:
+    """Tune's Checkpoint as the callback sees it (``as_directory``), over a local directory."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def as_directory(self):
+        import contextlib
+
+        return contextlib.nullcontext(str(self.path))
+
+
+def test_a_finished_trial_gets_plots_and_a_student(trial, logged):
+    """What the driver's MLflow callback logs when a trial completes (without Ray)."""
+    config, reported, checkpoint, _ = trial
+    client = logged[0]
+    run_id = client.create_run(client.get_run(logged[1]).info.experiment_id).info.run_id
+    history = [{**m, "epoch": i} for i, m in enumerate(reported, 1)]
+    logged_paths = log_trial_artifacts(client, run_id, config, history, _Checkpoint(checkpoint))
+    # PRODEN has no clean split: no clean_split.png; the last checkpoint's predictions give the confusion matrix
+    assert sorted(logged_paths) == ["plots/confusion_matrix.png", "plots/learning_curves.png", "student/MLmodel"]
+    assert sorted(a.path for a in client.list_artifacts(run_id, "plots")) == sorted(logged_paths)[:2]
+    assert log_trial_artifacts(client, run_id, config, history, None) == ["plots/learning_curves.png"]  # no checkpoint
+
+
+def test_a_resumed_trial_plots_the_epochs_an_earlier_driver_logged(logged):
+    client = logged[0]
+    run_id = client.create_run(client.get_run(logged[1]).info.experiment_id).info.run_id
+    for epoch in (1, 2, 3):
+        client.log_metric(run_id, "test/acc", 0.1 * epoch, step=epoch)
+    resumed = [{"epoch": 3, "test/acc": 0.33}, {"epoch": 4, "test/acc": 0.4}]  # from the checkpoint of epoch 2 on
+    history = _with_logged_epochs(client, run_id, resumed)
+    assert [(r["epoch"], r["test/acc"]) for r in history] == [(1, 0.1), (2, 0.2), (3, 0.33), (4, 0.4)]

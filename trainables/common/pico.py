@@ -1,0 +1,157 @@
+"""PiCO's pieces (Wang et al., ICLR 2022), shared by composition by ``pico``, ``pico_plus`` and ``alim_*``.
+
+- :class:`ContrastiveClassifier`: encoder + classifier + projection head (``nets.Net``), its
+  momentum key copy, a MoCo queue of keys with pseudo-labels, the class prototypes, the optimiser
+  and the schedule. One query forward (classifier logits and embedding) and one key forward per
+  batch, as in the reference ``model.py``.
+- Prototype-based label disambiguation: the pseudo-label moves by a moving average towards the
+  one-hot of the candidate whose prototype is closest to the embedding (PiCO Eq. 7-8).
+- Contrastive losses over [queries, keys, queue]: MoCo's InfoNCE (the warm-up of the reference
+  code) and SupCon with an arbitrary positive mask (PiCO Eq. 2-3 with pseudo-label positives;
+  PiCO+ with reliable / kNN positives).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from trainables.api import BuildContext
+from trainables.common.moco import KeyQueue, make_key_net, momentum_update
+from trainables.common.nets import Net, seeded
+from trainables.common.optim import make_optimizer
+from trainables.common.prototypes import ema_update_prototypes, prototype_logits
+
+
+class ContrastiveClassifier:
+    """PiCO's network: query net, momentum key net, key queue and prototypes, with their optimiser."""
+
+    def __init__(self, ctx: BuildContext, *, proj_dim: int, queue_size: int, moco_momentum: float):
+        c, device = ctx.num_classes, ctx.device
+        with seeded(ctx.seed):
+            self.net = Net(ctx.make_encoder(), c, proj_dim).to(device)
+        self.key_net = make_key_net(self.net)
+        self.queue = KeyQueue(queue_size, proj_dim).to(device)
+        self.prototypes = torch.zeros(c, proj_dim, device=device)  # (C, D)
+        self.optimizer, self.scheduler = make_optimizer(self.net.parameters(), ctx.train, ctx.train.epochs)
+        self.moco_momentum = moco_momentum
+        self.batch_size = ctx.train.batch_size
+
+    def forward(self, x_q: Tensor, x_k: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(logits (B, C), query embedding q (B, D), key embedding k (B, D), no gradient)."""
+        logits, q = self.net.forward_with_embedding(x_q)
+        with torch.no_grad():
+            momentum_update(self.key_net, self.net, self.moco_momentum)
+            _, k = self.key_net.forward_with_embedding(x_k)
+        return logits, q, k
+
+    @torch.no_grad()
+    def prototype_scores(self, q: Tensor, temperature: float) -> Tensor:
+        """softmax(q . o_c / tau) over the classes, with the prototypes before this batch's update.  # (B, C)"""
+        return F.softmax(prototype_logits(q.detach(), self.prototypes, temperature), dim=1)
+
+    def update_prototypes(self, q: Tensor, labels: Tensor, momentum: float) -> None:
+        """o_c <- normalise(m o_c + (1 - m) q_i) for every q_i pseudo-labelled c (PiCO Eq. 8)."""
+        if len(labels):
+            self.prototypes = ema_update_prototypes(self.prototypes, q.detach(), labels, momentum)
+
+    def step(self, loss: Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def end_epoch(self) -> float:
+        """Advance the per-epoch schedule; returns the learning rate the epoch used."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        return lr
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        self.net.eval()
+        return self.net(x)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "net": self.net.state_dict(),
+            "key_net": self.key_net.state_dict(),
+            "queue": self.queue.state_dict(),
+            "prototypes": self.prototypes.clone(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state["net"])
+        self.key_net.load_state_dict(state["key_net"])
+        self.queue.load_state_dict(state["queue"])
+        self.prototypes = state["prototypes"].clone().to(self.prototypes.device)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+# -- label disambiguation ----------------------------------------------------------------------
+
+
+def phi_at(epoch: int, epochs: int, start: float, end: float) -> float:
+    """Moving-average coefficient phi, ramped linearly from ``start`` to ``end`` over training (PiCO Sec. 5)."""
+    return start + (end - start) * epoch / max(epochs, 1)
+
+
+def candidate_argmax(scores: Tensor, cand: Tensor) -> Tensor:
+    """argmax_{j in S} scores_j: the candidate with the highest score.  # (B,)"""
+    return scores.masked_fill(cand <= 0, float("-inf")).argmax(dim=1)
+
+
+def moving_average(conf: Tensor, target: Tensor, phi: float) -> Tensor:
+    """phi * conf + (1 - phi) * target (PiCO Eq. 7).  # (B, C)"""
+    return phi * conf + (1.0 - phi) * target
+
+
+def disambiguate(conf: Tensor, scores: Tensor, cand: Tensor, phi: float) -> Tensor:
+    """PiCO's update: conf moves by (1 - phi) towards onehot(argmax_{j in S} prototype scores).  # (B, C)"""
+    onehot = F.one_hot(candidate_argmax(scores, cand), cand.shape[1]).to(conf.dtype)
+    return moving_average(conf, onehot, phi)
+
+
+# -- contrastive losses --------------------------------------------------------------------------
+
+
+def moco_loss(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> Tensor:
+    """InfoNCE of MoCo: the own key against the queue keys (reference warm-up, ``mask=None``).  # (B,)"""
+    l_pos = (q * k).sum(dim=1, keepdim=True)  # (B, 1)
+    logits = torch.cat([l_pos, q @ queue.T], dim=1) / temperature  # (B, 1 + Q)
+    return torch.logsumexp(logits, dim=1) - logits[:, 0]
+
+
+def own_key_mask(batch: int, contrast_size: int, device: torch.device) -> Tensor:
+    """(B, 2B + Q) bool, True at each anchor's own key (column B + i of [q, k, queue])."""
+    mask = torch.zeros(batch, contrast_size, dtype=torch.bool, device=device)
+    rows = torch.arange(batch, device=device)
+    mask[rows, rows + batch] = True
+    return mask
+
+
+def masked_supcon_loss(q: Tensor, contrast: Tensor, positive: Tensor, temperature: float) -> Tensor:
+    """SupCon with a given positive mask (PiCO Eq. 3).  # (B,)
+
+    Anchors ``q`` (B, D) are the first B rows of ``contrast`` [q, k, queue] (2B + Q, D); each
+    anchor's own row is excluded from the denominator and from its positives (the reference's
+    ``logits_mask``). ``positive`` (B, 2B + Q) must leave every anchor at least one positive.
+    """
+    batch = q.shape[0]
+    logits = q @ contrast.T / temperature  # (B, 2B + Q)
+    rows = torch.arange(batch, device=q.device)
+    not_self = torch.ones_like(positive)
+    not_self[rows, rows] = False
+    log_prob = logits - torch.logsumexp(logits.masked_fill(~not_self, float("-inf")), dim=1, keepdim=True)
+    positive = (positive & not_self).to(log_prob.dtype)
+    return -(positive * log_prob).sum(dim=1) / positive.sum(dim=1)
+
+
+def same_label_mask(labels: Tensor, contrast_labels: Tensor) -> Tensor:
+    """(B, M) bool: contrast entries that share the anchor's pseudo-label (PiCO's positive set)."""
+    return labels[:, None] == contrast_labels[None, :]

@@ -1,0 +1,147 @@
+"""CR-DPLL: consistency regularisation for deep partial label learning.
+
+Paper: D.-D. Wu, D.-B. Wang, M.-L. Zhang, "Revisiting Consistency Regularization for Deep Partial
+Label Learning", ICML 2022. Reference code: github.com/wu-dd/PLCR (``main.py: DPLL_train,
+confidence_update``; ``cifar.py`` for the three views; ``dataset.py``).
+
+Each sample keeps a confidence vector ``conf`` over its candidate set S (uniform on S at the start).
+Every mini-batch sees three views of each sample: the original (weak: shift + flip) and two strong
+augmentations. The loss is
+
+    L = lambda(t) * sum_{v=0..2} KL(conf || p_v)  +  ( -sum_{j not in S} log(1 - p_0j) ),
+
+a consistency term pulling every view towards the shared confidence, and a supervised term pushing
+the probability of every non-candidate label to zero. lambda(t) = lam * min(t / T', 1) ramps up
+linearly in the epoch t. After the optimiser step the batch's confidences become the normalised
+geometric mean of the three views' predictions restricted to S:
+conf_j = 1[j in S] prod_v p_vj^(1/3) / sum_{k in S} prod_v p_vk^(1/3) (no moving average).
+
+Implementation details / deviations:
+1. The supervised non-candidate term uses the original view only and the reference's
+   ``log(1.0000001 - p)`` (``main.py``: ``super_loss`` on ``y_pred_aug0``); the three KL terms
+   are summed, not averaged, and each is ``KLDivLoss(reduction="batchmean")``: summed over classes,
+   averaged over the batch.
+2. Ramp: the reference ramps over T' = 100 of its 200 epochs (``lam = min(epoch / 100 * lam,
+   lam)``, 0-based epochs, so the first epoch trains on the supervised term only). Our runs are
+   much shorter, so T' is a fraction of ``training.epochs``: ``rampup_fraction`` (default 0.5 =
+   100 / 200 of the reference schedule).
+3. The confidence update uses the softmax of the same three forward passes as the loss (detached,
+   before the optimiser step), as the reference does; it is computed in log space (mean of the
+   log-probabilities), which equals the reference's product of cube roots.
+4. The three views are three separate forward passes (BatchNorm normalises each view on its own),
+   as in the reference. Strong views are the project's RandAugment + Cutout
+   (``common/augment.py``); the reference uses Cutout then AutoAugment's CIFAR-10 policy.
+5. Optimiser and schedule are the project's shared ones (SGD + cosine per epoch,
+   ``TrainSettings``); the reference uses SGD lr 0.1, weight decay 1e-4, steps at epochs 100 and
+   150 of 200, batch size 64.
+6. CR-DPLL assumes the true label is in S (plain PLL): the confidence never leaves S, so noisy
+   sets are not corrected. ``clean_mask()`` is None; ``pseudo_labels()`` returns ``conf``
+   (uniform over all classes until the first epoch has seen the candidate sets).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from trainables.api import AlgorithmSpec, BuildContext, TrainData
+from trainables.common.batches import train_batches
+from trainables.common.confidence import geometric_mean_on_candidates
+from trainables.common.losses import kl_div
+from trainables.common.schedules import linear_ramp
+from trainables.common.single_net import SingleNet
+
+NON_CANDIDATE_EPS = 1e-7
+"""The reference's ``log(1.0000001 - p)``: keeps the log finite when p reaches 1."""
+
+
+def non_candidate_nll(logits: Tensor, cand: Tensor) -> Tensor:
+    """-sum_{j not in S} log(1 - p_j): the supervised term of CR-DPLL.  # (B,)"""
+    probs = F.softmax(logits, dim=1)
+    return -((1.0 - cand) * torch.log(1.0 + NON_CANDIDATE_EPS - probs)).sum(dim=1)
+
+
+@dataclass(frozen=True)
+class CRDPLLParams:
+    lam: float = 1.0
+    """Weight of the consistency term after the ramp (the reference's ``--lam``, default 1)."""
+    rampup_fraction: float = 0.5
+    """T' as a fraction of ``training.epochs``: the weight grows linearly from 0 over these epochs."""
+
+
+class CRDPLL:
+    def __init__(self, params: CRDPLLParams, ctx: BuildContext):
+        self.params = params
+        self.model = SingleNet(ctx)
+        self.net, self.batch_size = self.model.net, self.model.batch_size
+        self.rampup_epochs = params.rampup_fraction * ctx.train.epochs
+        self.conf = torch.full((ctx.num_samples, ctx.num_classes), 1.0 / ctx.num_classes, device=ctx.device)
+        """(N, C) confidences; set uniform on S by the first epoch (the candidate sets come with the data)."""
+        self.initialised = False
+
+    def consistency_weight(self, epoch: int) -> float:
+        """lambda(t) = lam * min(t / T', 1)."""
+        return self.params.lam * linear_ramp(epoch, self.rampup_epochs)
+
+    def train_epoch(self, data: TrainData, epoch: int) -> dict[str, float]:
+        if not self.initialised:
+            self.conf.copy_(data.cand / data.cand.sum(dim=1, keepdim=True))
+            self.initialised = True
+        self.net.train()
+        lam = self.consistency_weight(epoch)
+        views = (data.views.weak, data.views.strong, data.views.strong)
+        sums = {"loss": 0.0, "consistency": 0.0, "supervised": 0.0}
+        steps = 0
+        for idx in train_batches(data, self.batch_size):
+            x, cand, conf = data.x[idx], data.cand[idx], self.conf[idx]
+            logits = torch.stack([self.net(view(x)) for view in views])  # (3, B, C): original, strong 1, strong 2
+            log_probs = F.log_softmax(logits, dim=2)
+
+            consistency = sum(kl_div(log_probs[v], conf).mean() for v in range(len(views)))
+            supervised = non_candidate_nll(logits[0], cand).mean()
+            loss = lam * consistency + supervised
+
+            self.model.step(loss)
+
+            # confidence = normalised geometric mean of the three views on S (no moving average)
+            self.conf[idx] = geometric_mean_on_candidates(log_probs.detach().exp(), cand)
+            for name, value in (("loss", loss), ("consistency", consistency), ("supervised", supervised)):
+                sums[name] += value.item()
+            steps += 1
+        lr = self.model.end_epoch()
+        metrics = {f"train/{name}": value / max(steps, 1) for name, value in sums.items()}
+        return {**metrics, "train/lambda": lam, "train/lr": lr}
+
+    def predict(self, x: Tensor) -> Tensor:
+        return self.model.predict(x)
+
+    def pseudo_labels(self) -> Tensor:
+        return self.conf.clone()
+
+    def clean_mask(self) -> Tensor | None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **self.model.state_dict(),
+            "conf": self.conf.clone(),
+            "initialised": self.initialised,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state)
+        self.conf.copy_(state["conf"])
+        self.initialised = bool(state["initialised"])
+
+
+SPEC = AlgorithmSpec(
+    name="cr_dpll",
+    params=CRDPLLParams,
+    build=CRDPLL,
+    consumes="cand",
+    description="CR-DPLL (Wu et al. 2022): KL of 3 views to a geometric-mean confidence on S + non-candidate loss.",
+)

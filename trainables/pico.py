@@ -1,0 +1,146 @@
+"""PiCO: contrastive label disambiguation for partial label learning.
+
+Paper: H. Wang, R. Xiao, Y. Li, L. Feng, G. Niu, G. Chen, J. Zhao, "PiCO: Contrastive Label
+Disambiguation for Partial Label Learning", ICLR 2022 (equation numbers below are its section 3-4).
+Reference code: github.com/hbzju/PiCO (``train.py``, ``model.py: PiCO``, ``utils/utils_loss.py``).
+
+Each sample keeps a pseudo-label ``conf`` (N, C), initialised uniform on S. Each batch: a query
+view goes through the encoder to the classifier (logits) and the projection head (q); a key view
+goes through the momentum key net (k). The pseudo class of a sample is argmax_{j in S} of the
+classifier's prediction; it moves that class's prototype (EMA, Eq. 8) and labels q and k in the
+queue. After the warm-up (``warmup_epochs``, reference ``prot_start``):
+
+1. Disambiguation (Eq. 7): conf <- phi conf + (1 - phi) onehot(argmax_{j in S} of the prototype
+   similarity of q), with the prototypes before this batch's update.
+2. Loss: L = CE(logits, conf) + ``cont_weight`` * SupCon over [q, k, queue] whose positives share
+   the anchor's pseudo class (Eq. 2-3). During the warm-up the classifier trains on the uniform
+   conf and the contrastive term is MoCo's InfoNCE (own key vs queue), as in the reference.
+
+Implementation details / deviations:
+1. phi ramps linearly from ``phi_start`` 0.95 to ``phi_end`` 0.8 over ``training.epochs`` (paper
+   Sec. 5 and ``--conf_ema_range``); epoch e uses phi(e). The reference sets phi after each epoch,
+   so its epoch e uses phi(e - 1) and its very first epoch uses 0.99. Prototype momentum 0.99, key
+   momentum 0.999, queue 8192, temperature 0.07, weight 0.5, as in the paper.
+2. Query view = weak augmentation, key view = strong (reference loaders: ``images_w`` to the
+   query, ``images_s`` to the key); the classifier sees the query view only.
+3. ``warmup_epochs`` = 1 (``run.sh`` CIFAR setting; parser default 80 of 800 epochs). The queue
+   starts empty (the reference fills it with random keys whose random float labels never match).
+4. The CE target is conf after this batch's update, as in the reference (update, then loss).
+5. Optimiser and schedule are the project's (``TrainSettings``: SGD + cosine); the reference uses
+   SGD lr 0.01, wd 1e-3, cosine over 800 epochs. No DDP batch shuffle (single device; it only
+   changes BatchNorm statistics across GPUs).
+6. ``pseudo_labels()`` = conf; ``clean_mask()`` is None (PiCO trusts S). The reference also logs
+   the best test accuracy over epochs; the loop reports the last epoch and a label-free selection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from trainables.api import AlgorithmSpec, BuildContext, TrainData
+from trainables.common.batches import train_batches
+from trainables.common.losses import soft_ce
+from trainables.common.metrics import MeanMeter
+from trainables.common.pico import (
+    ContrastiveClassifier, candidate_argmax, disambiguate, masked_supcon_loss, moco_loss, phi_at, same_label_mask,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PiCOParams:
+    warmup_epochs: int = 1
+    """Epochs before prototype-based disambiguation and SupCon start (reference ``--prot_start``)."""
+    cont_weight: float = 0.5
+    """Weight of the contrastive loss (reference ``--loss_weight``)."""
+    phi_start: float = 0.95
+    """Moving-average coefficient of the pseudo-labels at the first epoch (Eq. 7)."""
+    phi_end: float = 0.8
+    """... ramped linearly to this value at the last epoch."""
+    proto_momentum: float = 0.99
+    """gamma, EMA momentum of the prototypes (Eq. 8)."""
+    proj_dim: int = 128
+    """Dimension of the L2-normalised projection."""
+    moco_momentum: float = 0.999
+    """Momentum of the key network."""
+    queue_size: int = 8192
+    """Length of the MoCo key queue."""
+    temperature: float = 0.07
+    """Temperature of the contrastive losses."""
+
+
+class PiCO:
+    def __init__(self, params: PiCOParams, ctx: BuildContext):
+        p = self.params = params
+        self.model = ContrastiveClassifier(
+            ctx, proj_dim=p.proj_dim, queue_size=p.queue_size, moco_momentum=p.moco_momentum
+        )
+        self.epochs, self.batch_size = ctx.train.epochs, ctx.train.batch_size
+        self.conf = torch.full((ctx.num_samples, ctx.num_classes), 1.0 / ctx.num_classes, device=ctx.device)
+        """(N, C) pseudo-labels; set uniform on S by the first epoch (the candidate sets come with the data)."""
+        self.initialised = False
+
+    def train_epoch(self, data: TrainData, epoch: int) -> dict[str, float]:
+        p, model = self.params, self.model
+        if not self.initialised:
+            self.conf.copy_(data.cand / data.cand.sum(dim=1, keepdim=True))
+            self.initialised = True
+        disambiguating = epoch >= p.warmup_epochs
+        phi = phi_at(epoch, self.epochs, p.phi_start, p.phi_end)
+        model.net.train()
+        model.key_net.train()
+        meter = MeanMeter()
+        for idx in train_batches(data, self.batch_size):
+            x, cand = data.x[idx], data.cand[idx]
+            logits, q, k = model.forward(data.views.weak(x), data.views.strong(x))
+            labels = candidate_argmax(F.softmax(logits.detach(), dim=1), cand)  # (B,) pseudo classes
+            scores = model.prototype_scores(q, p.temperature)  # (B, C), prototypes before the update
+            model.update_prototypes(q, labels, p.proto_momentum)  # Eq. 8
+            queue_keys, queue_labels, _ = model.queue.contents()
+
+            if disambiguating:
+                self.conf[idx] = disambiguate(self.conf[idx], scores, cand, phi)  # Eq. 7
+                contrast = torch.cat([q, k, queue_keys])  # (2B + Q, D)
+                positive = same_label_mask(labels, torch.cat([labels, labels, queue_labels]))
+                loss_cont = masked_supcon_loss(q, contrast, positive, p.temperature).mean()  # Eq. 3
+            else:
+                loss_cont = moco_loss(q, k, queue_keys, p.temperature).mean()
+
+            loss_cls = soft_ce(logits, self.conf[idx]).mean()
+            loss = loss_cls + p.cont_weight * loss_cont
+            model.step(loss)
+            # after the step: the queue keys are in the graph of this step's loss
+            model.queue.enqueue(k, labels, torch.ones_like(labels, dtype=torch.bool))
+            meter.add(loss=loss, loss_cls=loss_cls, loss_cont=loss_cont)
+        lr = model.end_epoch()
+        return {**meter.means("train/"), "train/phi": phi if disambiguating else 1.0, "train/lr": lr}
+
+    def predict(self, x: Tensor) -> Tensor:
+        return self.model.predict(x)
+
+    def pseudo_labels(self) -> Tensor:
+        return self.conf.clone()
+
+    def clean_mask(self) -> Tensor | None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.model.state_dict(), "conf": self.conf.clone(), "initialised": self.initialised}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state)
+        self.conf.copy_(state["conf"])
+        self.initialised = bool(state["initialised"])
+
+
+SPEC = AlgorithmSpec(
+    name="pico",
+    params=PiCOParams,
+    build=PiCO,
+    consumes="cand",
+    description="PiCO (Wang et al. 2022): MoCo SupCon with pseudo-label positives, prototype-based disambiguation.",
+)
