@@ -117,7 +117,8 @@ class Tables:
                     cells.append("-")
                     continue
                 m, s = e.last_stats if which == "last" else e.selected_stats
-                cells.append(fmt(f"{100 * m:.2f} ± {100 * s:.2f}", self.is_best(e, which)))
+                text = f"{100 * m:.2f} ± {100 * s:.2f}" if len(e.last) > 1 else f"{100 * m:.2f} (n=1)"
+                cells.append(fmt(text, self.is_best(e, which)))
             lines.append([row, *cells])
         return lines
 
