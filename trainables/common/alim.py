@@ -9,7 +9,8 @@ max_{j in S} P_j / max_{j not in S} P_j (poster Eq. 6), capped at 1.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,47 @@ NORMALISATIONS = ("onehot", "scale")
 LAMBDA_MODES = ("adaptive", "fixed")
 RATIO_EPS = 1e-9
 """Added to the denominator of the ratio, as in the reference (``1e-9 + max(...)``)."""
+
+
+@dataclass(frozen=True)
+class ALIMParams:
+    """Settings shared by ALIM-Onehot and ALIM-Scale (their modules document the defaults)."""
+    lambda_mode: Literal["adaptive", "fixed"] = "adaptive"
+    """``adaptive``: eta-quantile of the ratios (poster Eq. 6); ``fixed``: ``lam`` from ``lambda_start`` on."""
+    lam: float = 0.5
+    """lambda of the fixed mode (0 trusts S, 1 ignores it)."""
+    lambda_start: int = 5
+    """e0: epoch from which lambda is adjusted (reference ``--piror_start``)."""
+    eta_hint: float | None = None
+    """A user-given noise rate for the adaptive mode; None estimates it by a GMM on the log-ratios."""
+    eta_scale: float = 1.0
+    """Multiplies the estimated eta (adaptive mode without ``eta_hint``)."""
+    cap_lambda: bool = True
+    """Cap the adaptive lambda at 1 (reference ``--max1``, set in every published run)."""
+    warmup_epochs: int = 0
+    """PiCO-style warm-up epochs (uniform conf, MoCo); the reference has none."""
+    mixup_weight: float = 1.0
+    """Weight of the MixUp loss (reference ``--loss_weight_mixup``; 0 turns it off)."""
+    mix_alpha: float = 4.0
+    """MixUp lambda ~ Beta(alpha, alpha) (reference ``--alpha``)."""
+    cont_weight: float = 0.5
+    """Weight of the SupCon loss (reference ``--loss_weight``)."""
+    phi_start: float = 0.95
+    """Moving-average coefficient of the pseudo-labels at the first epoch."""
+    phi_end: float = 0.8
+    """... ramped linearly to this value at the last epoch."""
+    proto_momentum: float = 0.99
+    """EMA momentum of the prototypes."""
+    proto_temperature: float = 0.07
+    """Temperature of the prototype similarity P (reference ``--vMF``)."""
+    proj_dim: int = 128
+    """Dimension of the L2-normalised projection."""
+    moco_momentum: float = 0.999
+    """Momentum of the key network."""
+    queue_size: int = 8192
+    """Length of the MoCo key queue."""
+    temperature: float = 0.07
+    """Temperature of the contrastive losses."""
 
 
 def relaxed_candidates(cand: Tensor, lam: float | Tensor) -> Tensor:
@@ -80,11 +122,11 @@ def estimate_noise_rate(ratio: Tensor, seed: int = 0) -> float:
 class ALIM:
     """ALIM on top of PiCO (the reference ``train_merge.py``): one contrastive classifier, softened S.
 
-    ``params`` is an ``ALIMOnehotParams`` / ``ALIMScaleParams`` (their modules document the method
-    and its deviations); ``normalise`` and ``k`` pick the variant.
+    ``params`` is an ``ALIMParams`` (``ALIMOnehotParams`` / ``ALIMScaleParams``: their modules
+    document the method and its deviations); ``normalise`` and ``k`` pick the variant.
     """
 
-    def __init__(self, params: Any, ctx: BuildContext, normalise: str, k: float = 1.0):
+    def __init__(self, params: ALIMParams, ctx: BuildContext, normalise: str, k: float = 1.0):
         if normalise not in NORMALISATIONS:
             raise ValueError(f"unknown normalisation {normalise!r}; allowed: {', '.join(NORMALISATIONS)}")
         if params.lambda_mode not in LAMBDA_MODES:
