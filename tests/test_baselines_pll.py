@@ -57,7 +57,7 @@ def test_rc_updates_confidences_only_at_the_end_of_an_epoch():
     data = _data()
     algo = rc.RC(rc.RCParams(), _ctx())
     snapshots: list[torch.Tensor] = []
-    algo.train_epoch(_recording(data, algo.conf, snapshots), 0)
+    algo.train_epoch(_recording(data, algo.conf.table, snapshots), 0)
 
     initial = data.cand / data.cand.sum(dim=1, keepdim=True)
     assert len(snapshots) == N // 8
@@ -66,9 +66,9 @@ def test_rc_updates_confidences_only_at_the_end_of_an_epoch():
 
     probs = F.softmax(algo.predict(data.views.plain(data.x)), dim=1)
     expected = probs * data.cand / (probs * data.cand).sum(dim=1, keepdim=True)
-    torch.testing.assert_close(algo.conf, expected)
+    torch.testing.assert_close(algo.conf.table, expected)
     torch.testing.assert_close(algo.pseudo_labels(), expected)
-    assert not torch.allclose(algo.conf, initial)
+    assert not torch.allclose(algo.conf.table, initial)
 
 
 @pytest.mark.parametrize("module", [lws, lwc])

@@ -14,6 +14,7 @@ import torch
 from trainables.api import TrainSettings
 from trainables.common.augment import RAND_AUGMENT_OPS, make_views, rand_augment
 from trainables.common.backbones import BACKBONES, make_encoder
+from trainables.common.confidence import CandidateConfidence
 from trainables.common.gmm import clean_probability, minmax_normalise
 from trainables.common.losses import (
     kl_div, max_candidate_nll, mean_or_zero, neg_entropy, noisy_supcon_loss, partial_ce, soft_ce, squared_error,
@@ -102,6 +103,41 @@ def test_distribution_alignment_divides_by_the_mean_prediction():
     torch.testing.assert_close(
         distribution_alignment(probs, mean, prior), torch.tensor([[0.46875 / 1.09375, 0.625 / 1.09375]])
     )
+
+
+# -- confidence table ---------------------------------------------------------------------------
+
+
+def test_candidate_confidence_starts_uniform_on_s_once():
+    cand = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    conf = CandidateConfidence(3, 4, torch.device("cpu"))
+    torch.testing.assert_close(conf.table, torch.full((3, 4), 0.25))  # before any data: uniform on all classes
+    assert conf.start(cand) is True
+    on_s = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    torch.testing.assert_close(conf.table, on_s)
+    conf[torch.tensor([1])] = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
+    assert conf.start(torch.tensor([[1.0, 0.0, 0.0, 0.0]] * 3)) is False  # once only: nothing is reset
+    torch.testing.assert_close(conf[1], torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    torch.testing.assert_close(conf[torch.tensor([2, 0])], on_s[[2, 0]])
+    assert (conf[cand == 0] == torch.tensor([0.0, 0.0, 0.1, 0.2, 0.4])).all()
+
+
+def test_candidate_confidence_state_round_trip_keeps_the_keys_and_the_table_object():
+    conf = CandidateConfidence(2, 3, torch.device("cpu"))
+    conf.start(torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]))
+    conf[torch.tensor([0])] = torch.tensor([[0.9, 0.0, 0.1]])
+    state = conf.state_dict()
+    assert set(state) == {"conf", "initialised"} and state["initialised"] is True
+    conf[torch.tensor([0])] = torch.tensor([[0.0, 0.0, 1.0]])  # the saved table is a copy
+    torch.testing.assert_close(state["conf"], torch.tensor([[0.9, 0.0, 0.1], [0.0, 1.0, 0.0]]))
+
+    restored = CandidateConfidence(2, 3, torch.device("cpu"))
+    table = restored.table
+    restored.load_state_dict(state)
+    assert restored.table is table  # loaded in place: references to the table stay valid
+    torch.testing.assert_close(restored.table, state["conf"])
+    assert restored.initialised and restored.start(torch.ones(2, 3)) is False
+    torch.testing.assert_close(restored.table, state["conf"])
 
 
 # -- GMM ----------------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ from torch import Tensor
 
 from trainables.api import AlgorithmSpec, BuildContext, TrainData
 from trainables.common.batches import cycle_batches, train_batches
-from trainables.common.gmm import clean_probability, minmax_normalise
+from trainables.common.gmm import clean_set, divide, division_pass
 from trainables.common.losses import (
     kl_div, max_candidate_nll, mean_or_zero, neg_entropy, noisy_supcon_loss, partial_ce, soft_ce, squared_error,
 )  # fmt: skip
@@ -86,8 +86,6 @@ from trainables.common.optim import make_optimizer
 from trainables.common.prototypes import ema_update_prototypes, prototype_logits
 from trainables.common.schedules import linear_ramp
 from trainables.common.targets import distribution_alignment, restrict_to_candidates, sharpen
-
-EVAL_BATCH_SIZE = 512
 
 
 @dataclass(frozen=True)
@@ -151,7 +149,7 @@ class CoRegParams:
 
 def partial_set_mask(w: Tensor, trusted: Tensor, tau_div: float) -> Tensor:
     """P = {w > tau_div}, plus every trusted few-shot sample.  # (N,) bool"""
-    return (w > tau_div) | trusted
+    return clean_set(w, trusted, tau_div)
 
 
 def partial_set_targets(w: Tensor, peer_probs: Tensor, cand: Tensor, own_probs: Tensor, T: float) -> Tensor:
@@ -256,17 +254,11 @@ class CoReg:
     @torch.no_grad()
     def _divide(self, i: int, data: TrainData) -> Tensor:
         """Division loss of net i (Eq. 4), GMM -> clean probability self.w[i]. Returns its predictions (N, C)."""
-        p, net = self.params, self.nets[i]
-        net.eval()
-        batches = data.batches(EVAL_BATCH_SIZE, shuffle=False)
-        probs = torch.cat([F.softmax(net(data.views.weak(data.x[idx])), dim=1) for idx in batches])  # (N, C)
-        if p.distribution_alignment:
-            probs = distribution_alignment(probs, probs.mean(dim=0))
-        self.div_history[i, self.div_epochs % p.loss_history] = minmax_normalise(max_candidate_nll(probs, data.cand))
-        recent = self.div_history[i, : min(self.div_epochs + 1, p.loss_history)].mean(dim=0)  # (N,)
-        w = clean_probability(recent, seed=self.seed)
-        w[data.trusted] = 1.0
-        self.w[i] = w
+        probs = division_pass(self.nets[i], data, data.views.weak, lambda logits, idx: F.softmax(logits, dim=1))
+        if self.params.distribution_alignment:
+            probs = distribution_alignment(probs, probs.mean(dim=0))  # (N, C)
+        losses = max_candidate_nll(probs, data.cand)  # (N,) Eq. 4
+        self.w[i] = divide(self.div_history[i], self.div_epochs, losses, data.trusted, seed=self.seed)
         return probs
 
     def _train_net(

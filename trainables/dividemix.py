@@ -54,7 +54,7 @@ from torch import Tensor
 
 from trainables.api import AlgorithmSpec, BuildContext, TrainData
 from trainables.common.batches import cycle_batches, train_batches
-from trainables.common.gmm import clean_probability, minmax_normalise
+from trainables.common.gmm import clean_set, divide, division_pass
 from trainables.common.losses import mean_or_zero, neg_entropy, soft_ce, squared_error
 from trainables.common.metrics import MeanMeter
 from trainables.common.mixup import mixup, sample_mix_lambda
@@ -62,8 +62,6 @@ from trainables.common.nets import Net, seeded
 from trainables.common.optim import make_optimizer
 from trainables.common.schedules import linear_ramp
 from trainables.common.targets import sharpen
-
-EVAL_BATCH_SIZE = 512
 
 
 @dataclass(frozen=True)
@@ -93,11 +91,6 @@ class DivideMixParams:
 def noisy_targets(cand: Tensor) -> Tensor:
     """The noisy label as a distribution: the one-hot row itself (uniform over a multi-label row).  # (N, C)"""
     return cand / cand.sum(dim=1, keepdim=True).clamp_min(1)
-
-
-def labeled_mask(w: Tensor, trusted: Tensor, p_threshold: float) -> Tensor:
-    """X = {w > p_threshold}, plus every trusted few-shot sample.  # (N,) bool"""
-    return (w > p_threshold) | trusted
 
 
 def refine_labels(w: Tensor, labels: Tensor, own_probs: Tensor, T: float) -> Tensor:
@@ -149,8 +142,9 @@ class DivideMix:
             meter = self._warmup_epoch(data, labels)
         else:
             for i in (0, 1):  # both nets divide before either trains (reference ``eval_train``)
-                self.w[i] = self._clean_probability(i, data, labels)
-                self.labeled[i] = labeled_mask(self.w[i], data.trusted, p.p_threshold)
+                losses = self._sample_losses(i, data, labels)
+                self.w[i] = divide(self.loss_history[i], self.div_epochs, losses, data.trusted, seed=self.seed)
+                self.labeled[i] = clean_set(self.w[i], data.trusted, p.p_threshold)  # X
             self.div_epochs += 1
             meter = MeanMeter()
             for me in (0, 1):  # co-divide: net A learns on B's split, then B on A's
@@ -196,22 +190,9 @@ class DivideMix:
                 meter.add(loss=loss, loss_ce=loss_ce)
         return meter
 
-    @torch.no_grad()
     def _sample_losses(self, i: int, data: TrainData, labels: Tensor) -> Tensor:
         """Per-sample cross-entropy of net i to the noisy label, plain view, eval mode.  # (N,)"""
-        net = self.nets[i]
-        net.eval()
-        batches = data.batches(EVAL_BATCH_SIZE, shuffle=False)
-        return torch.cat([soft_ce(net(data.views.plain(data.x[idx])), labels[idx]) for idx in batches])
-
-    def _clean_probability(self, i: int, data: TrainData, labels: Tensor) -> Tensor:
-        """Normalised losses of net i (averaged over ``loss_history`` epochs) -> GMM -> w.  # (N,)"""
-        p = self.params
-        self.loss_history[i, self.div_epochs % p.loss_history] = minmax_normalise(self._sample_losses(i, data, labels))
-        recent = self.loss_history[i, : min(self.div_epochs + 1, p.loss_history)].mean(dim=0)  # (N,)
-        w = clean_probability(recent, seed=self.seed)
-        w[data.trusted] = 1.0
-        return w
+        return division_pass(self.nets[i], data, data.views.plain, lambda logits, idx: soft_ce(logits, labels[idx]))
 
     def _train_net(self, me: int, data: TrainData, epoch: int, labeled: Tensor, w: Tensor, labels: Tensor) -> MeanMeter:
         """One MixMatch epoch of net ``me`` on the split (``labeled``, ``w``) made by its peer."""

@@ -60,6 +60,7 @@ from torch import Tensor
 
 from trainables.api import AlgorithmSpec, BuildContext, TrainData
 from trainables.common.batches import train_batches
+from trainables.common.confidence import CandidateConfidence
 from trainables.common.losses import soft_ce
 from trainables.common.pico import disambiguate, phi_at
 from trainables.common.single_net import SingleNet
@@ -120,7 +121,7 @@ class IRNet:
         n, c = ctx.num_samples, ctx.num_classes
         self.cand = torch.ones(n, c, device=ctx.device)
         """(N, C) the candidate sets being refined; copied from the data by the first epoch."""
-        self.conf = torch.full((n, c), 1.0 / c, device=ctx.device)
+        self.conf = CandidateConfidence(n, c, ctx.device)
         """(N, C) confidences on the current S."""
         self.corrected = torch.zeros(n, dtype=torch.bool, device=ctx.device)
         """(N,) samples detected as noisy at least once (their S has grown)."""
@@ -128,7 +129,6 @@ class IRNet:
         """Mean training loss of every finished epoch (the plateau signal)."""
         self.correct_from = -1
         """Epoch from which correction runs; -1 until it has started."""
-        self.initialised = False
 
     def _plateaued(self) -> bool:
         w = self.params.plateau_window
@@ -144,10 +144,8 @@ class IRNet:
         return self.correct_from >= 0
 
     def train_epoch(self, data: TrainData, epoch: int) -> dict[str, float]:
-        if not self.initialised:
+        if self.conf.start(data.cand):
             self.cand.copy_(data.cand)
-            self.conf.copy_(data.cand / data.cand.sum(dim=1, keepdim=True))
-            self.initialised = True
         self.net.train()
         correcting = self.correcting(epoch)
         phi = phi_at(epoch, self.epochs, self.params.conf_ema_start, self.params.conf_ema_end)
@@ -206,7 +204,7 @@ class IRNet:
         return self.model.predict(x)
 
     def pseudo_labels(self) -> Tensor:
-        return self.conf.clone()
+        return self.conf.table.clone()
 
     def clean_mask(self) -> Tensor | None:
         return ~self.corrected
@@ -214,22 +212,20 @@ class IRNet:
     def state_dict(self) -> dict[str, Any]:
         return {
             **self.model.state_dict(),
+            **self.conf.state_dict(),
             "cand": self.cand.clone(),
-            "conf": self.conf.clone(),
             "corrected": self.corrected.clone(),
             "losses": list(self.losses),
             "correct_from": self.correct_from,
-            "initialised": self.initialised,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state)
+        self.conf.load_state_dict(state)
         self.cand.copy_(state["cand"])
-        self.conf.copy_(state["conf"])
         self.corrected.copy_(state["corrected"])
         self.losses = [float(v) for v in state["losses"]]
         self.correct_from = int(state["correct_from"])
-        self.initialised = bool(state["initialised"])
 
 
 SPEC = AlgorithmSpec(

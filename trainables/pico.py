@@ -38,16 +38,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from trainables.api import AlgorithmSpec, BuildContext, TrainData
 from trainables.common.batches import train_batches
+from trainables.common.confidence import CandidateConfidence
 from trainables.common.losses import soft_ce
 from trainables.common.metrics import MeanMeter
 from trainables.common.pico import (
-    ContrastiveClassifier, candidate_argmax, disambiguate, masked_supcon_loss, moco_loss, phi_at, same_label_mask,
+    ContrastiveClassifier, candidate_argmax, contrast_set, disambiguate, masked_supcon_loss, moco_loss, phi_at,
+    same_label_mask,
 )  # fmt: skip
 
 
@@ -80,19 +81,15 @@ class PiCO:
             ctx, proj_dim=p.proj_dim, queue_size=p.queue_size, moco_momentum=p.moco_momentum
         )
         self.epochs, self.batch_size = ctx.train.epochs, ctx.train.batch_size
-        self.conf = torch.full((ctx.num_samples, ctx.num_classes), 1.0 / ctx.num_classes, device=ctx.device)
+        self.conf = CandidateConfidence(ctx.num_samples, ctx.num_classes, ctx.device)
         """(N, C) pseudo-labels; set uniform on S by the first epoch (the candidate sets come with the data)."""
-        self.initialised = False
 
     def train_epoch(self, data: TrainData, epoch: int) -> dict[str, float]:
         p, model = self.params, self.model
-        if not self.initialised:
-            self.conf.copy_(data.cand / data.cand.sum(dim=1, keepdim=True))
-            self.initialised = True
+        self.conf.start(data.cand)
         disambiguating = epoch >= p.warmup_epochs
         phi = phi_at(epoch, self.epochs, p.phi_start, p.phi_end)
-        model.net.train()
-        model.key_net.train()
+        model.train_mode()
         meter = MeanMeter()
         for idx in train_batches(data, self.batch_size):
             x, cand = data.x[idx], data.cand[idx]
@@ -104,8 +101,8 @@ class PiCO:
 
             if disambiguating:
                 self.conf[idx] = disambiguate(self.conf[idx], scores, cand, phi)  # Eq. 7
-                contrast = torch.cat([q, k, queue_keys])  # (2B + Q, D)
-                positive = same_label_mask(labels, torch.cat([labels, labels, queue_labels]))
+                contrast, contrast_labels = contrast_set(q, k, labels, queue_keys, queue_labels)  # (2B + Q, D)
+                positive = same_label_mask(labels, contrast_labels)
                 loss_cont = masked_supcon_loss(q, contrast, positive, p.temperature).mean()  # Eq. 3
             else:
                 loss_cont = moco_loss(q, k, queue_keys, p.temperature).mean()
@@ -113,8 +110,7 @@ class PiCO:
             loss_cls = soft_ce(logits, self.conf[idx]).mean()
             loss = loss_cls + p.cont_weight * loss_cont
             model.step(loss)
-            # after the step: the queue keys are in the graph of this step's loss
-            model.queue.enqueue(k, labels, torch.ones_like(labels, dtype=torch.bool))
+            model.enqueue_all(k, labels)
             meter.add(loss=loss, loss_cls=loss_cls, loss_cont=loss_cont)
         lr = model.end_epoch()
         return {**meter.means("train/"), "train/phi": phi if disambiguating else 1.0, "train/lr": lr}
@@ -123,18 +119,17 @@ class PiCO:
         return self.model.predict(x)
 
     def pseudo_labels(self) -> Tensor:
-        return self.conf.clone()
+        return self.conf.table.clone()
 
     def clean_mask(self) -> Tensor | None:
         return None
 
     def state_dict(self) -> dict[str, Any]:
-        return {**self.model.state_dict(), "conf": self.conf.clone(), "initialised": self.initialised}
+        return {**self.model.state_dict(), **self.conf.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state)
-        self.conf.copy_(state["conf"])
-        self.initialised = bool(state["initialised"])
+        self.conf.load_state_dict(state)
 
 
 SPEC = AlgorithmSpec(

@@ -53,12 +53,13 @@ from torch import Tensor
 
 from trainables.api import AlgorithmSpec, BuildContext, TrainData
 from trainables.common.batches import train_batches
+from trainables.common.confidence import CandidateConfidence
 from trainables.common.losses import mean_or_zero, soft_ce
 from trainables.common.metrics import MeanMeter
 from trainables.common.mixup import mixup, sample_mix_lambda
 from trainables.common.pico import (
-    ContrastiveClassifier, candidate_argmax, disambiguate, masked_supcon_loss, moco_loss, own_key_mask, phi_at,
-    same_label_mask,
+    ContrastiveClassifier, candidate_argmax, contrast_set, disambiguate, masked_supcon_loss, moco_loss, own_key_mask,
+    phi_at, same_label_mask,
 )  # fmt: skip
 
 
@@ -124,26 +125,22 @@ class PiCOPlus:
             ctx, proj_dim=p.proj_dim, queue_size=p.queue_size, moco_momentum=p.moco_momentum
         )
         self.epochs, self.batch_size = ctx.train.epochs, ctx.train.batch_size
-        self.conf = torch.full((n, c), 1.0 / c, device=device)  # (N, C) PiCO pseudo-labels, on S
+        self.conf = CandidateConfidence(n, c, device)  # (N, C) PiCO pseudo-labels, on S
         self.guess = torch.full((n, c), 1.0 / c, device=device)  # (N, C) latest prototype guess
         self.distance = torch.zeros(n, device=device)  # (N,) -q . o of the predicted candidate
         self.reliable = torch.ones(n, dtype=torch.bool, device=device)
         self.selected = False
-        self.initialised = False
 
     def train_epoch(self, data: TrainData, epoch: int) -> dict[str, float]:
         p, model = self.params, self.model
-        if not self.initialised:
-            self.conf.copy_(data.cand / data.cand.sum(dim=1, keepdim=True))
-            self.initialised = True
+        self.conf.start(data.cand)
         main = epoch >= p.warmup_epochs
         if main:
             self.reliable = select_reliable(self.distance, p.pure_ratio) | data.trusted
             self.selected = True
         use_knn = epoch >= p.knn_start
         phi = phi_at(epoch, self.epochs, p.phi_start, p.phi_end)
-        model.net.train()
-        model.key_net.train()
+        model.train_mode()
         meter = MeanMeter()
         for idx in train_batches(data, self.batch_size):
             x, cand, rel = data.x[idx], data.cand[idx], self.reliable[idx]
@@ -160,8 +157,8 @@ class PiCOPlus:
             if main:
                 self.conf[idx] = disambiguate(self.conf[idx], scores, cand, phi)
                 self.guess[idx] = scores
-                contrast = torch.cat([q, k, queue_keys])  # (2B + Q, D)
-                same = same_label_mask(labels, torch.cat([labels, labels, queue_labels]))  # (B, 2B + Q)
+                contrast, contrast_labels = contrast_set(q, k, labels, queue_keys, queue_labels)  # (2B + Q, D)
+                same = same_label_mask(labels, contrast_labels)  # (B, 2B + Q)
                 own_key = own_key_mask(len(idx), contrast.shape[0], q.device)
                 loss_cont_all = masked_supcon_loss(q, contrast, same, p.temperature).mean()
                 positive = same & rel[:, None] & torch.cat([rel, rel, queue_rel])[None, :]
@@ -195,7 +192,7 @@ class PiCOPlus:
         return self.model.predict(x)
 
     def pseudo_labels(self) -> Tensor:
-        return torch.where(self.reliable[:, None], self.conf, self.guess)
+        return torch.where(self.reliable[:, None], self.conf.table, self.guess)
 
     def clean_mask(self) -> Tensor | None:
         return self.reliable.clone() if self.selected else None
@@ -203,22 +200,20 @@ class PiCOPlus:
     def state_dict(self) -> dict[str, Any]:
         return {
             **self.model.state_dict(),
-            "conf": self.conf.clone(),
+            **self.conf.state_dict(),
             "guess": self.guess.clone(),
             "distance": self.distance.clone(),
             "reliable": self.reliable.clone(),
             "selected": self.selected,
-            "initialised": self.initialised,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state)
-        self.conf.copy_(state["conf"])
+        self.conf.load_state_dict(state)
         self.guess.copy_(state["guess"])
         self.distance.copy_(state["distance"])
         self.reliable = state["reliable"].clone().to(self.reliable.device)
         self.selected = bool(state["selected"])
-        self.initialised = bool(state["initialised"])
 
 
 SPEC = AlgorithmSpec(

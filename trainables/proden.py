@@ -26,12 +26,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from trainables.api import AlgorithmSpec, BuildContext, TrainData
 from trainables.common.batches import train_batches
+from trainables.common.confidence import CandidateConfidence
 from trainables.common.losses import soft_ce
 from trainables.common.single_net import SingleNet
 from trainables.common.targets import restrict_to_candidates
@@ -48,14 +48,11 @@ class PRODEN:
         self.params = params
         self.model = SingleNet(ctx)
         self.net, self.batch_size = self.model.net, self.model.batch_size
-        self.conf = torch.full((ctx.num_samples, ctx.num_classes), 1.0 / ctx.num_classes, device=ctx.device)
+        self.conf = CandidateConfidence(ctx.num_samples, ctx.num_classes, ctx.device)
         """(N, C) confidences; set uniform on S by the first epoch (the candidate sets come with the data)."""
-        self.initialised = False
 
     def train_epoch(self, data: TrainData, epoch: int) -> dict[str, float]:
-        if not self.initialised:
-            self.conf.copy_(data.cand / data.cand.sum(dim=1, keepdim=True))
-            self.initialised = True
+        self.conf.start(data.cand)
         self.net.train()
         view = data.views.weak if self.params.augment else data.views.plain
         total, steps = 0.0, 0
@@ -75,22 +72,17 @@ class PRODEN:
         return self.model.predict(x)
 
     def pseudo_labels(self) -> Tensor:
-        return self.conf.clone()
+        return self.conf.table.clone()
 
     def clean_mask(self) -> Tensor | None:
         return None
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            **self.model.state_dict(),
-            "conf": self.conf.clone(),
-            "initialised": self.initialised,
-        }
+        return {**self.model.state_dict(), **self.conf.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state)
-        self.conf.copy_(state["conf"])
-        self.initialised = bool(state["initialised"])
+        self.conf.load_state_dict(state)
 
 
 SPEC = AlgorithmSpec(

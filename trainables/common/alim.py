@@ -18,12 +18,13 @@ from torch import Tensor
 
 from trainables.api import BuildContext, TrainData
 from trainables.common.batches import train_batches
+from trainables.common.confidence import CandidateConfidence
 from trainables.common.gmm import clean_probability
 from trainables.common.losses import soft_ce
 from trainables.common.metrics import MeanMeter
 from trainables.common.mixup import mixup, sample_mix_lambda
 from trainables.common.pico import (
-    ContrastiveClassifier, masked_supcon_loss, moco_loss, moving_average, phi_at, same_label_mask,
+    ContrastiveClassifier, contrast_set, masked_supcon_loss, moco_loss, moving_average, phi_at, same_label_mask,
 )  # fmt: skip
 
 NORMALISATIONS = ("onehot", "scale")
@@ -138,24 +139,20 @@ class ALIM:
             ctx, proj_dim=p.proj_dim, queue_size=p.queue_size, moco_momentum=p.moco_momentum
         )
         self.epochs, self.batch_size, self.seed = ctx.train.epochs, ctx.train.batch_size, ctx.seed
-        self.conf = torch.full((n, c), 1.0 / c, device=device)  # (N, C) pseudo-labels w
+        self.conf = CandidateConfidence(n, c, device)  # (N, C) pseudo-labels w
         self.ratio = torch.ones(n, device=device)  # (N,) latest max_S P / max_notS P (poster Eq. 6)
         self.trusted = torch.zeros(n, dtype=torch.bool, device=device)  # (N,) revealed few-shot labels
         self.lam = 0.0  # lambda of the current epoch; 0 (trust S) before lambda_start
         self.adjusted = False  # lambda has been set at least once
         self.eta_hat = float("nan")
-        self.initialised = False
 
     def train_epoch(self, data: TrainData, epoch: int) -> dict[str, float]:
         p, model = self.params, self.model
-        if not self.initialised:
-            self.conf.copy_(data.cand / data.cand.sum(dim=1, keepdim=True))
+        if self.conf.start(data.cand):
             self.trusted.copy_(data.trusted)
-            self.initialised = True
         updating = epoch >= p.warmup_epochs
         phi = phi_at(epoch, self.epochs, p.phi_start, p.phi_end)
-        model.net.train()
-        model.key_net.train()
+        model.train_mode()
         meter = MeanMeter()
         for idx in train_batches(data, self.batch_size):
             x, cand = data.x[idx], data.cand[idx]
@@ -171,8 +168,8 @@ class ALIM:
             if updating:
                 target = alim_target(scores, cand, lam, self.normalise, self.k)  # (B, C) poster Eq. 2
                 self.conf[idx] = moving_average(self.conf[idx], target, phi)
-                contrast = torch.cat([q, k, queue_keys])  # (2B + Q, D)
-                positive = same_label_mask(labels, torch.cat([labels, labels, queue_labels]))
+                contrast, contrast_labels = contrast_set(q, k, labels, queue_keys, queue_labels)  # (2B + Q, D)
+                positive = same_label_mask(labels, contrast_labels)
                 loss_cont = masked_supcon_loss(q, contrast, positive, p.temperature).mean()
             else:
                 loss_cont = moco_loss(q, k, queue_keys, p.temperature).mean()
@@ -188,8 +185,7 @@ class ALIM:
                 loss = loss + p.mixup_weight * loss_mix
                 meter.add(loss_mix=loss_mix)
             model.step(loss)
-            # after the step: the queue keys are in the graph of this step's loss
-            model.queue.enqueue(k, labels, torch.ones_like(labels, dtype=torch.bool))
+            model.enqueue_all(k, labels)
             meter.add(loss=loss, loss_cls=loss_cls, loss_cont=loss_cont)
         lr = model.end_epoch()
         metrics = {**meter.means("train/"), "train/lambda": self.lam, "train/lr": lr}
@@ -216,7 +212,7 @@ class ALIM:
         return self.model.predict(x)
 
     def pseudo_labels(self) -> Tensor:
-        return self.conf.clone()
+        return self.conf.table.clone()
 
     def clean_mask(self) -> Tensor | None:
         """Samples whose candidate set still wins under the current lambda (the poster's clean/noisy boundary)."""
@@ -227,21 +223,19 @@ class ALIM:
     def state_dict(self) -> dict[str, Any]:
         return {
             **self.model.state_dict(),
-            "conf": self.conf.clone(),
+            **self.conf.state_dict(),
             "ratio": self.ratio.clone(),
             "trusted": self.trusted.clone(),
             "lam": self.lam,
             "adjusted": self.adjusted,
             "eta_hat": self.eta_hat,
-            "initialised": self.initialised,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state)
-        self.conf.copy_(state["conf"])
+        self.conf.load_state_dict(state)
         self.ratio.copy_(state["ratio"])
         self.trusted.copy_(state["trusted"])
         self.lam = float(state["lam"])
         self.adjusted = bool(state["adjusted"])
         self.eta_hat = float(state["eta_hat"])
-        self.initialised = bool(state["initialised"])

@@ -1,15 +1,52 @@
-"""Per-sample confidence (label distribution) updates over a candidate set, beyond PRODEN's.
+"""Per-sample confidences (label distributions) over a candidate set: the table and its updates.
 
-PRODEN's update (prediction restricted to S, renormalised) is ``targets.restrict_to_candidates``;
-PiCO's moving average is ``pico.disambiguate``. The functions here combine several augmented
-views of each sample (CR-DPLL).
+:class:`CandidateConfidence` is the (N, C) table that RC, PRODEN, CR-DPLL, PiCO, PiCO+, ALIM and
+IRNet keep, uniform on S from the first epoch. PRODEN's update (prediction restricted to S,
+renormalised) is ``targets.restrict_to_candidates``; PiCO's moving average is ``pico.disambiguate``.
+The functions here combine several augmented views of each sample (CR-DPLL).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+class CandidateConfidence:
+    """The (N, C) confidence table, uniform over all classes until :meth:`start` makes it uniform on S.
+
+    The candidate sets come with the data, not at build time, so the first epoch calls
+    :meth:`start`. Rows are read and written by sample index (``conf[idx]``, ``conf[idx] = rows``);
+    the checkpoint keys are ``conf`` and ``initialised``. The table is only ever updated in place.
+    """
+
+    def __init__(self, num_samples: int, num_classes: int, device: torch.device):
+        self.table = torch.full((num_samples, num_classes), 1.0 / num_classes, device=device)  # (N, C)
+        self.initialised = False
+
+    def start(self, cand: Tensor) -> bool:
+        """Set every row uniform on its candidate set S, the first time only; True when it did."""
+        if self.initialised:
+            return False
+        self.table.copy_(cand / cand.sum(dim=1, keepdim=True))
+        self.initialised = True
+        return True
+
+    def __getitem__(self, idx: Tensor | int) -> Tensor:
+        return self.table[idx]
+
+    def __setitem__(self, idx: Tensor | int, rows: Tensor) -> None:
+        self.table[idx] = rows
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"conf": self.table.clone(), "initialised": self.initialised}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.table.copy_(state["conf"])
+        self.initialised = bool(state["initialised"])
 
 
 def geometric_mean_on_candidates(probs: Tensor, cand: Tensor) -> Tensor:

@@ -1,13 +1,25 @@
-"""Clean/noisy division by a two-component Gaussian mixture on per-sample losses (DivideMix, Co-Reg)."""
+"""Clean/noisy division by a two-component Gaussian mixture on per-sample losses (DivideMix, Co-Reg).
+
+A division scores the whole training set with one net in eval mode (:func:`division_pass`), keeps
+the min-max normalised losses of the last passes and fits the GMM to their mean (:func:`divide`);
+the clean set is {w > threshold} plus the trusted samples (:func:`clean_set`). Which view and which
+loss score the samples is the method's choice.
+"""
 
 from __future__ import annotations
 
 import warnings
+from typing import Callable
 
 import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
-from torch import Tensor
+from torch import Tensor, nn
+
+from trainables.api import TrainData
+
+EVAL_BATCH_SIZE = 512
+"""Batch size of the division pass."""
 
 
 def minmax_normalise(values: Tensor) -> Tensor:
@@ -38,3 +50,40 @@ def clean_probability(
         gmm.fit(x)
     posterior = gmm.predict_proba(x)[:, gmm.means_.argmin()]
     return torch.from_numpy(posterior).to(device=losses.device, dtype=losses.dtype)
+
+
+@torch.no_grad()
+def division_pass(
+    net: nn.Module,
+    data: TrainData,
+    view: Callable[[Tensor], Tensor],
+    per_batch: Callable[[Tensor, Tensor], Tensor],
+) -> Tensor:
+    """``per_batch(logits, idx)`` for every training batch in sample order, concatenated.  # (N, ...)
+
+    ``net`` runs in eval mode on ``view`` of the samples, one batch at a time, so a random view
+    draws its numbers batch by batch.
+    """
+    net.eval()
+    batches = data.batches(EVAL_BATCH_SIZE, shuffle=False)
+    return torch.cat([per_batch(net(view(data.x[idx])), idx) for idx in batches])
+
+
+def divide(history: Tensor, passes: int, losses: Tensor, trusted: Tensor, *, seed: int) -> Tensor:
+    """Clean probability w from this pass's per-sample ``losses`` (N,), trusted samples set to 1.  # (N,)
+
+    ``history`` (H, N) is a ring buffer of min-max normalised losses, written in place at slot
+    ``passes % H`` (``passes``: divisions before this one); the GMM is fitted to the mean of the
+    last min(passes + 1, H) slots.
+    """
+    size = history.shape[0]
+    history[passes % size] = minmax_normalise(losses)
+    recent = history[: min(passes + 1, size)].mean(dim=0)  # (N,)
+    w = clean_probability(recent, seed=seed)
+    w[trusted] = 1.0
+    return w
+
+
+def clean_set(w: Tensor, trusted: Tensor, threshold: float) -> Tensor:
+    """{w > threshold} plus every trusted few-shot sample (DivideMix's X, Co-Reg's P).  # (N,) bool"""
+    return (w > threshold) | trusted

@@ -1,9 +1,9 @@
 """PiCO's pieces (Wang et al., ICLR 2022), shared by composition by ``pico``, ``pico_plus`` and ``alim_*``.
 
-- :class:`ContrastiveClassifier`: encoder + classifier + projection head (``nets.Net``), its
-  momentum key copy, a MoCo queue of keys with pseudo-labels, the class prototypes, the optimiser
-  and the schedule. One query forward (classifier logits and embedding) and one key forward per
-  batch, as in the reference ``model.py``.
+- :class:`ContrastiveClassifier`: a ``SingleNet`` with a projection head (network, optimiser,
+  schedule), its momentum key copy, a MoCo queue of keys with pseudo-labels and the class
+  prototypes. One query forward (classifier logits and embedding) and one key forward per batch,
+  as in the reference ``model.py``.
 - Prototype-based label disambiguation: the pseudo-label moves by a moving average towards the
   one-hot of the candidate whose prototype is closest to the embedding (PiCO Eq. 7-8).
 - Contrastive losses over [queries, keys, queue]: MoCo's InfoNCE (the warm-up of the reference
@@ -21,24 +21,25 @@ from torch import Tensor
 
 from trainables.api import BuildContext
 from trainables.common.moco import KeyQueue, make_key_net, momentum_update
-from trainables.common.nets import Net, seeded
-from trainables.common.optim import make_optimizer
 from trainables.common.prototypes import ema_update_prototypes, prototype_logits
+from trainables.common.single_net import SingleNet
 
 
 class ContrastiveClassifier:
-    """PiCO's network: query net, momentum key net, key queue and prototypes, with their optimiser."""
+    """PiCO's network: query net with its optimiser (a ``SingleNet``), momentum key net, key queue and prototypes."""
 
     def __init__(self, ctx: BuildContext, *, proj_dim: int, queue_size: int, moco_momentum: float):
-        c, device = ctx.num_classes, ctx.device
-        with seeded(ctx.seed):
-            self.net = Net(ctx.make_encoder(), c, proj_dim).to(device)
+        self.base = SingleNet(ctx, proj_dim=proj_dim)
+        self.net = self.base.net
         self.key_net = make_key_net(self.net)
-        self.queue = KeyQueue(queue_size, proj_dim).to(device)
-        self.prototypes = torch.zeros(c, proj_dim, device=device)  # (C, D)
-        self.optimizer, self.scheduler = make_optimizer(self.net.parameters(), ctx.train, ctx.train.epochs)
+        self.queue = KeyQueue(queue_size, proj_dim).to(ctx.device)
+        self.prototypes = torch.zeros(ctx.num_classes, proj_dim, device=ctx.device)  # (C, D)
         self.moco_momentum = moco_momentum
-        self.batch_size = ctx.train.batch_size
+
+    def train_mode(self) -> None:
+        """Query and key nets in training mode (BatchNorm on batch statistics), at every epoch start."""
+        self.net.train()
+        self.key_net.train()
 
     def forward(self, x_q: Tensor, x_k: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(logits (B, C), query embedding q (B, D), key embedding k (B, D), no gradient)."""
@@ -58,39 +59,34 @@ class ContrastiveClassifier:
         if len(labels):
             self.prototypes = ema_update_prototypes(self.prototypes, q.detach(), labels, momentum)
 
+    def enqueue_all(self, k: Tensor, labels: Tensor) -> None:
+        """Queue this batch's keys with their pseudo-labels, all flagged confident. Call it after
+        :meth:`step`: the queued keys are in the graph of the step's loss."""
+        self.queue.enqueue(k, labels, torch.ones_like(labels, dtype=torch.bool))
+
     def step(self, loss: Tensor) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.base.step(loss)
 
     def end_epoch(self) -> float:
         """Advance the per-epoch schedule; returns the learning rate the epoch used."""
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.scheduler.step()
-        return lr
+        return self.base.end_epoch()
 
-    @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
-        self.net.eval()
-        return self.net(x)
+        return self.base.predict(x)
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "net": self.net.state_dict(),
+            **self.base.state_dict(),
             "key_net": self.key_net.state_dict(),
             "queue": self.queue.state_dict(),
             "prototypes": self.prototypes.clone(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.net.load_state_dict(state["net"])
+        self.base.load_state_dict(state)
         self.key_net.load_state_dict(state["key_net"])
         self.queue.load_state_dict(state["queue"])
         self.prototypes = state["prototypes"].clone().to(self.prototypes.device)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
 
 
 # -- label disambiguation ----------------------------------------------------------------------
@@ -125,6 +121,13 @@ def moco_loss(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> Tensor
     l_pos = (q * k).sum(dim=1, keepdim=True)  # (B, 1)
     logits = torch.cat([l_pos, q @ queue.T], dim=1) / temperature  # (B, 1 + Q)
     return torch.logsumexp(logits, dim=1) - logits[:, 0]
+
+
+def contrast_set(
+    q: Tensor, k: Tensor, labels: Tensor, queue_keys: Tensor, queue_labels: Tensor
+) -> tuple[Tensor, Tensor]:
+    """[q, k, queue] (2B + Q, D) and their pseudo-labels (2B + Q,): what each anchor q_i is contrasted with."""
+    return torch.cat([q, k, queue_keys]), torch.cat([labels, labels, queue_labels])
 
 
 def own_key_mask(batch: int, contrast_size: int, device: torch.device) -> Tensor:

@@ -18,9 +18,14 @@ from trainables.common.optim import make_optimizer
 
 
 class SingleNet:
-    def __init__(self, ctx: BuildContext):
+    """A ``nets.Net`` with its optimiser and schedule.
+
+    ``proj_dim`` also builds the projection head (PiCO's ``ContrastiveClassifier``); None, the classifier only.
+    """
+
+    def __init__(self, ctx: BuildContext, proj_dim: int | None = None):
         with seeded(ctx.seed):
-            self.net = Net(ctx.make_encoder(), ctx.num_classes, proj_dim=None).to(ctx.device)
+            self.net = Net(ctx.make_encoder(), ctx.num_classes, proj_dim=proj_dim).to(ctx.device)
         self.optimizer, self.scheduler = make_optimizer(self.net.parameters(), ctx.train, ctx.train.epochs)
         self.batch_size = ctx.train.batch_size
 
