@@ -23,8 +23,10 @@ Implementation details / deviations:
    momentum 0.999, queue 8192, temperature 0.07, weight 0.5, as in the paper.
 2. Query view = weak augmentation, key view = strong (reference loaders: ``images_w`` to the
    query, ``images_s`` to the key); the classifier sees the query view only.
-3. ``warmup_epochs`` = 1 (``run.sh`` CIFAR setting; parser default 80 of 800 epochs). The queue
-   starts empty (the reference fills it with random keys whose random float labels never match).
+3. ``warmup_epochs`` = 1 (``run.sh`` CIFAR setting; parser default 80 of 800 epochs). In a short
+   run set it to 0: on digits (30 epochs of 10 steps) the one warm-up epoch costs about 22 points
+   (README, "The PiCO family's warm-up in a short run"). The queue starts empty (the reference
+   fills it with random keys whose random float labels never match).
 4. The CE target is conf after this batch's update, as in the reference (update, then loss).
 5. Optimiser and schedule are the project's (``TrainSettings``: SGD + cosine); the reference uses
    SGD lr 0.01, wd 1e-3, cosine over 800 epochs. No DDP batch shuffle (single device; it only
