@@ -12,7 +12,8 @@ from trainables import coreg
 from trainables.api import BuildContext, TrainData, TrainSettings
 from trainables.common.augment import make_views
 from trainables.common.backbones import make_encoder
-from trainables.coreg import CoRegParams, partial_set_mask, partial_set_targets, unlabeled_set_targets
+from trainables.common.gmm import clean_set
+from trainables.coreg import CoRegParams, partial_set_targets, unlabeled_set_targets
 
 N, C = 48, 4
 TRUSTED = 4
@@ -88,7 +89,7 @@ def test_unlabeled_set_target_averages_every_view_of_both_nets_then_sharpens():
 def test_partial_set_contains_trusted_samples_whatever_their_clean_probability():
     w = torch.tensor([0.9, 0.2, 0.6, 0.1])
     trusted = torch.tensor([False, False, False, True])
-    assert partial_set_mask(w, trusted, tau_div=0.5).tolist() == [True, False, True, True]
+    assert clean_set(w, trusted, threshold=0.5).tolist() == [True, False, True, True]
 
 
 # -- which split each net trains on -------------------------------------------------------------
@@ -196,7 +197,7 @@ def test_unlabeled_split_is_trained_on_only_when_enabled(use_unlabeled):
     algo.train_epoch(data, 0)
     before = algo.targets.clone()
     algo.train_epoch(data, 1)
-    outside_p = ~partial_set_mask(algo.w[1], data.trusted, algo.params.tau_div)  # net A's U (B's split)
+    outside_p = ~clean_set(algo.w[1], data.trusted, algo.params.tau_div)  # net A's U (B's split)
     assert outside_p.any()
     changed = (algo.targets[0] != before[0]).any(dim=1)
     assert changed[outside_p].any() == use_unlabeled

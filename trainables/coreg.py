@@ -147,11 +147,6 @@ class CoRegParams:
     """Cosine period in epochs with floor lr * 1e-3 (reference: 800); None: ``training.epochs``, floor 0."""
 
 
-def partial_set_mask(w: Tensor, trusted: Tensor, tau_div: float) -> Tensor:
-    """P = {w > tau_div}, plus every trusted few-shot sample.  # (N,) bool"""
-    return clean_set(w, trusted, tau_div)
-
-
 def partial_set_targets(w: Tensor, peer_probs: Tensor, cand: Tensor, own_probs: Tensor, T: float) -> Tensor:
     """Targets for x in P: Eq. 5 (restrict the peer to S), Eq. 7 (fuse with weight w), Eq. 8 (sharpen).  # (B, C)"""
     peer_on_s = restrict_to_candidates(peer_probs, cand)  # Eq. 5
@@ -201,7 +196,7 @@ class CoReg:
             meter = MeanMeter()
             for me in (0, 1):  # net A learns from B's split, then B from A's
                 src = 1 - me if p.co_pseudo_label else me
-                in_p = partial_set_mask(self.w[src], data.trusted, p.tau_div)
+                in_p = clean_set(self.w[src], data.trusted, p.tau_div)  # P
                 meter.update(self._train_net(me, data, epoch, in_p=in_p, w=self.w[src], split_probs=aligned[src]))
         for scheduler in self.schedulers:
             scheduler.step()

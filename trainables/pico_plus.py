@@ -38,8 +38,8 @@ Implementation details / deviations:
 6. As in PiCO: query = weak view, key = strong view; phi ramps 0.95 -> 0.8; warm-up trains CE on
    the uniform conf + 0.5 MoCo; the queue starts empty; the project's optimiser and schedule.
    The reference lr is 0.01; the README's tables run every method at 0.05. On digits and
-   Fashion-MNIST PiCO+ is the outlier of those tables at either rate: its pseudo-labels stop moving
-   after a few epochs at 55-76% accuracy and its test accuracy freezes with them.
+   Fashion-MNIST PiCO+ is the outlier of those tables: its test accuracy stops changing after a few
+   epochs, and so does the accuracy of its pseudo-labels (``pl/acc``).
 7. ``clean_mask()`` = the reliable set (None before the first selection); ``pseudo_labels()`` =
    conf on reliable samples and the latest guess on unreliable ones (the targets trained on).
 """
