@@ -179,20 +179,15 @@ def _load_json(client, run_id: str, name: str) -> dict[str, Any]:
 
 
 def _run(configs: list[dict[str, Any]], grid, tracking_uri: str, parent: str) -> dict[str, Any]:
-    import ray
     from ray import tune
     from ray.tune.search import Searcher
 
     from orchestrator import report
-    from orchestrator.sweep import describe_trial, trial_tags
+    from orchestrator.sweep import connect_ray, describe_trial, trial_tags
     from orchestrator.tracking import ConsoleProgress, MlflowTrialCallback, Tracker
     from trainables.loop import train_trial
 
-    if not ray.is_initialized():
-        if grid.ray.address:
-            ray.init(address=grid.ray.address, log_to_driver=False)
-        else:
-            ray.init(num_cpus=grid.ray.num_cpus, include_dashboard=False, log_to_driver=False)
+    connect_ray(grid)
     for c in configs:
         c["annotation_key"] = _annotation_for(c)
         c["signature"] = signature({k: c[k] for k in ("method", "cell", "params", "training", "annotation_key")})

@@ -163,7 +163,8 @@ def save_student(
             "trial_signature": config.get("signature", ""),
             "study": config.get("study", ""),
         }
-        with _env(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):  # no progress bar per trial in the sweep's console
+        # No progress bar and no "validating input example" line per trial in the sweep's console.
+        with _env(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"), _quiet("mlflow.pyfunc", "mlflow.models"):
             mlflow.pyfunc.save_model(
                 str(path),
                 python_model=__file__,  # "models from code": this file is the model's code, see the end of it
@@ -284,6 +285,21 @@ def _env(**values: str) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@contextlib.contextmanager
+def _quiet(*loggers: str) -> Iterator[None]:
+    """INFO lines of these loggers dropped for the duration of the block."""
+    import logging
+
+    levels = {name: logging.getLogger(name).level for name in loggers}
+    for name in loggers:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 @contextlib.contextmanager

@@ -195,7 +195,8 @@ def open_sweep_run(tracker, grid: Grid, grid_path: Path | None, grid_sig: str, r
             f"sweep {grid.experiment} {time.strftime('%Y-%m-%d %H:%M:%S')}",
             {"kind": "sweep", "grid_signature": grid_sig, "grid_file": str(grid_path or "")},
         )
-        tracker.log_dict(parent, grid.model_dump(mode="json"), "grid_resolved.json")
+        # Absolute storage: a rerun launched from another directory (a Ray job) finds the same files.
+        tracker.log_dict(parent, {**grid.model_dump(mode="json"), "storage": str(grid.storage_path)}, "grid_resolved.json")
         if grid_path is not None:
             tracker.log_file(parent, grid_path)
         tracker.log_params(parent, {"grid_signature": grid_sig})
@@ -228,10 +229,24 @@ def run(
         return _run(grid, grid_path, resume=resume, trainable=trainable)
 
 
-def _run(grid: Grid, grid_path: Path | None, *, resume: bool, trainable: Callable | None) -> dict[str, Any]:
+def connect_ray(grid: Grid) -> None:
+    """Join the grid's cluster (``ray.address``), else the cluster this process was started in (a
+    Ray job: ``RAY_ADDRESS`` is set), else start a local Ray with ``ray.num_cpus``."""
+    import ray
+
     # Small trials checkpoint often; Tune's advice to checkpoint less is noise for them.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    import ray
+    if ray.is_initialized():
+        return
+    if grid.ray.address:
+        ray.init(address=grid.ray.address, log_to_driver=False)
+    elif os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=False)
+    else:
+        ray.init(num_cpus=grid.ray.num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+def _run(grid: Grid, grid_path: Path | None, *, resume: bool, trainable: Callable | None) -> dict[str, Any]:
     from ray import tune
 
     from orchestrator import report
@@ -279,11 +294,7 @@ def _run(grid: Grid, grid_path: Path | None, *, resume: bool, trainable: Callabl
     callback = MlflowTrialCallback(tracker, parent, trial_tags, describe=lambda c, r: describe_trial(c, r, grid.resolved_tracking_uri))
     status = "FAILED"
     try:
-        if not ray.is_initialized():
-            if grid.ray.address:
-                ray.init(address=grid.ray.address, log_to_driver=False)
-            else:
-                ray.init(num_cpus=grid.ray.num_cpus, include_dashboard=False, log_to_driver=False)
+        connect_ray(grid)
         annotations.update(run_annotations(grid, studies, datasets, tracker, parent))
         results = []
         if total:

@@ -251,37 +251,45 @@ def _error_text(trial) -> str:
 
 
 class ConsoleProgress(Callback):
-    """One line per finished trial with the sweep's done / running / pending counts."""
+    """One line per finished or failed trial with the sweep's done / running / pending counts, and
+    every ``every_s`` seconds while trials run, one line with each running trial's epoch."""
 
-    def __init__(self, total: int, label_for: Any):
+    def __init__(self, total: int, label_for: Any, every_s: float = 60.0):
         self.total = total
         self.label_for = label_for  # config -> short description
-        self.running: set[str] = set()
+        self.every_s = every_s
+        self.running: dict[str, str] = {}  # trial id -> "label epoch e/E"
         self.done = 0
         self.failed = 0
+        self.last_status = time.monotonic()
+
+    def _counts(self) -> str:
+        pending = self.total - self.done - self.failed - len(self.running)
+        return f"[trials {self.done} done, {self.failed} failed, {len(self.running)} running, {pending} pending]"
 
     def _line(self, trial, what: str) -> None:
-        pending = self.total - self.done - self.failed - len(self.running)
-        print(
-            f"[trials {self.done} done, {self.failed} failed, {len(self.running)} running, {pending} pending] "
-            f"{self.label_for(trial.config)}: {what}",
-            flush=True,
-        )
+        print(f"{self._counts()} {self.label_for(trial.config)}: {what}", flush=True)
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self.running.add(trial.trial_id)
+        self.running[trial.trial_id] = f"{self.label_for(trial.config)} starting"
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        self.running.add(trial.trial_id)  # a trial on a reused actor may report before any start event
+        # A trial on a reused actor may report before any start event.
+        epochs = trial.config.get("training", {}).get("epochs", "?")
+        self.running[trial.trial_id] = f"{self.label_for(trial.config)} epoch {result.get('epoch', '?')}/{epochs}"
+        now = time.monotonic()
+        if now - self.last_status >= self.every_s:
+            self.last_status = now
+            print(f"{self._counts()} running: " + "; ".join(self.running.values()), flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self.running.discard(trial.trial_id)
+        self.running.pop(trial.trial_id, None)
         self.done += 1
         last = trial.last_result or {}
         shown = ", ".join(f"{k}={last[k]:.4f}" for k in ("test/acc", "test/acc_selected", trial.config["objective"]) if k in last)
         self._line(trial, f"finished after {last.get('epoch', '?')} epochs ({shown})")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self.running.discard(trial.trial_id)
+        self.running.pop(trial.trial_id, None)
         self.failed += 1
         self._line(trial, "FAILED: " + _error_text(trial).strip().splitlines()[-1][:200])

@@ -5,7 +5,8 @@
 Pages: ``/`` lists the sweeps (parent runs) of every experiment; ``/sweep/<run id>`` shows the
 sweep's results table and one line per trial run (method, cell, seed, test accuracy, objective,
 best-in-cell flag) with a *Rerun* button and one button per ablation of the method; ``/jobs`` lists
-the launched reruns with their status and the end of their log.
+the launched reruns with their status and the end of their log (with ``--ray-address``: every rerun
+job the cluster knows, also those launched before this page was restarted).
 
 A button runs exactly the command that the trial run's description in the MLflow UI shows
 (``python -m orchestrator.rerun RUN_ID --tracking-uri ... [--ablation NAME]``). With
@@ -46,61 +47,104 @@ def rerun_command(run_id: str, tracking_uri: str, ablation: str | None = None) -
 
 @dataclass
 class Job:
+    """A launched rerun as the jobs page shows it."""
+
     job_id: str
-    command: list[str]
+    command: str
     started: float = field(default_factory=time.time)
-    process: subprocess.Popen | None = None
-    log_path: Path | None = None
+    status: str = "PENDING"
+    log: str = ""
 
 
 class LocalLauncher:
-    """Runs each rerun as a local process (its driver connects to the grid's Ray cluster itself)."""
+    """Runs each rerun as a local process (its driver connects to the grid's Ray cluster itself).
+    The processes outlive this page; the list of them does not."""
 
     kind = "local process"
 
     def __init__(self, log_dir: Path):
         self.log_dir = log_dir
-        self.jobs: dict[str, Job] = {}
+        self._jobs: dict[str, tuple[Job, subprocess.Popen, Path]] = {}
 
-    def submit(self, argv: list[str]) -> str:
-        job_id = f"rerun-{len(self.jobs) + 1}-{int(time.time())}"
+    def submit(self, argv: list[str], metadata: dict[str, str]) -> str:
+        job_id = f"rerun-{len(self._jobs) + 1}-{int(time.time())}"
         log_path = self.log_dir / f"{job_id}.log"
         with open(log_path, "w") as log:
             process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.jobs[job_id] = Job(job_id, argv, process=process, log_path=log_path)
+        self._jobs[job_id] = (Job(job_id, shlex.join(["python", *argv[1:]])), process, log_path)
         return job_id
 
-    def status(self, job_id: str) -> str:
-        code = self.jobs[job_id].process.poll()
-        return "RUNNING" if code is None else ("SUCCEEDED" if code == 0 else f"FAILED (exit {code})")
+    def jobs(self) -> list[Job]:
+        out = []
+        for job, process, log_path in self._jobs.values():
+            code = process.poll()
+            job.status = "RUNNING" if code is None else ("SUCCEEDED" if code == 0 else f"FAILED (exit {code})")
+            job.log = log_path.read_text(errors="replace")
+            out.append(job)
+        return out
 
-    def logs(self, job_id: str) -> str:
-        return self.jobs[job_id].log_path.read_text(errors="replace")
+
+class LauncherError(RuntimeError):
+    """The Ray cluster's job API cannot be used (unreachable, or it wants a token)."""
 
 
 class RayJobLauncher:
-    """Submits each rerun as a Ray job through the cluster's dashboard (job submission API)."""
+    """Submits each rerun as a Ray job through the cluster's dashboard (job submission API). The
+    jobs page lists every rerun job the cluster knows (also those launched before a restart of
+    this page), recognised by their metadata.
+
+    A cluster with token authentication (Ray's default for clusters it starts itself) needs the
+    token here too: ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``; when one
+    is present and ``RAY_AUTH_MODE`` is unset, token mode is switched on for this process."""
 
     kind = "Ray job"
+    TAG = "coreg_rerun_of"
 
     def __init__(self, address: str):
+        from ray.exceptions import AuthenticationError
         from ray.job_submission import JobSubmissionClient
 
-        self.client = JobSubmissionClient(address)
-        self.jobs: dict[str, Job] = {}
+        _enable_token_auth_if_token_present()
+        try:
+            self.client = JobSubmissionClient(address)
+        except AuthenticationError as err:
+            raise LauncherError(
+                f"the Ray dashboard at {address} wants an authentication token: put the cluster's token in "
+                f"RAY_AUTH_TOKEN (or a file named by RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token). {str(err).splitlines()[0]}"
+            ) from None
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            raise LauncherError(f"no Ray job API at {address} (the head node's dashboard, http://<head>:8265): {err}") from None
 
-    def submit(self, argv: list[str]) -> str:
+    def submit(self, argv: list[str], metadata: dict[str, str], wait_for_agent_s: float = 60.0) -> str:
         # The job runs on the head node in the project's environment: the module, not this interpreter.
         entrypoint = shlex.join(["python", *argv[1:]])
-        job_id = self.client.submit_job(entrypoint=entrypoint)
-        self.jobs[job_id] = Job(job_id, argv)
-        return job_id
+        deadline = time.monotonic() + wait_for_agent_s
+        while True:
+            try:
+                return self.client.submit_job(entrypoint=entrypoint, metadata=metadata)
+            except RuntimeError as err:  # a head that just started answers before its job agent is up
+                if "No available agent" not in str(err) or time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
 
-    def status(self, job_id: str) -> str:
-        return str(self.client.get_job_status(job_id))
+    def jobs(self) -> list[Job]:
+        out = []
+        for info in self.client.list_jobs():
+            if self.TAG not in (info.metadata or {}):
+                continue
+            job_id = info.submission_id or info.job_id
+            out.append(
+                Job(job_id, info.entrypoint, (info.start_time or 0) / 1000, str(info.status.value), self.client.get_job_logs(job_id))
+            )
+        return out
 
-    def logs(self, job_id: str) -> str:
-        return self.client.get_job_logs(job_id)
+
+def _enable_token_auth_if_token_present() -> None:
+    if os.environ.get("RAY_AUTH_MODE"):
+        return
+    token_path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if os.environ.get("RAY_AUTH_TOKEN") or token_path.is_file():
+        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 class App:
@@ -168,11 +212,10 @@ class App:
 
     def jobs(self) -> str:
         rows = []
-        for job_id, job in sorted(self.launcher.jobs.items(), key=lambda kv: -kv[1].started):
-            log = self.launcher.logs(job_id)[-3000:]
+        for job in sorted(self.launcher.jobs(), key=lambda j: -j.started):
             rows.append(
-                f"<tr data-job='{html.escape(job_id)}'><td>{html.escape(job_id)}</td><td class='status'>{html.escape(self.launcher.status(job_id))}</td>"
-                f"<td><code>{html.escape(shlex.join(['python', *job.command[1:]]))}</code><pre>{html.escape(log)}</pre></td></tr>"
+                f"<tr data-job='{html.escape(job.job_id)}'><td>{html.escape(job.job_id)}</td><td class='status'>{html.escape(job.status)}</td>"
+                f"<td><code>{html.escape(job.command)}</code><pre>{html.escape(job.log[-3000:])}</pre></td></tr>"
             )
         body = "<p><a href='/'>all sweeps</a></p><table><tr><th>job</th><th>status</th><th>command and log</th></tr>" + "".join(rows) + "</table>"
         return self._page("Launched reruns", body)
@@ -183,8 +226,9 @@ class App:
         run = self.client.get_run(run_id)  # unknown ids raise before anything is launched
         if ablation:
             check_ablations([ablation], run.data.tags["method"])
+        metadata = {RayJobLauncher.TAG: run_id, "ablation": ablation or ""}
         with self.lock:
-            return self.launcher.submit(rerun_command(run_id, self.uri, ablation))
+            return self.launcher.submit(rerun_command(run_id, self.uri, ablation), metadata)
 
     # Helpers -----------------------------------------------------------------------------------
 
@@ -256,7 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
     args = parser.parse_args(argv)
-    launcher = RayJobLauncher(args.ray_address) if args.ray_address else LocalLauncher(Path(tempfile.mkdtemp(prefix="reruns-")))
+    try:
+        launcher = RayJobLauncher(args.ray_address) if args.ray_address else LocalLauncher(Path(tempfile.mkdtemp(prefix="reruns-")))
+    except LauncherError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     server = make_server(App(args.tracking_uri, launcher), args.host, args.port)
     print(f"rerun page on http://{args.host}:{server.server_port} (tracking {args.tracking_uri}; reruns as {launcher.kind})", flush=True)
     try:

@@ -67,7 +67,12 @@ def get_space(method: str) -> Callable[[Space], dict[str, Any]]:
 
 def parameter_names(method: str, overrides: Mapping[str, Any] | None = None) -> list[str]:
     """Names the method's space asks for (used to validate grid.yaml overrides before Ray starts)."""
-    study = optuna.create_study(storage=optuna.storages.InMemoryStorage())
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "new study created" line per method
+    try:
+        study = optuna.create_study(storage=optuna.storages.InMemoryStorage())
+    finally:
+        optuna.logging.set_verbosity(verbosity)
     space = Space(study.ask(), overrides)
     get_space(method)(space)
     return space.asked

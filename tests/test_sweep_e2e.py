@@ -227,7 +227,60 @@ def _chromium():
     return mlflow_ui_check
 
 
-def test_rerun_page_launches_an_ablation_from_a_real_browser(sweep, tmp_path):
+@pytest.fixture(scope="module")
+def ray_head(ray_session, tmp_path_factory):
+    """A second local Ray cluster started like a cluster's head node (``ray start --head``, with its
+    dashboard and job API, token authentication as this session has it); stopped at the end."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    import urllib.error
+    import urllib.request
+
+    pytest.importorskip("aiohttp_cors", reason="the Ray dashboard needs ray[default]")
+    ports = []
+    for _ in range(4):  # the fixed default ports may be taken by this session's own Ray
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            ports.append(sock.getsockname()[1])
+    gcs_port, dashboard_port, agent_port, client_port = ports
+    temp_dir = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")  # short: Ray's socket paths have a length limit
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}  # the jobs' `python`
+    log_path = tmp_path_factory.mktemp("ray_head") / "head.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        [str(Path(bin_dir) / "ray"), "start", "--head", "--block", "--port", str(gcs_port), "--num-cpus", "2",
+         "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
+         "--dashboard-agent-listen-port", str(agent_port), "--ray-client-server-port", str(client_port),
+         "--temp-dir", temp_dir, "--disable-usage-stats"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dashboard_port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            break
+        except urllib.error.HTTPError:  # answering (an auth error is still an answer)
+            break
+        except (urllib.error.URLError, ConnectionError):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"ray start --head did not come up:\n{log_path.read_text()[-3000:]}")
+            time.sleep(1.0)
+    yield address
+    os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` stops the processes it started
+    proc.wait(timeout=60)
+    log.close()
+
+
+def _launch_from_the_browser(sweep, tmp_path, launcher, ablation: str):
+    """Open the rerun page in headless Chromium, click ``ablation`` on the Co-Reg trial, follow the
+    jobs page until the rerun ends; returns (its status, the jobs page text, the trial it reran)."""
     import asyncio
     import json
     import threading
@@ -236,7 +289,7 @@ def test_rerun_page_launches_an_ablation_from_a_real_browser(sweep, tmp_path):
 
     import aiohttp
 
-    from orchestrator.webui import App, LocalLauncher, make_server
+    from orchestrator.webui import App, make_server
 
     ui = _chromium()
     binary = ui.find_chromium()
@@ -251,11 +304,11 @@ def test_rerun_page_launches_an_ablation_from_a_real_browser(sweep, tmp_path):
         r for r in runs_of(client, exp.experiment_id, f"tags.`mlflow.parentRunId` = '{parent}' and tags.method = 'coreg'")
         if "rerun_of" not in r.data.tags
     )
-    server = make_server(App(grid.resolved_tracking_uri, LocalLauncher(tmp_path)))
+    server = make_server(App(grid.resolved_tracking_uri, launcher))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{server.server_port}"
 
-    async def drive(port: int) -> str:
+    async def drive(port: int) -> tuple[str, str]:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as response:
             target = next(t for t in json.load(response) if t["type"] == "page")
         async with aiohttp.ClientSession() as session, session.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0) as ws:
@@ -263,28 +316,58 @@ def test_rerun_page_launches_an_ablation_from_a_real_browser(sweep, tmp_path):
             await page.open(base + "/")
             assert not await page.wait_for_text(["e2e", "FINISHED"], 30)
             await page.evaluate("document.querySelector('a[href^=\"/sweep/\"]').click()")
-            assert not await page.wait_for_text(["Trial runs", "Test accuracy", proden.data.tags["cell"]], 30)
+            assert not await page.wait_for_text(["Trial runs", "Test accuracy", proden.data.tags["cell"], launcher.kind], 30)
             buttons = await page.evaluate(f"document.querySelectorAll('tr[data-run=\"{coreg.info.run_id}\"] button').length")
             assert buttons == 1 + 5  # rerun + Co-Reg's five ablations
-            await page.evaluate(f"document.querySelector('tr[data-run=\"{coreg.info.run_id}\"] button[data-ablation=\"no_unlabeled\"]').click()")
-            assert not await page.wait_for_text(["Launched reruns", "--ablation no_unlabeled"], 30)
+            await page.evaluate(f"document.querySelector('tr[data-run=\"{coreg.info.run_id}\"] button[data-ablation=\"{ablation}\"]').click()")
+            missing = await page.wait_for_text(["Launched reruns", f"--ablation {ablation}"], 30)
+            assert not missing, await page.evaluate("document.body.innerText")
             deadline = time.monotonic() + 240
             status = ""
             while time.monotonic() < deadline:
                 status = await page.evaluate("(document.querySelector('td.status') || {}).innerText || ''")
-                if status != "RUNNING":
+                if status not in ("PENDING", "RUNNING"):
                     break
                 await asyncio.sleep(2.0)
                 await page.open(base + "/jobs")
                 await page.wait_for_text(["Launched reruns"], 30)
             await page.screenshot(tmp_path / "jobs.png")
-            return status
+            return status, await page.evaluate("document.body.innerText")
 
     with ui.chromium(binary, 1200, 900) as port:
-        status = asyncio.run(drive(port))
-    logs = "\n".join(p.read_text() for p in tmp_path.glob("*.log"))
-    assert status == "SUCCEEDED", logs[-3000:]
-    new = runs_of(client, exp.experiment_id, f"tags.rerun_of = '{coreg.info.run_id}' and tags.variant = 'no_unlabeled'")
+        status, text = asyncio.run(drive(port))
+    server.shutdown()
+    assert (tmp_path / "jobs.png").stat().st_size > 10_000
+    new = runs_of(client, exp.experiment_id, f"tags.rerun_of = '{coreg.info.run_id}' and tags.variant = '{ablation}'")
+    return status, text, new
+
+
+def test_rerun_page_launches_an_ablation_as_a_local_process_from_a_real_browser(sweep, tmp_path):
+    from orchestrator.webui import LocalLauncher
+
+    status, text, new = _launch_from_the_browser(sweep, tmp_path, LocalLauncher(tmp_path), "no_unlabeled")
+    assert status == "SUCCEEDED", text[-3000:]
     assert len(new) == 1 and new[0].info.status == "FINISHED"
     assert new[0].data.params["params.use_unlabeled"] == "False"
-    assert (tmp_path / "jobs.png").stat().st_size > 10_000
+
+
+def test_rerun_page_submits_an_ablation_as_a_ray_job_from_a_real_browser(sweep, tmp_path, ray_head):
+    """The cluster path: the button submits the rerun through the head's job API; its driver runs
+    as a Ray job and its trial on that cluster, and the run lands in the same MLflow store."""
+    from orchestrator.webui import RayJobLauncher
+
+    launcher = RayJobLauncher(ray_head)
+    status, text, new = _launch_from_the_browser(sweep, tmp_path, launcher, "supcon")
+    assert status == "SUCCEEDED", text[-3000:]
+    assert "new runs under sweep run" in text  # the job's own log, fetched from the cluster
+    assert len(new) == 1 and new[0].info.status == "FINISHED"
+    assert new[0].data.params["params.contrastive"] == "supcon"
+    # The jobs page lists the cluster's rerun jobs, so a restarted page still shows this one.
+    assert [j.status for j in RayJobLauncher(ray_head).jobs()] == ["SUCCEEDED"]
+
+
+def test_rerun_page_refuses_an_address_without_a_job_api():
+    from orchestrator.webui import LauncherError, RayJobLauncher
+
+    with pytest.raises(LauncherError, match="no Ray job API at http://127.0.0.1:9"):
+        RayJobLauncher("http://127.0.0.1:9")

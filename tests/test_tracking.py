@@ -58,3 +58,49 @@ def test_interrupted_runs_are_marked_killed(tmp_path):
 
 def test_flatten_makes_dotted_string_params():
     assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": None}) == {"a.b": "1", "a.c": "[1, 2]", "d": "None"}
+
+
+def test_console_progress_counts_and_reports_running_epochs(capsys):
+    from types import SimpleNamespace
+
+    from orchestrator.tracking import ConsoleProgress
+
+    def trial(tid, method):
+        config = {"method": method, "objective": "val/covering_rate", "training": {"epochs": 30}}
+        return SimpleNamespace(trial_id=tid, config=config, last_result={}, error_file=None)
+
+    progress = ConsoleProgress(total=3, label_for=lambda c: c["method"], every_s=0.0)
+    a, b = trial("a", "coreg"), trial("b", "cc")
+    progress.on_trial_start(0, [], a)
+    progress.on_trial_result(0, [], a, {"epoch": 4})
+    progress.on_trial_result(0, [], b, {"epoch": 2})  # reused actor: a result before any start event
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == "[trials 0 done, 0 failed, 2 running, 1 pending] running: coreg epoch 4/30; cc epoch 2/30"
+    a.last_result = {"epoch": 30, "test/acc": 0.9, "val/covering_rate": 0.8}
+    progress.on_trial_complete(0, [], a)
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["[trials 1 done, 0 failed, 1 running, 1 pending] coreg: finished after 30 epochs "
+                   "(test/acc=0.9000, val/covering_rate=0.8000)"]
+    quiet = ConsoleProgress(total=1, label_for=lambda c: c["method"], every_s=3600.0)
+    quiet.on_trial_result(0, [], a, {"epoch": 1})
+    assert capsys.readouterr().out == ""
+
+
+def test_the_sweep_run_records_its_storage_as_an_absolute_path(tmp_path, monkeypatch):
+    """A rerun reads the grid back from the sweep run, possibly from another directory (a Ray job's
+    working directory): a relative storage must not be resolved again there."""
+    import json
+    from pathlib import Path
+
+    from orchestrator.config import parse_grid, signature
+    from orchestrator.sweep import open_sweep_run
+
+    monkeypatch.chdir(tmp_path)
+    grid = parse_grid({"experiment": "abs", "storage": "./results", "datasets": [{"name": "digits"}],
+                       "annotators": [{"kind": "synthetic"}], "grid": {"q": [0.3], "eta": [0.1]},
+                       "methods": [{"name": "cc"}]})
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "abs", (tmp_path / "art").as_uri())
+    parent, resumed = open_sweep_run(tracker, grid, None, signature(grid.model_dump()), resume=False)
+    stored = json.loads(Path(tracker.client.download_artifacts(parent, "grid_resolved.json", str(tmp_path))).read_text())
+    assert not resumed and stored["storage"] == str(tmp_path / "results")
+    assert parse_grid(stored).storage_path == tmp_path / "results"
