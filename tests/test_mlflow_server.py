@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -22,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.config import load_grid
 from orchestrator.sweep import run
+from servers import free_port, serving
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 
@@ -29,12 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 UI_CHECK = ROOT / "scripts" / "mlflow_ui_check.py"
 EXPERIMENT = "server-e2e"
 EPOCHS = 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -49,30 +41,9 @@ def server(tmp_path_factory):
         "--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]  # fmt: skip
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no GenAI job workers on 2 cores
-    log = open(tmp / "server.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-                    if response.read().strip() == b"OK":
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not come up:\n{(tmp / 'server.log').read_text()[-3000:]}")
-            time.sleep(1)
+    with serving(cmd, f"{url}/health", tmp / "server.log", env=env, ready=lambda body: body.strip() == b"OK"):
         yield url, tmp / "artifacts"
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn worker
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
 
 
 @pytest.fixture(scope="module")

@@ -154,43 +154,18 @@ print(json.dumps(model.predict(np.load("x.npy"))["class_id"].tolist()))
 
 def test_mlflow_models_serve_answers_with_the_trials_predictions(trial, logged, tmp_path):
     """``mlflow models serve`` (the deployment path the README gives) over HTTP, JSON in and out."""
-    import os
-    import signal
-    import socket
-    import time
-    import urllib.error
     import urllib.request
 
+    from servers import env_with_venv_bin, free_port, serving
+
     _, _, checkpoint, dataset = trial
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    bin_dir = str(Path(sys.executable).parent)  # uvicorn, as in an activated environment
-    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "MLFLOW_TRACKING_URI": logged[0].tracking_uri}
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", logged[2], "--env-manager", "local",
-         "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/ping", timeout=2)
-                break
-            except (urllib.error.URLError, ConnectionError):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"mlflow models serve did not come up:\n{(tmp_path / 'serve.log').read_text()[-3000:]}")
-                time.sleep(0.5)
+    url = f"http://127.0.0.1:{free_port()}"
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", logged[2], "--env-manager", "local",
+           "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1]]  # fmt: skip
+    with serving(cmd, f"{url}/ping", tmp_path / "serve.log", env=env_with_venv_bin(MLFLOW_TRACKING_URI=logged[0].tracking_uri)):
         body = json.dumps({"inputs": dataset.test_x[:25].tolist()}).encode()
         request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"})
         predictions = json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"]
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the CLI and its uvicorn worker
-        proc.wait(timeout=30)
-        log.close()
     trial_pred = np.load(checkpoint / PREDICTIONS_FILE)["test_pred"][:25]
     assert [p["class_id"] for p in predictions] == trial_pred.tolist()
     assert [p["class_name"] for p in predictions] == [dataset.class_names[i] for i in trial_pred]

@@ -231,51 +231,25 @@ def _chromium():
 def ray_head(ray_session, tmp_path_factory):
     """A second local Ray cluster started like a cluster's head node (``ray start --head``, with its
     dashboard and job API, token authentication as this session has it); stopped at the end."""
-    import os
-    import signal
-    import socket
-    import subprocess
     import sys
     import tempfile
-    import time
-    import urllib.error
-    import urllib.request
+
+    from servers import env_with_venv_bin, free_port, serving
 
     pytest.importorskip("aiohttp_cors", reason="the Ray dashboard needs ray[default]")
-    ports = []
-    for _ in range(4):  # the fixed default ports may be taken by this session's own Ray
-        with socket.socket() as sock:
-            sock.bind(("", 0))
-            ports.append(sock.getsockname()[1])
-    gcs_port, dashboard_port, agent_port, client_port = ports
+    # Free ports for everything with a fixed default, which this session's own Ray may hold.
+    gcs, dashboard, agent, client = (free_port() for _ in range(4))
     temp_dir = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")  # short: Ray's socket paths have a length limit
-    bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}  # the jobs' `python`
-    log_path = tmp_path_factory.mktemp("ray_head") / "head.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        [str(Path(bin_dir) / "ray"), "start", "--head", "--block", "--port", str(gcs_port), "--num-cpus", "2",
-         "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
-         "--dashboard-agent-listen-port", str(agent_port), "--ray-client-server-port", str(client_port),
-         "--temp-dir", temp_dir, "--disable-usage-stats"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-    )
-    address = f"http://127.0.0.1:{dashboard_port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{address}/api/version", timeout=2)
-            break
-        except urllib.error.HTTPError:  # answering (an auth error is still an answer)
-            break
-        except (urllib.error.URLError, ConnectionError):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"ray start --head did not come up:\n{log_path.read_text()[-3000:]}")
-            time.sleep(1.0)
-    yield address
-    os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` stops the processes it started
-    proc.wait(timeout=60)
-    log.close()
+    cmd = [
+        str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--port", str(gcs), "--num-cpus", "2",
+        "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+        "--dashboard-agent-listen-port", str(agent), "--ray-client-server-port", str(client),
+        "--temp-dir", temp_dir, "--disable-usage-stats",
+    ]  # fmt: skip
+    address = f"http://127.0.0.1:{dashboard}"
+    log = tmp_path_factory.mktemp("ray_head") / "head.log"
+    with serving(cmd, f"{address}/api/version", log, env=env_with_venv_bin()):  # the jobs' `python`
+        yield address  # SIGTERM to `ray start --block` stops the Ray processes it started
 
 
 def _launch_from_the_browser(sweep, tmp_path, launcher, ablation: str):
