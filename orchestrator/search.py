@@ -63,6 +63,7 @@ class MultiStudySearcher(Searcher):
         self._stopped_early = stopped_early if stopped_early is not None else set()
         self._studies: dict[str, optuna.Study] = {}
         self._live: dict[str, tuple[str, optuna.Trial]] = {}
+        self._reported: dict[str, set[int]] = {}  # Tune trial id -> epochs already reported to Optuna
         self._asked: dict[str, int] = {}
         self._resumable: dict[str, list[optuna.trial.FrozenTrial]] = {}
         self._cursor = 0
@@ -130,15 +131,17 @@ class MultiStudySearcher(Searcher):
                 frozen = self._resumable[study_id].pop(0)
                 ot_trial = optuna.Trial(study, frozen._trial_id)
                 sampled, resuming = dict(frozen.user_attrs["sampled"]), True
+                reported = set(frozen.intermediate_values)
             elif self._asked[study_id] >= plan.method.search.num_samples:
                 continue
             else:
                 ot_trial = study.ask()
                 sampled = get_space(plan.method.name)(Space(ot_trial, plan.method.search.space))
                 ot_trial.set_user_attr("sampled", sampled)
-                resuming = False
+                resuming, reported = False, set()
             self._asked[study_id] += 1
             self._live[trial_id] = (study_id, ot_trial)
+            self._reported[trial_id] = reported
             config = self._make_config(plan, sampled, ot_trial.number, resuming)
             ot_trial.set_user_attr("signature", config["signature"])
             ot_trial.set_user_attr("tune_trial_id", trial_id)
@@ -151,10 +154,16 @@ class MultiStudySearcher(Searcher):
             return
         value = result.get(self._plans[study_id].objective)
         if value is not None and "epoch" in result:
-            ot_trial.report(float(value), step=int(result["epoch"]))
+            step = int(result["epoch"])
+            # A trial resumed or retried from its checkpoint repeats the epochs after it; Optuna
+            # keeps the first value of a step (the same, as resume is exact).
+            if step not in self._reported[trial_id]:
+                ot_trial.report(float(value), step=step)
+                self._reported[trial_id].add(step)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         study_id, ot_trial = self._live.pop(trial_id, (None, None))
+        self._reported.pop(trial_id, None)
         if ot_trial is None:
             return
         study = self._studies[study_id]
@@ -178,6 +187,7 @@ class MultiStudySearcher(Searcher):
         abandoned = list(self._live)
         for trial_id in abandoned:
             _, ot_trial = self._live.pop(trial_id)
+            self._reported.pop(trial_id, None)
             ot_trial.set_user_attr("interrupted", True)
         return len(abandoned)
 

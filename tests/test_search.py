@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from types import SimpleNamespace
 
 import optuna
@@ -74,6 +75,8 @@ def test_interrupted_trials_are_handed_out_again_with_their_parameters(tmp_path)
     s = searcher(plans, storage)
     configs = {f"t{i}": s.suggest(f"t{i}") for i in range(3)}  # cc default, coreg default, cc sampled
     s.on_trial_complete("t0", {"val/covering_rate": 0.5, "epoch": 4})
+    for epoch, value in ((1, 0.3), (2, 0.35)):
+        s.on_trial_result("t1", {"val/covering_rate": value, "epoch": epoch})
     assert s.abandon_live() == 2  # the driver stops with t1 and t2 running
 
     again = searcher(studies(), storage)
@@ -85,6 +88,14 @@ def test_interrupted_trials_are_handed_out_again_with_their_parameters(tmp_path)
         new = by_study[old["study"]]
         assert new["optuna_trial"] == old["optuna_trial"] and new["signature"] == old["signature"]
     assert again.suggest("r2") is None  # nothing new to ask: the budgets hold
+    # t1 resumes from its checkpoint of epoch 1: epoch 2 comes again, and is not reported twice.
+    r_t1 = f"r{resumed.index(by_study[configs['t1']['study']])}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Optuna warns when a step is reported twice
+        for epoch, value in ((2, 0.35), (3, 0.4)):
+            again.on_trial_result(r_t1, {"val/covering_rate": value, "epoch": epoch})
+    t1 = optuna.load_study(study_name=configs["t1"]["study"], storage=storage).trials[configs["t1"]["optuna_trial"]]
+    assert t1.intermediate_values == {1: 0.3, 2: 0.35, 3: 0.4}
     again.on_trial_complete("r0", {resumed[0]["objective"]: 0.6, "epoch": 4})
     again.on_trial_complete("r1", {resumed[1]["objective"]: 0.7, "epoch": 4})
     assert again.suggest("r3") == Searcher.FINISHED
