@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 
 from orchestrator.config import GridError, parse_grid, signature
+from orchestrator.sweep import stop_on_sigterm
 from trainables.api import TrainSettings
 
 
@@ -231,13 +232,15 @@ def _run(configs: list[dict[str, Any]], grid, tracking_uri: str, parent: str) ->
             ),
         )
         results = list(tuner.fit())
+        interrupted = bool(callback.open_runs())  # Tune stopped early (Ctrl-C, SIGTERM)
     finally:
         callback.close_all("KILLED")
     tables = report.publish(tracker, parent)
     print("\n" + tables.console(), flush=True)
     runs = list(callback.runs.values())
     print(f"new runs under sweep run {parent}: {', '.join(runs)}", flush=True)
-    return {"configs": configs, "runs": runs, "tables": tables, "failed": sum(r.error is not None for r in results)}
+    failed = sum(r.error is not None for r in results)
+    return {"configs": configs, "runs": runs, "tables": tables, "failed": failed, "interrupted": interrupted}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -254,12 +257,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", help="run on these seeds instead of the run's own")
     parser.add_argument("--dry-run", action="store_true", help="print what would run, run nothing")
     args = parser.parse_args(argv)
+    stop_on_sigterm()
     try:
         out = rerun(args.run_id, args.tracking_uri, overrides=args.overrides, ablations=args.ablations,
                     seeds=args.seeds, dry_run=args.dry_run)
     except GridError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished reruns are in MLflow, unfinished ones are marked KILLED", file=sys.stderr)
+        return 130
+    if out.get("interrupted"):
+        return 130
     return 1 if out.get("failed") else 0
 
 

@@ -16,8 +16,10 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -238,12 +240,15 @@ def connect_ray(grid: Grid) -> None:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if ray.is_initialized():
         return
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     if grid.ray.address:
         ray.init(address=grid.ray.address, log_to_driver=False)
     elif os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=False)
     else:
         ray.init(num_cpus=grid.ray.num_cpus, include_dashboard=False, log_to_driver=False)
+    if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_sigterm)  # ray.init replaces it with an immediate exit
 
 
 def _run(grid: Grid, grid_path: Path | None, *, resume: bool, trainable: Callable | None) -> dict[str, Any]:
@@ -353,6 +358,14 @@ def _run(grid: Grid, grid_path: Path | None, *, resume: bool, trainable: Callabl
         )
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM (``kill``, a scheduler's preemption) stops the driver as Ctrl-C
+    does: Tune ends its trials, their MLflow runs and the sweep's end ``KILLED``, and running the
+    same command again resumes them."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(os.getpid(), signal.SIGINT))
+
+
 def describe_trial(config: dict[str, Any], run_id: str, tracking_uri: str) -> str:
     """Markdown for a trial run's description in the MLflow UI: copyable rerun and ablation commands."""
     from trainables.registry import ALGORITHMS
@@ -386,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         "again without it resumes too, or starts the sweep if it never ran",
     )
     args = parser.parse_args(argv)
+    stop_on_sigterm()
     grid_path = args.grid or DEFAULT_GRID
     try:
         grid = load_grid(grid_path)

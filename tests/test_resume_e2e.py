@@ -171,3 +171,56 @@ def test_failing_trials_are_retried_from_their_checkpoint_and_do_not_stop_the_sw
     parent = client.get_run(summary["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["trials_failed"] == "1"
     assert [r["row"] for r in summary["rows"]] == ["proden"]  # the failed method has no table entry
+
+
+def test_sigterm_stops_the_driver_like_ctrl_c(tmp_path, ray_session):
+    """``kill <pid>`` (a scheduler's preemption, ``ray job stop``): Tune ends its trials, the running
+    trial's run and the sweep end KILLED, finished work stays FINISHED, the exit code is 130."""
+    grid_file = write_grid(tmp_path, "sigterm", [{"name": "cc", "search": {"num_samples": 2}}], EPOCHS)
+    client = MlflowClient(load_grid(grid_file).resolved_tracking_uri)
+    log = open(tmp_path / "driver.log", "w")
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.sweep", str(grid_file)],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        caught = False
+        while not caught and time.monotonic() < deadline:  # a finished trial and a running one
+            time.sleep(0.3)
+            assert driver.poll() is None, (tmp_path / "driver.log").read_text()
+            if client.get_experiment_by_name("sigterm") is None:
+                continue
+            runs = trial_runs(client, "sigterm")
+            caught = any(r.info.status == "FINISHED" for r in runs) and any(
+                r.info.status == "RUNNING" and r.data.metrics.get("epoch", 0) >= 2 for r in runs
+            )
+        assert caught, "no trial was caught running"
+        os.kill(driver.pid, signal.SIGTERM)
+        code = driver.wait(120)
+    finally:
+        try:
+            os.killpg(driver.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        log.close()
+    output = (tmp_path / "driver.log").read_text()
+    assert code == 130, output[-3000:]
+    exp = client.get_experiment_by_name("sigterm")
+    statuses = sorted(r.info.status for r in trial_runs(client, "sigterm"))
+    assert statuses == ["FINISHED", "KILLED"]
+    (sweep,) = client.search_runs([exp.experiment_id], "tags.kind = 'sweep'")
+    assert sweep.info.status == "KILLED"
+    assert not client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
+    assert "run the same command again to resume them" in output
+
+    # ... and the same grid again finishes the stopped trial in its own run, every epoch logged once.
+    killed = next(r for r in trial_runs(client, "sigterm") if r.info.status == "KILLED")
+    summary = run(load_grid(grid_file), grid_file)
+    assert summary["resumed"] and summary["failed"] == 0 and not summary["interrupted"]
+    runs = trial_runs(client, "sigterm")
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
+    assert client.get_run(killed.info.run_id).data.tags["resumed"] == "1"
+    for r in runs:
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, "test/acc")]
+        assert sorted(steps) == list(range(1, EPOCHS + 1)), steps
