@@ -93,7 +93,8 @@ class RayJobLauncher:
     jobs page lists every rerun job the cluster knows (also those launched before a restart of
     this page), recognised by their metadata.
 
-    A cluster with token authentication (Ray's default for clusters it starts itself) needs the
+    A cluster with token authentication (Ray 2.60 turns it on for a local ``ray.init()`` cluster, and
+    for ``ray start`` when a token exists) needs the
     token here too: ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``; when one
     is present and ``RAY_AUTH_MODE`` is unset, token mode is switched on for this process."""
 
