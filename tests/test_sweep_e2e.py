@@ -231,6 +231,7 @@ def _chromium():
 def ray_head(ray_session, tmp_path_factory):
     """A second local Ray cluster started like a cluster's head node (``ray start --head``, with its
     dashboard and job API, token authentication as this session has it); stopped at the end."""
+    import shutil
     import sys
     import tempfile
 
@@ -250,6 +251,7 @@ def ray_head(ray_session, tmp_path_factory):
     log = tmp_path_factory.mktemp("ray_head") / "head.log"
     with serving(cmd, f"{address}/api/version", log, env=env_with_venv_bin()):  # the jobs' `python`
         yield address  # SIGTERM to `ray start --block` stops the Ray processes it started
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _launch_from_the_browser(sweep, tmp_path, launcher, ablation: str):
