@@ -62,8 +62,8 @@ class MultiStudySearcher(Searcher):
         self._storage = storage
         self._stopped_early = stopped_early if stopped_early is not None else set()
         self._studies: dict[str, optuna.Study] = {}
-        self._live: dict[str, tuple[str, optuna.Trial]] = {}
-        self._reported: dict[str, set[int]] = {}  # Tune trial id -> epochs already reported to Optuna
+        # Tune trial id -> (study, Optuna trial, epochs already reported to Optuna)
+        self._live: dict[str, tuple[str, optuna.Trial, set[int]]] = {}
         self._asked: dict[str, int] = {}
         self._resumable: dict[str, list[optuna.trial.FrozenTrial]] = {}
         self._cursor = 0
@@ -140,8 +140,7 @@ class MultiStudySearcher(Searcher):
                 ot_trial.set_user_attr("sampled", sampled)
                 resuming, reported = False, set()
             self._asked[study_id] += 1
-            self._live[trial_id] = (study_id, ot_trial)
-            self._reported[trial_id] = reported
+            self._live[trial_id] = (study_id, ot_trial, reported)
             config = self._make_config(plan, sampled, ot_trial.number, resuming)
             ot_trial.set_user_attr("signature", config["signature"])
             ot_trial.set_user_attr("tune_trial_id", trial_id)
@@ -149,7 +148,7 @@ class MultiStudySearcher(Searcher):
         return Searcher.FINISHED if not self._live else None
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        study_id, ot_trial = self._live.get(trial_id, (None, None))
+        study_id, ot_trial, reported = self._live.get(trial_id, (None, None, None))
         if ot_trial is None:
             return
         value = result.get(self._plans[study_id].objective)
@@ -157,13 +156,12 @@ class MultiStudySearcher(Searcher):
             step = int(result["epoch"])
             # A trial resumed or retried from its checkpoint repeats the epochs after it; Optuna
             # keeps the first value of a step (the same, as resume is exact).
-            if step not in self._reported[trial_id]:
+            if step not in reported:
                 ot_trial.report(float(value), step=step)
-                self._reported[trial_id].add(step)
+                reported.add(step)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        study_id, ot_trial = self._live.pop(trial_id, (None, None))
-        self._reported.pop(trial_id, None)
+        study_id, ot_trial, _ = self._live.pop(trial_id, (None, None, None))
         if ot_trial is None:
             return
         study = self._studies[study_id]
@@ -186,8 +184,7 @@ class MultiStudySearcher(Searcher):
         checkpoint, exactly as after a driver that was killed outright."""
         abandoned = list(self._live)
         for trial_id in abandoned:
-            _, ot_trial = self._live.pop(trial_id)
-            self._reported.pop(trial_id, None)
+            _, ot_trial, _ = self._live.pop(trial_id)
             ot_trial.set_user_attr("interrupted", True)
         return len(abandoned)
 
