@@ -316,7 +316,7 @@ def _run(grid: Grid, grid_path: Path | None, *, resume: bool, trainable: Callabl
                 run_config=tune.RunConfig(
                     name=f"{grid.experiment}-{grid_sig}",
                     storage_path=str(storage / "ray_results"),
-                    callbacks=[callback, ConsoleProgress(total, lambda c: f"{c['method']} {trial_tags(c)['cell']}")],
+                    callbacks=[callback, ConsoleProgress(total, lambda c: "{label} {cell}".format(**trial_tags(c)))],
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                     failure_config=tune.FailureConfig(max_failures=grid.max_retries),
                     verbose=0,
