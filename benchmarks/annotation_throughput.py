@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from orchestrator.annotation.clip import ClipActor, actor_kwargs, annotate_clip
     from orchestrator.config import ClipAnnotatorSpec
-    from trainables.common.data import Dataset
+    from trainables.data.datasets import Dataset
 
     spec_fields = {
         "kind": "clip",

@@ -21,75 +21,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from trainables.api import TrainSettings
-from trainables.common.data import DATASETS
+from trainables.data.datasets import DATASETS
+from trainables.data.spec import DatasetSpec, Strict, signature
 
-CLIP_TEMPLATE_SETS = ("paper27", "openai80")
-CANDIDATE_MODES = ("multi_prompt", "top_k", "prob_ratio")
 OBJECTIVES = {"val/covering_rate": "max", "val/partial_loss": "min"}
 
 
 class GridError(ValueError):
     """A grid file is invalid. The message lists every problem found, one per line."""
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class DatasetSpec(Strict):
-    name: str
-    root: str | None = None
-    """Directory holding the data set files (torchvision layout, Debian's fashion-mnist dir, or the
-    directory of lost.mat / MSRCv2.mat)."""
-    download: bool = False
-    """Let torchvision download the files (users' machines only; never in tests)."""
-    subsample: int | None = Field(default=None, gt=0)
-    """Keep a seeded, class-stratified subset of this many training images."""
-    test_subsample: int | None = Field(default=None, gt=0)
-    """Keep a seeded, class-stratified subset of this many test images."""
-    subsample_seed: int = 0
-    """Seed of the subsets (and of the train/test split for data sets that have none)."""
-    split: int | None = Field(default=None, ge=0)
-    """Predefined train/test split (0-based) of data sets that ship them (lost, msrcv2: 0..4; default 0)."""
-    feature_scaling: Literal["per_feature", "global"] | None = None
-    """Feature data sets only (default ``per_feature``): z-score every dimension with the training
-    part's mean and std, or (``global``) subtract the training mean and divide every dimension by
-    one training scale, which keeps the relative scales of the features (Lost's carry information)."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _defaults(cls, data: Any) -> Any:
-        info = DATASETS.get(data.get("name")) if isinstance(data, dict) else None
-        if info is not None and info.splits and data.get("split") is None:
-            data = {**data, "split": 0}
-        if info is not None and info.kind == "features" and data.get("feature_scaling") is None:
-            data = {**data, "feature_scaling": "per_feature"}
-        return data
-
-    @model_validator(mode="after")
-    def _fits_dataset(self) -> "DatasetSpec":
-        if self.feature_scaling is not None and DATASETS[self.name].kind != "features":
-            raise ValueError(f"feature_scaling: {self.name} has images, not features (images are normalised per channel)")
-        splits = DATASETS[self.name].splits
-        if self.split is not None and splits == 0:
-            with_splits = ", ".join(n for n, info in DATASETS.items() if info.splits)
-            raise ValueError(f"split: {self.name} has no predefined train/test splits (data sets that have: {with_splits})")
-        if self.split is not None and self.split >= splits:
-            raise ValueError(f"split: {self.name} has {splits} predefined splits (0..{splits - 1}), got {self.split}")
-        return self
-
-    @field_validator("root")
-    @classmethod
-    def _absolute(cls, root: str | None) -> str | None:
-        # Tune runs each trial in its own working directory: a relative root would move.
-        return None if root is None else str(Path(root).expanduser().resolve())
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, name: str) -> str:
-        if name not in DATASETS:
-            raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(sorted(DATASETS))}")
-        return name
 
 
 class SyntheticAnnotatorSpec(Strict):
@@ -400,10 +339,10 @@ def _check_semantics(grid: Grid) -> list[str]:
             consumes = spec.consumes_for({**dataclasses.asdict(spec.params()), **m.params})
         except (TypeError, ValueError):  # an invalid override, reported above
             consumes = spec.consumes
-        if consumes != "cand" or spec.reads_annotator_probs:
+        if consumes.from_vlm:
             for ann in grid.annotators:
                 if ann.kind != "clip":
-                    problems.append(f"{where}.name: {m.name} learns from {consumes}, which the {ann.kind} annotator {ann.name!r} does not produce")
+                    problems.append(f"{where}.name: {m.name} learns from {consumes.value}, which the {ann.kind} annotator {ann.name!r} does not produce")
         try:
             asked = parameter_names(m.name)
         except KeyError as err:
@@ -445,9 +384,3 @@ def load_grid(path: str | Path) -> Grid:
     except yaml.YAMLError as err:
         raise GridError(f"{path}: not valid YAML: {err}") from None
     return parse_grid(raw, str(path))
-
-
-def signature(obj: Any, length: int = 12) -> str:
-    """Stable short hash of a JSON-serialisable object (a run's identity)."""
-    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:length]

@@ -128,7 +128,7 @@ def _annotation_for(config: dict[str, Any]) -> str:
 
     from orchestrator.annotation.stage import annotate
     from orchestrator.config import AnnotatorSpec, DatasetSpec
-    from trainables.common.data import load_dataset
+    from trainables.data.datasets import load_dataset
 
     cell = config["cell"]
     ann = annotate(

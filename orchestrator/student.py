@@ -212,7 +212,7 @@ def log_student(client: Any, run_id: str, checkpoint_dir: Path, dataset: Any) ->
 @functools.lru_cache(maxsize=2)
 def _load_dataset(spec_json: str) -> Any:
     from orchestrator.config import DatasetSpec
-    from trainables.common.data import load_dataset
+    from trainables.data.datasets import load_dataset
 
     return load_dataset(DatasetSpec(**json.loads(spec_json)))
 

@@ -36,7 +36,7 @@ def check_inputs(grid: Grid) -> dict[str, Any]:
 
     Returns the loaded data sets by spec (the annotation stage reuses them; one data set can be
     listed once per predefined split)."""
-    from trainables.common.data import load_dataset
+    from trainables.data.datasets import load_dataset
 
     problems, datasets = [], {}
     for i, spec in enumerate(grid.datasets):

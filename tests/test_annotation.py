@@ -20,7 +20,7 @@ from orchestrator.annotation.stage import (
 from orchestrator.annotation.synthetic import flip_candidates
 from orchestrator.annotation.templates import OPENAI_TEMPLATES, PAPER_TEMPLATES, templates_for
 from orchestrator.config import ClipAnnotatorSpec, DatasetSpec, SyntheticAnnotatorSpec
-from trainables.common.data import load_dataset
+from trainables.data.datasets import load_dataset
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -14,7 +14,7 @@ from orchestrator.annotation.clip import ClipActor, ClipLoadError, actor_kwargs,
 from orchestrator.annotation.stage import annotate
 from orchestrator.annotation.templates import PAPER_TEMPLATES
 from orchestrator.config import ClipAnnotatorSpec, DatasetSpec
-from trainables.common.data import load_dataset
+from trainables.data.datasets import load_dataset
 
 TINY_CONFIG = Path(__file__).parent / "fixtures" / "tiny_clip.json"
 SPEC = ClipAnnotatorSpec(

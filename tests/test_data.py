@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from orchestrator.config import DatasetSpec
-from trainables.common.data import (
+from trainables.data.datasets import (
     DATASETS,
     DEBIAN_FASHION_MNIST,
     DatasetNotFoundError,
@@ -46,7 +46,7 @@ def test_registry_matches_the_paper_and_torchvision():
 
 def test_import_is_cheap():
     code = (
-        "import sys, trainables.common.data; "
+        "import sys, trainables.data.datasets; "
         "print(sorted(m for m in ('torch', 'torchvision', 'sklearn') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -26,7 +26,7 @@ from orchestrator.annotation import clip as clip_mod
 from orchestrator.annotation.stage import annotate
 from orchestrator.config import parse_grid
 from orchestrator.plan import expand
-from trainables.common.data import load_dataset
+from trainables.data.datasets import load_dataset
 from trainables.loop import run_trial
 from trainables.registry import ALGORITHMS
 
@@ -61,7 +61,7 @@ def _params(method: str) -> dict:
 
 def _history(tmp_path: Path, monkeypatch, method: str) -> list[dict[str, float]]:
     spec = ALGORITHMS[method]
-    vlm = spec.consumes_for(_params(method)) != "cand" or spec.reads_annotator_probs
+    vlm = spec.consumes_for(_params(method)).from_vlm
     annotator = VLM_ANNOTATOR if vlm else {"kind": "synthetic"}
     axes = {"seeds": [3]} if vlm else {"q": [0.3], "eta": [0.3], "seeds": [3]}
     grid = parse_grid(

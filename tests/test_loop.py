@@ -11,7 +11,7 @@ import torch
 from orchestrator.annotation.stage import annotate
 from orchestrator.config import parse_grid
 from orchestrator.plan import expand
-from trainables.common.data import load_dataset
+from trainables.data.datasets import load_dataset
 from trainables.loop import make_split, prepare_data, run_trial
 
 

@@ -26,7 +26,7 @@ from trainables import dividemix, kd, zero_shot
 from trainables.api import BuildContext, TrainData, TrainSettings
 from trainables.common.augment import make_views
 from trainables.common.backbones import make_encoder
-from trainables.common.data import load_dataset
+from trainables.data.datasets import load_dataset
 from trainables.common.metrics import MeanMeter
 from trainables.dividemix import DivideMixParams, guess_labels, refine_labels, uniform_prior_penalty
 from trainables.kd import distillation_loss, teacher_targets

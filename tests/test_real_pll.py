@@ -19,7 +19,7 @@ from orchestrator.annotation.stage import annotate, annotation_key
 from orchestrator.config import DatasetSpec, GivenAnnotatorSpec, GridError, parse_grid
 from orchestrator.plan import expand
 from trainables.common.augment import make_views
-from trainables.common.data import DATASETS, DatasetNotFoundError, load_dataset
+from trainables.data.datasets import DATASETS, DatasetNotFoundError, load_dataset
 
 PLL_ROOT = Path(os.environ.get("COREG_PLL_ROOT", "/work/shared/data/pll"))
 REAL = {"lost": (1122, 108, 16, 2.23), "msrcv2": (1758, 48, 23, 3.16)}

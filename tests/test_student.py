@@ -26,7 +26,7 @@ from orchestrator.student import (
     log_student,
     log_trial_artifacts,
 )
-from trainables.common.data import load_dataset
+from trainables.data.datasets import load_dataset
 from trainables.loop import PREDICTIONS_FILE, build_from_info, predict, run_trial
 from trainables.registry import ALGORITHMS
 

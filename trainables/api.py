@@ -5,9 +5,13 @@ loop builds it from the registry, calls ``train_epoch`` once per epoch, ``predic
 and saves ``state_dict`` in every checkpoint. Algorithms never import ray or mlflow.
 
 Data reaches an algorithm as a :class:`TrainData`: the training pool on the training device, the
-candidate sets (or single noisy labels / soft labels, depending on what the method consumes), the
-few-shot trusted mask and the view makers (weak / strong augmentation). Ground-truth labels are not
-in it: they stay in the loop, which uses them only to compute reported metrics.
+label sets it learns from (candidate sets, or the singleton of a VLM's noisy label), the
+annotator's probabilities for distillation methods, the few-shot trusted mask and the view makers
+(weak / strong augmentation). Ground-truth labels are not in it: they stay in the loop, which uses
+them only to compute reported metrics. What a method learns from is a :class:`Target` on its spec.
+
+Optional protocols: :class:`TwoNetwork` (Co-Reg, DivideMix) lets the loop report each network's
+accuracy beside the ensemble's.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
+
+from trainables.data.annotation import Target
 
 
 @dataclass(frozen=True)
@@ -63,12 +69,13 @@ class TrainData:
 
     Attributes:
         x: stored samples, (N, C, H, W) uint8 images or (N, D) float features, on ``device``.
-        cand: (N, C) float {0, 1} candidate sets. Few-shot samples carry the singleton of their
-            revealed label. For single-label methods this is the one-hot of the noisy label; for
-            distillation methods (``soft``, ``soft_single``) the annotator's probabilities.
+        cand: (N, C) float {0, 1} label sets: candidate sets (``Target.CAND``), or the singleton
+            of the noisy label (the other kinds; for soft kinds the probabilities' argmax). Few-shot
+            samples carry the singleton of their revealed label.
         trusted: (N,) bool, True for the few-shot samples whose label was revealed by a human.
-        soft: (N, C) float annotator probabilities (trusted rows not overwritten), or None (only
-            for distillation methods).
+        soft: (N, C) float annotator probabilities (trusted rows not overwritten) for the soft
+            kinds (distillation), None otherwise.
+        target: what ``cand`` / ``soft`` hold (the spec's ``consumes_for(params)``).
         views: makes plain / weak / strong network inputs from ``x[idx]``.
         generator: the CPU generator all shuffling uses.
     """
@@ -79,6 +86,7 @@ class TrainData:
     views: Views
     generator: torch.Generator
     soft: Tensor | None = None
+    target: Target = Target.CAND
 
     @property
     def num_samples(self) -> int:
@@ -121,7 +129,6 @@ class BuildContext:
     train: TrainSettings
     device: torch.device
     seed: int
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -154,12 +161,13 @@ class Algorithm(Protocol):
 
 
 @runtime_checkable
-class StoredPredictions(Protocol):
-    """Optional, for a method that predicts from stored annotator outputs instead of images
-    (zero_shot): the loop evaluates it with ``stored_logits`` in place of ``predict``."""
+class TwoNetwork(Protocol):
+    """Optional, for a method that trains two networks and predicts with their ensemble (Co-Reg,
+    DivideMix): the loop also reports each network's own test accuracy (``test/acc_net_a``, ``_b``)."""
 
-    def stored_logits(self, split: str) -> Tensor:
-        """Logits (n, C) of the samples of ``split`` (``train``, ``val`` or ``test``), in the loop's order."""
+    @torch.no_grad()
+    def predict_nets(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Logits (B, C) of net A and of net B for plain-view inputs."""
         ...
 
 
@@ -172,26 +180,22 @@ class AlgorithmSpec:
     """Frozen dataclass of the method's hyperparameters, with the paper's defaults."""
     build: Callable[[Any, BuildContext], Algorithm]
     """``build(params, ctx) -> Algorithm``."""
-    consumes: str = "cand"
-    """What the method learns from: ``cand`` (candidate sets), ``noisy_label`` (one label per
-    sample, argmax of template ``single_template``), ``noisy_label_avg`` (template-average argmax),
-    ``soft`` (template-average probabilities) or ``soft_single`` (template ``single_template``)."""
+    consumes: Target = Target.CAND
+    """What the method learns from (:class:`Target`)."""
     ablations: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Named ablations: each maps to the params overrides that switch a component off."""
     description: str = ""
-    consumes_when: Callable[[Any], str] | None = None
-    """``params -> target kind`` for a method whose variants learn from different targets (the
-    starred rows: ``starred=True`` -> template average); None: always ``consumes``."""
-    reads_annotator_probs: bool = False
-    """The loop passes the annotator's class probabilities of the train / val / test samples in
-    ``BuildContext.extras["annotator_probs"]`` (same template choice as the target kind)."""
-    trains: bool = True
-    """False for a method with nothing to learn (zero_shot): the loop runs a single epoch."""
+    consumes_when: Callable[[Any], Target] | None = None
+    """``params -> Target`` for a method whose variants learn from different targets (the starred
+    rows: ``starred=True`` -> template average); None: always ``consumes``."""
 
-    def consumes_for(self, params: Any) -> str:
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "consumes", Target(self.consumes))
+
+    def consumes_for(self, params: Any) -> Target:
         """The target kind for ``params`` (an instance of ``self.params`` or a dict of its fields)."""
         if self.consumes_when is None:
             return self.consumes
         if isinstance(params, dict):
             params = self.params(**params)
-        return self.consumes_when(params)
+        return Target(self.consumes_when(params))

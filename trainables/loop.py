@@ -22,11 +22,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from trainables.api import Algorithm, BuildContext, StoredPredictions, TrainData, TrainSettings
+from trainables.api import Algorithm, BuildContext, TrainData, TwoNetwork
 from trainables.common.augment import make_views
 from trainables.common.backbones import make_encoder
-from trainables.common.data import Dataset, load_dataset
+from trainables.data.annotation import load_cached
+from trainables.data.datasets import Dataset, load_dataset
 from trainables.registry import ALGORITHMS
+from trainables.spec import TrialSpec
 
 EVAL_BATCH = 1024
 CHECKPOINT_FILE = "state.pt"
@@ -84,6 +86,7 @@ class TrialData:
     data: TrainData
     train_y: torch.Tensor
     train_cand: torch.Tensor
+    """(N, C) the annotator's candidate sets of the training samples (revealed rows: their label)."""
     val_x: torch.Tensor
     val_cand: torch.Tensor
     test_x: torch.Tensor
@@ -91,61 +94,45 @@ class TrialData:
     split: Split
     aug_generator: torch.Generator
     """Draws every augmentation; its state is checkpointed so a resumed run sees the same views."""
-    annotator_probs: dict[str, torch.Tensor] | None = None
-    """(n, C) annotator class probabilities of the train / val / test samples, for methods whose
-    spec ``reads_annotator_probs`` (zero_shot); None otherwise."""
 
 
-def prepare_data(config: dict[str, Any], device: torch.device) -> TrialData:
+def prepare_data(trial: TrialSpec, device: torch.device) -> TrialData:
     """Load the data set and the cached annotation, and apply the cell's split options."""
-    from orchestrator.annotation.stage import load_cached  # the annotation cache format lives there
-    from orchestrator.config import DatasetSpec
-
-    cell, seed = config["cell"], config["cell"]["seed"]
-    train_settings = TrainSettings(**config["training"])
-    dataset = load_dataset(DatasetSpec(**cell["dataset"]))
-    spec = ALGORITHMS[config["method"]]
-    annotation = load_cached(
-        Path(config["cache_dir"]), config["annotation_key"], with_probs=spec.reads_annotator_probs
-    )
+    cell = trial.cell
+    dataset = load_dataset(cell.dataset)
+    target = ALGORITHMS[trial.method].consumes_for(dict(trial.params))
+    annotation = load_cached(Path(trial.cache_dir), trial.annotation_key, with_probs=False)
     num_classes = len(dataset.class_names)
     split = make_split(
         dataset.train_y,
         num_classes,
-        val_fraction=train_settings.val_fraction,
-        shots=cell["shots"],
-        fraction=cell["unlabeled_fraction"],
-        seed=seed,
+        val_fraction=trial.training.val_fraction,
+        shots=cell.shots,
+        fraction=cell.unlabeled_fraction,
+        seed=cell.seed,
     )
-    consumes = spec.consumes_for(config["params"])
-    targets = annotation.targets(consumes)[split.train].astype(np.float32)  # (N, C)
+    sets = annotation.label_sets(target)[split.train]  # (N, C)
+    revealed = np.eye(num_classes, dtype=np.float32)[dataset.train_y[split.train[split.trusted]]]
+    sets[split.trusted] = revealed
     cand = annotation.cand_train.astype(np.float32)
-    revealed_y = dataset.train_y[split.train[split.trusted]]
-    targets[split.trusted] = np.eye(num_classes, dtype=np.float32)[revealed_y]
 
     def to(a: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(a).to(device)
 
-    aug_generator = torch.Generator().manual_seed(seed + 1)
+    aug_generator = torch.Generator().manual_seed(cell.seed + 1)
     views = make_views(dataset.kind, mean=dataset.mean, std=dataset.std, hflip=dataset.hflip, generator=aug_generator)
+    soft = annotation.soft_targets(target)[split.train] if target.is_soft else None
     data = TrainData(
         x=to(dataset.train_x[split.train]),
-        cand=to(targets),
+        cand=to(sets),
         trusted=to(split.trusted),
         views=views,
-        generator=torch.Generator().manual_seed(seed + 2),
-        soft=to(annotation.targets(consumes)[split.train]) if consumes in ("soft", "soft_single") else None,
+        generator=torch.Generator().manual_seed(cell.seed + 2),
+        soft=None if soft is None else to(soft),
+        target=target,
     )
-    annotator_probs = None
-    if spec.reads_annotator_probs:
-        train_probs = annotation.class_probs(consumes, "train")
-        annotator_probs = {
-            "train": to(train_probs[split.train]),
-            "val": to(train_probs[split.val]),
-            "test": to(annotation.class_probs(consumes, "test")),
-        }
     train_cand = cand[split.train].copy()
-    train_cand[split.trusted] = targets[split.trusted]
+    train_cand[split.trusted] = revealed
     return TrialData(
         dataset=dataset,
         data=data,
@@ -157,40 +144,36 @@ def prepare_data(config: dict[str, Any], device: torch.device) -> TrialData:
         test_y=to(dataset.test_y),
         split=split,
         aug_generator=aug_generator,
-        annotator_probs=annotator_probs,
     )
 
 
-def build_algorithm(config: dict[str, Any], td: TrialData, device: torch.device) -> Algorithm:
+def build_algorithm(trial: TrialSpec, td: TrialData, device: torch.device) -> Algorithm:
     ds = td.dataset
     return build_from_info(
-        config,
+        trial,
         num_classes=len(ds.class_names),
         sample_shape=ds.train_x.shape[1:],
         default_backbone=ds.default_backbone,
         num_samples=td.data.num_samples,
         device=device,
-        extras={} if td.annotator_probs is None else {"annotator_probs": td.annotator_probs},
     )
 
 
 def build_from_info(
-    config: dict[str, Any],
+    trial: TrialSpec,
     *,
     num_classes: int,
     sample_shape: tuple[int, ...],
     default_backbone: str,
     num_samples: int,
     device: torch.device,
-    extras: dict[str, Any] | None = None,
 ) -> Algorithm:
-    """Build the config's algorithm from what is known about the data, without the data: the
+    """Build the trial's algorithm from what is known about the data, without the data: the
     deployable student (``orchestrator/student.py``) rebuilds a trained algorithm this way.
     ``sample_shape`` is one stored sample's shape: (C, H, W) images or (D,) features."""
-    spec = ALGORITHMS[config["method"]]
-    train_settings = TrainSettings(**config["training"])
-    params = spec.params(**config["params"])
-    backbone = default_backbone if train_settings.backbone == "auto" else train_settings.backbone
+    spec = ALGORITHMS[trial.method]
+    settings = trial.training
+    backbone = default_backbone if settings.backbone == "auto" else settings.backbone
     in_channels = sample_shape[0] if len(sample_shape) == 3 else 1
     image_size = sample_shape[-1] if len(sample_shape) == 3 else 0
     in_dim = sample_shape[0] if len(sample_shape) == 1 else None
@@ -202,13 +185,12 @@ def build_from_info(
         num_classes=num_classes,
         num_samples=num_samples,
         make_encoder=make,
-        train=train_settings,
+        train=settings,
         device=device,
-        seed=config["cell"]["seed"],
-        extras=dict(extras or {}),
+        seed=trial.seed,
     )
-    torch.manual_seed(config["cell"]["seed"])
-    return spec.build(params, ctx)
+    torch.manual_seed(trial.seed)
+    return spec.build(spec.params(**trial.params), ctx)
 
 
 @torch.no_grad()
@@ -221,25 +203,17 @@ def predict(algo: Algorithm, x: torch.Tensor, view: Callable[[torch.Tensor], tor
     return torch.cat(outs)
 
 
-def split_logits(algo: Algorithm, td: TrialData, split: str) -> torch.Tensor:
-    """Logits (n, C) of the ``val`` or ``test`` samples: the method's stored predictions when it
-    predicts from annotator outputs (:class:`StoredPredictions`), else ``predict`` on the plain view."""
-    if isinstance(algo, StoredPredictions):
-        return algo.stored_logits(split)
-    return predict(algo, {"val": td.val_x, "test": td.test_x}[split], td.data.views.plain)
-
-
 def evaluate(algo: Algorithm, td: TrialData) -> dict[str, float]:
     """Metrics shared by every method. Test and training labels are used here, for reporting only."""
     plain = td.data.views.plain
     metrics: dict[str, float] = {}
-    logits = split_logits(algo, td, "test")
+    logits = predict(algo, td.test_x, plain)
     metrics["test/acc"] = (logits.argmax(1) == td.test_y).float().mean().item()
-    if hasattr(algo, "predict_nets"):
+    if isinstance(algo, TwoNetwork):
         for name, net_logits in zip(("a", "b"), predict(algo, td.test_x, plain, "predict_nets")):
             metrics[f"test/acc_net_{name}"] = (net_logits.argmax(1) == td.test_y).float().mean().item()
     if len(td.val_x):
-        val_probs = split_logits(algo, td, "val").softmax(1)
+        val_probs = predict(algo, td.val_x, plain).softmax(1)
         hit = td.val_cand.gather(1, val_probs.argmax(1, keepdim=True)).squeeze(1)
         metrics["val/covering_rate"] = hit.mean().item()
         metrics["val/partial_loss"] = -(val_probs * td.val_cand).sum(1).clamp_min(1e-12).log().mean().item()
@@ -256,75 +230,84 @@ def evaluate(algo: Algorithm, td: TrialData) -> dict[str, float]:
     return metrics
 
 
+def _rng_state(td: TrialData) -> dict[str, Any]:
+    return {
+        "generator": td.data.generator.get_state(),
+        "aug_generator": td.aug_generator.get_state(),
+        "python_rng": random.getstate(),
+        "numpy_rng": np.random.get_state(),
+        "torch_rng": torch.get_rng_state(),
+    }
+
+
+def _restore(algo: Algorithm, td: TrialData, directory: Path, device: torch.device) -> tuple[int, dict[str, Any]]:
+    """Load a checkpoint written by :func:`_saver`: the epoch reached and the best-so-far record."""
+    state = torch.load(directory / CHECKPOINT_FILE, map_location=device, weights_only=False)
+    algo.load_state_dict(state["algorithm"])
+    td.data.generator.set_state(state["generator"])
+    td.aug_generator.set_state(state["aug_generator"])
+    random.setstate(state["python_rng"])
+    np.random.set_state(state["numpy_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["epoch"], state["best"]
+
+
+def _saver(trial: TrialSpec, algo: Algorithm, td: TrialData, epoch: int, best: dict, last: bool) -> Callable[[Path], None]:
+    """``save(directory)`` writes the checkpoint of the epoch just trained (and, at the last
+    epoch, the test predictions the driver's confusion matrix needs: the labels stay there)."""
+
+    def save(directory: Path) -> None:
+        state = {"algorithm": algo.state_dict(), "epoch": epoch + 1, "best": dict(best), **_rng_state(td)}
+        state.update(config=trial.to_config(), num_samples=td.data.num_samples)  # a rebuild without the data
+        torch.save(state, directory / CHECKPOINT_FILE)
+        if last:
+            test_pred = predict(algo, td.test_x, td.data.views.plain).argmax(1)
+            np.savez(directory / PREDICTIONS_FILE, test_pred=test_pred.cpu().numpy())
+
+    return save
+
+
+def _track_best(best: dict[str, Any], metrics: dict[str, float], trial: TrialSpec, epoch: int) -> dict[str, Any]:
+    """The best epoch so far by the label-free objective, and its test accuracy (reported, never used)."""
+    value = metrics.get(trial.objective)
+    better = value is not None and (
+        best["value"] is None or (value > best["value"] if trial.mode == "max" else value < best["value"])
+    )
+    return {"value": value, "epoch": epoch + 1, "test_acc": metrics["test/acc"]} if better else best
+
+
 def run_trial(
-    config: dict[str, Any],
+    trial: TrialSpec | dict[str, Any],
     report: Callable[[dict[str, float], Callable[[Path], None] | None], None],
     restore_dir: Path | None = None,
     max_epochs: int | None = None,
 ) -> dict[str, float]:
-    """Train one configuration. ``report(metrics, save)`` is called once per epoch; when ``save`` is
-    given, calling ``save(directory)`` writes a checkpoint there. ``restore_dir`` resumes from one.
+    """Train one trial. ``report(metrics, save)`` is called once per epoch; when ``save`` is given,
+    calling ``save(directory)`` writes a checkpoint there. ``restore_dir`` resumes from one.
     ``max_epochs`` stops early (tests); the schedule still follows ``training.epochs``."""
-    seed = config["cell"]["seed"]
-    seed_everything(seed)
-    device = torch.device(config.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
-    td = prepare_data(config, device)
-    algo = build_algorithm(config, td, device)
-    settings = TrainSettings(**config["training"])
-    objective, mode = config["objective"], config["mode"]
-    best = {"value": None, "epoch": 0, "test_acc": 0.0}
+    if not isinstance(trial, TrialSpec):
+        trial = TrialSpec.from_config(trial)
+    seed_everything(trial.seed)
+    device = torch.device(trial.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    td = prepare_data(trial, device)
+    algo = build_algorithm(trial, td, device)
+    best: dict[str, Any] = {"value": None, "epoch": 0, "test_acc": 0.0}
     start_epoch = 0
     if restore_dir is not None:
-        state = torch.load(restore_dir / CHECKPOINT_FILE, map_location=device, weights_only=False)
-        algo.load_state_dict(state["algorithm"])
-        start_epoch, best = state["epoch"], state["best"]
-        td.data.generator.set_state(state["generator"])
-        td.aug_generator.set_state(state["aug_generator"])
-        random.setstate(state["python_rng"])
-        np.random.set_state(state["numpy_rng"])
-        torch.set_rng_state(state["torch_rng"])
+        start_epoch, best = _restore(algo, td, restore_dir, device)
+    settings = trial.training
     stop = settings.epochs if max_epochs is None else min(settings.epochs, max_epochs)
-    if not ALGORITHMS[config["method"]].trains:
-        stop = min(stop, 1)  # nothing to learn (zero_shot): one evaluation
     metrics: dict[str, float] = {}
     for epoch in range(start_epoch, stop):
         tic = time.perf_counter()
         metrics = dict(algo.train_epoch(td.data, epoch))
         metrics["time/epoch_s"] = time.perf_counter() - tic
         metrics.update(evaluate(algo, td))
-        value = metrics.get(objective)
-        if value is not None and (
-            best["value"] is None or (value > best["value"] if mode == "max" else value < best["value"])
-        ):
-            best = {"value": value, "epoch": epoch + 1, "test_acc": metrics["test/acc"]}
-        metrics["test/acc_selected"] = best["test_acc"]
-        metrics["val/best_epoch"] = best["epoch"]
-        metrics["epoch"] = epoch + 1
+        best = _track_best(best, metrics, trial, epoch)
+        metrics.update({"test/acc_selected": best["test_acc"], "val/best_epoch": best["epoch"], "epoch": epoch + 1})
         last = epoch + 1 == stop
-        save = None
-        if last or (epoch + 1) % settings.checkpoint_every == 0:
-
-            def save(directory: Path, epoch: int = epoch, best: dict = dict(best), last: bool = last) -> None:
-                torch.save(
-                    {
-                        "algorithm": algo.state_dict(),
-                        "epoch": epoch + 1,
-                        "best": best,
-                        "generator": td.data.generator.get_state(),
-                        "aug_generator": td.aug_generator.get_state(),
-                        "python_rng": random.getstate(),
-                        "numpy_rng": np.random.get_state(),
-                        "torch_rng": torch.get_rng_state(),
-                        "config": config,
-                        "num_samples": td.data.num_samples,  # rebuilds the algorithm without the data
-                    },
-                    directory / CHECKPOINT_FILE,
-                )
-                if last:  # the final test predictions, for the driver's confusion matrix (labels stay there)
-                    test_pred = split_logits(algo, td, "test").argmax(1)
-                    np.savez(directory / PREDICTIONS_FILE, test_pred=test_pred.cpu().numpy())
-
-        report(metrics, save)
+        due = last or (epoch + 1) % settings.checkpoint_every == 0
+        report(metrics, _saver(trial, algo, td, epoch, best, last) if due else None)
     return metrics
 
 
@@ -332,7 +315,8 @@ def train_trial(config: dict[str, Any]) -> None:
     """The Ray Tune function trainable."""
     from ray import tune
 
-    torch.set_num_threads(max(1, int(config.get("cpus", 1))))
+    trial = TrialSpec.from_config(config)
+    torch.set_num_threads(max(1, int(trial.cpus)))
     checkpoint = tune.get_checkpoint()
 
     def report(metrics: dict[str, float], save: Callable[[Path], None] | None) -> None:
@@ -345,13 +329,13 @@ def train_trial(config: dict[str, Any]) -> None:
 
     if checkpoint is not None:  # Tune retrying this trial after an error
         with checkpoint.as_directory() as directory:
-            run_trial(config, report, restore_dir=Path(directory))
+            run_trial(trial, report, restore_dir=Path(directory))
         return
-    resume = config.get("resume_checkpoint")  # the last checkpoint of an interrupted sweep's trial
+    resume = trial.resume_checkpoint  # the last checkpoint of an interrupted sweep's trial
     if resume and (Path(resume) / CHECKPOINT_FILE).is_file():
-        run_trial(config, report, restore_dir=Path(resume))
+        run_trial(trial, report, restore_dir=Path(resume))
     else:
-        run_trial(config, report)
+        run_trial(trial, report)
 
 
 __all__ = ["train_trial", "run_trial", "make_split", "prepare_data", "evaluate", "seed_everything"]

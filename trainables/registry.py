@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from trainables import alim_onehot, alim_scale, cc, coreg, cr_dpll, irnet, lwc, lws, pico, pico_plus, proden, rc
-from trainables import dividemix, kd, zero_shot
+from trainables import dividemix, kd
 from trainables.api import AlgorithmSpec
 
 ALGORITHMS: dict[str, AlgorithmSpec] = {
@@ -11,7 +11,7 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
     for spec in (
         alim_onehot.SPEC, alim_scale.SPEC, cc.SPEC, coreg.SPEC, cr_dpll.SPEC, irnet.SPEC, lwc.SPEC, lws.SPEC,
         pico.SPEC, pico_plus.SPEC, proden.SPEC, rc.SPEC,
-        dividemix.SPEC, kd.SPEC, zero_shot.SPEC,
+        dividemix.SPEC, kd.SPEC,
     )
 }
 

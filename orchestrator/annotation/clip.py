@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     import torch
 
     from orchestrator.config import ClipAnnotatorSpec
-    from trainables.common.data import Dataset
+    from trainables.data.datasets import Dataset
 
 PREPROCESS_VERSION = 1
 """Bump when :func:`preprocess_images` changes what it computes (it is part of the cache key)."""

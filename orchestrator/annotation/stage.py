@@ -34,7 +34,6 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,8 @@ from orchestrator.annotation import candidates as cands
 from orchestrator.annotation.synthetic import flip_candidates
 from orchestrator.annotation.templates import templates_for
 from orchestrator.config import ClipAnnotatorSpec, GivenAnnotatorSpec, SyntheticAnnotatorSpec, signature
-from trainables.common.data import Dataset
+from trainables.data.annotation import Annotation, load_cached, read_entry, renormalised, write_entry
+from trainables.data.datasets import Dataset
 
 CACHE_FORMAT = 2
 """Bump when what an entry holds or how it is computed changes (it is part of every key).
@@ -54,78 +54,7 @@ PROBS_FORMAT = 1
 """The same for the CLIP probabilities entries (part of :func:`clip_probs_key`); kept apart so that
 a change to the derived arrays does not throw away the expensive probabilities."""
 
-CONSUMES = ("cand", "noisy_label", "noisy_label_avg", "soft", "soft_single")
-SINGLE_TEMPLATE_KINDS = ("noisy_label", "soft_single")
-"""Target kinds read from template ``single_template``; the other CLIP kinds use the template average."""
-
 Spec = SyntheticAnnotatorSpec | ClipAnnotatorSpec | GivenAnnotatorSpec
-
-
-@dataclass
-class Annotation:
-    """What an annotator says about the training pool (and, for CLIP, the test set)."""
-
-    key: str
-    cached: bool
-    """True when the whole entry was read from the cache."""
-    cand_train: np.ndarray  # (N, C) bool
-    noisy_label: np.ndarray | None = None  # (N,) int64, argmax of template ``single_template``
-    noisy_label_avg: np.ndarray | None = None  # (N,) int64, argmax of the template average
-    soft_train: np.ndarray | None = None  # (N, C) float32, template-averaged probabilities
-    soft_single_train: np.ndarray | None = None  # (N, C) float32, probabilities of template ``single_template``
-    probs_train: np.ndarray | None = None  # (N, T, C) float16
-    probs_test: np.ndarray | None = None  # (M, T, C) float16
-    stats: dict[str, float] = field(default_factory=dict)
-    """partial_acc, mean_set_size, eta_realised, num_train, num_test (+ zs_acc_* for CLIP)."""
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def num_samples(self) -> int:
-        return self.cand_train.shape[0]
-
-    @property
-    def num_classes(self) -> int:
-        return self.cand_train.shape[1]
-
-    def targets(self, consumes: str) -> np.ndarray:
-        """(N, C) float32 training targets for a method that learns from ``consumes``
-        (``AlgorithmSpec.consumes``): candidate sets, one-hot noisy labels or soft labels."""
-        if consumes == "cand":
-            return self.cand_train.astype(np.float32)
-        if consumes not in CONSUMES:
-            raise ValueError(f"unknown target kind {consumes!r}; allowed: {', '.join(CONSUMES)}")
-        value = {
-            "noisy_label": self.noisy_label,
-            "noisy_label_avg": self.noisy_label_avg,
-            "soft": self.soft_train,
-            "soft_single": self.soft_single_train,
-        }[consumes]
-        if value is None:
-            raise ValueError(
-                f"annotation {self.key} ({self.meta.get('kind', '?')} annotator) has no {consumes!r}; "
-                "only the CLIP annotator gives noisy labels and soft labels"
-            )
-        if consumes in ("soft", "soft_single"):
-            return value.astype(np.float32)
-        return np.eye(self.num_classes, dtype=np.float32)[value]
-
-    def class_probs(self, consumes: str, split: str) -> np.ndarray:
-        """(n, C) float32 zero-shot class probabilities of the ``train`` or ``test`` split behind the
-        target kind ``consumes``: template ``single_template`` for ``noisy_label`` / ``soft_single``,
-        the template average for ``noisy_label_avg`` / ``soft``; each row renormalised after fp16
-        storage. Needs the per-template probabilities (``load_cached(..., with_probs=True)``)."""
-        if consumes not in CONSUMES or consumes == "cand":
-            allowed = ", ".join(CONSUMES[1:])
-            raise ValueError(f"no class probabilities behind target kind {consumes!r}; allowed: {allowed}")
-        probs = {"train": self.probs_train, "test": self.probs_test}[split]
-        if probs is None:
-            raise ValueError(
-                f"annotation {self.key} ({self.meta.get('kind', '?')} annotator) has no per-template "
-                "probabilities (only CLIP annotations have them; load them with with_probs=True)"
-            )
-        if consumes in SINGLE_TEMPLATE_KINDS:
-            return _renormalised(probs[:, self.meta["annotator"]["single_template"]])
-        return _renormalised(cands.average_probs(probs))
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,32 +168,6 @@ def annotation_key(
 # Cache entries
 
 
-def _write_entry(final: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-    """Write arrays.npz + meta.json into a temporary sibling directory, then rename it into place."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        np.savez(tmp / "arrays.npz", **arrays)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "meta.json").is_file():
-                raise
-            # Another process wrote the same key first; its content is identical.
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _read_entry(final: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
-    if not (final / "meta.json").is_file():
-        return None
-    with np.load(final / "arrays.npz", allow_pickle=False) as z:
-        arrays = {name: z[name] for name in z.files}
-    return arrays, json.loads((final / "meta.json").read_text())
-
-
 def _versions() -> dict[str, str]:
     import sys
 
@@ -274,12 +177,6 @@ def _versions() -> dict[str, str]:
         if module is not None:
             versions[name] = getattr(module, "__version__", "?")
     return versions
-
-
-def _renormalised(probs: np.ndarray) -> np.ndarray:
-    """(N, C) float32 rows summing to 1 (after fp16 storage)."""
-    probs = probs.astype(np.float32)
-    return probs / probs.sum(axis=1, keepdims=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,32 +209,6 @@ def zero_shot_stats(
 
 
 # --------------------------------------------------------------------------------------------
-
-
-def load_cached(cache_dir: Path, key: str, *, with_probs: bool = True) -> Annotation:
-    """The cached annotation ``key`` (as :func:`annotate` wrote it), with ``cached=True``.
-
-    ``with_probs=False`` skips the per-template probabilities of a CLIP annotation (the largest
-    arrays: N x T x C float16), for consumers that need only the sets and labels.
-    """
-    cache_dir = Path(cache_dir)
-    found = _read_entry(cache_dir / key)
-    if found is None:
-        raise FileNotFoundError(
-            f"annotation {key} is not in the cache {cache_dir} (no {cache_dir / key / 'meta.json'}); "
-            "the driver's annotation stage must run before the trials, on a file system they share"
-        )
-    arrays, meta = found
-    probs: dict[str, np.ndarray] = {}
-    if with_probs and meta.get("probs_key"):
-        probs_found = _read_entry(cache_dir / "clip_probs" / meta["probs_key"])
-        if probs_found is None:
-            raise FileNotFoundError(
-                f"annotation {key}: its CLIP probabilities {meta['probs_key']} are missing from "
-                f"{cache_dir / 'clip_probs'}"
-            )
-        probs = probs_found[0]
-    return Annotation(key=key, cached=True, stats=meta["stats"], meta=meta, **arrays, **probs)
 
 
 def annotate(
@@ -394,7 +265,7 @@ def _annotate_synthetic(
         "elapsed_s": time.time() - start,
         "versions": _versions(),
     }
-    _write_entry(entry, {"cand_train": cand}, meta)
+    write_entry(entry, {"cand_train": cand}, meta)
     return Annotation(key=key, cached=False, cand_train=cand, stats=stats, meta=meta)
 
 
@@ -416,7 +287,7 @@ def _annotate_given(dataset: Dataset, spec: GivenAnnotatorSpec, key: str, entry:
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": _versions(),
     }
-    _write_entry(entry, {"cand_train": cand}, meta)
+    write_entry(entry, {"cand_train": cand}, meta)
     return Annotation(key=key, cached=False, cand_train=cand, stats=stats, meta=meta)
 
 
@@ -440,7 +311,7 @@ def _annotate_clip(
     start = time.time()
     if (entry / "meta.json").is_file() and (probs_entry / "meta.json").is_file():
         return load_cached(cache_dir, key)
-    found_probs = _read_entry(probs_entry)
+    found_probs = read_entry(probs_entry)
     if found_probs is not None:
         probs_train, probs_test = found_probs[0]["probs_train"], found_probs[0]["probs_test"]
     else:
@@ -457,14 +328,14 @@ def _annotate_clip(
             "elapsed_s": time.time() - start,
             "versions": _versions(),
         }
-        _write_entry(probs_entry, {"probs_train": probs_train, "probs_test": probs_test}, probs_meta)
+        write_entry(probs_entry, {"probs_train": probs_train, "probs_test": probs_test}, probs_meta)
 
     arrays = {
         "cand_train": cands.candidates(probs_train, spec.candidate_mode, spec.top_k, spec.prob_ratio),
         "noisy_label": cands.single_labels(probs_train, spec.single_template),
         "noisy_label_avg": cands.average_labels(probs_train),
         "soft_train": cands.soft_labels(probs_train),
-        "soft_single_train": _renormalised(probs_train[:, spec.single_template]),
+        "soft_single_train": renormalised(probs_train[:, spec.single_template]),
     }
     stats = {
         **candidate_stats(arrays["cand_train"], dataset.train_y),
@@ -486,7 +357,7 @@ def _annotate_clip(
         "elapsed_s": time.time() - start,
         "versions": _versions(),
     }
-    _write_entry(entry, arrays, meta)
+    write_entry(entry, arrays, meta)
     return Annotation(
         key=key, cached=False, probs_train=probs_train, probs_test=probs_test, stats=stats, meta=meta, **arrays
     )
