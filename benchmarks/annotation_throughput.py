@@ -66,16 +66,10 @@ def make_images(kind: str, n: int) -> tuple[np.ndarray, list[str]]:
     return rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8), [f"class {c}" for c in range(10)]
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    import ray
-    import torch
-
-    from orchestrator.annotation.clip import ClipActor, actor_kwargs, annotate_clip
+def clip_spec(args: argparse.Namespace):
     from orchestrator.config import ClipAnnotatorSpec
-    from trainables.data.datasets import Dataset
 
-    spec_fields = {
+    fields = {
         "kind": "clip",
         "pretrained": args.pretrained,
         "model_config_path": args.model_config,
@@ -87,49 +81,40 @@ def main(argv: list[str] | None = None) -> None:
         "precision": args.precision,
     }
     if args.model is not None:
-        spec_fields["model"] = args.model
-    spec = ClipAnnotatorSpec(**spec_fields)
-    images, class_names = make_images(args.images, args.n)
-    kwargs = {**actor_kwargs(spec, class_names), "use_gpu": args.gpus_per_actor > 0}
+        fields["model"] = args.model
+    return ClipAnnotatorSpec(**fields)
 
-    print("command:", shlex.join([sys.executable, *sys.argv]))
-    print(
-        f"model={kwargs['model']} pretrained={args.pretrained} n={args.n} images={args.images} "
-        f"batch={args.batch_size} templates={args.templates} ({len(kwargs['templates'])}) precision={args.precision} "
-        f"torch_threads={torch.get_num_threads()} cpus={os.cpu_count()} cuda={torch.cuda.is_available()}"
-    )
 
-    # Plain loop: one actor instance in this process.
+def plain_loop(kwargs: dict, images: np.ndarray, n: int, batch_size: int, num_classes: int) -> tuple[np.ndarray, float, float]:
+    """One actor instance in this process: (probs, load seconds, loop seconds)."""
+    from orchestrator.annotation.clip import ClipActor
+
     start = time.perf_counter()
     actor = ClipActor(**kwargs)
     load_s = time.perf_counter() - start
     start = time.perf_counter()
-    plain = np.empty((args.n, len(kwargs["templates"]), len(class_names)), dtype=np.float16)
-    for i in range(0, args.n, args.batch_size):
-        plain[i : i + args.batch_size] = actor(
-            {"index": np.arange(i, min(i + args.batch_size, args.n)), "image": images[i : i + args.batch_size]}
-        )["probs"]
-    loop_s = time.perf_counter() - start
-    del actor
+    plain = np.empty((n, len(kwargs["templates"]), num_classes), dtype=np.float16)
+    for i in range(0, n, batch_size):
+        plain[i : i + batch_size] = actor({"index": np.arange(i, min(i + batch_size, n)), "image": images[i : i + batch_size]})["probs"]
+    return plain, load_s, time.perf_counter() - start
 
-    # Ray Data: the annotation stage itself.
+
+def ray_data_runs(args: argparse.Namespace, spec, images: np.ndarray, class_names: list[str]) -> tuple[np.ndarray, float, float, int]:
+    """The annotation stage itself on Ray Data: (probs, seconds for all, seconds for a quarter, that quarter)."""
+    import ray
+
+    from orchestrator.annotation.clip import annotate_clip
+    from trainables.data.datasets import Dataset
+
     if not ray.is_initialized():
         ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
-    dataset = Dataset(
-        name="benchmark",
-        train_x=images,
-        train_y=np.zeros(args.n, dtype=np.int64),
-        test_x=images[:0],
-        test_y=np.zeros(0, dtype=np.int64),
-        class_names=class_names,
-        mean=(0.5,),
-        std=(0.5,),
-        hflip=False,
-        default_backbone="small_cnn",
-    )
 
     def ray_run(n: int) -> tuple[np.ndarray, float]:
-        part = Dataset(**{**vars(dataset), "train_x": images[:n], "train_y": dataset.train_y[:n]})
+        part = Dataset(
+            name="benchmark", train_x=images[:n], train_y=np.zeros(n, dtype=np.int64), test_x=images[:0],
+            test_y=np.zeros(0, dtype=np.int64), class_names=class_names, mean=(0.5,), std=(0.5,), hflip=False,
+            default_backbone="small_cnn",
+        )  # fmt: skip
         start = time.perf_counter()
         probs, _ = annotate_clip(part, spec, class_names)
         return probs, time.perf_counter() - start
@@ -138,15 +123,35 @@ def main(argv: list[str] | None = None) -> None:
     n_small = max(args.n // 4, 1)
     _, small_s = ray_run(n_small)
     probs, ray_s = ray_run(args.n)
+    return probs, ray_s, small_s, n_small
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    import torch
+
+    from orchestrator.annotation.clip import actor_kwargs
+
+    spec = clip_spec(args)
+    images, class_names = make_images(args.images, args.n)
+    kwargs = {**actor_kwargs(spec, class_names), "use_gpu": args.gpus_per_actor > 0}
+    print("command:", shlex.join([sys.executable, *sys.argv]))
+    print(
+        f"model={kwargs['model']} pretrained={args.pretrained} n={args.n} images={args.images} "
+        f"batch={args.batch_size} templates={args.templates} ({len(kwargs['templates'])}) precision={args.precision} "
+        f"torch_threads={torch.get_num_threads()} cpus={os.cpu_count()} cuda={torch.cuda.is_available()}"
+    )
+    plain, load_s, loop_s = plain_loop(kwargs, images, args.n, args.batch_size, len(class_names))
+    probs, ray_s, small_s, n_small = ray_data_runs(args, spec, images, class_names)
     marginal = (args.n - n_small) / (ray_s - small_s) if ray_s > small_s else float("nan")
     overhead_s = ray_s - args.n / marginal
 
     max_diff = float(np.abs(probs.astype(np.float32) - plain.astype(np.float32)).max())
-    plain_loop = args.n / loop_s
+    plain_rate = args.n / loop_s
     plain_e2e = args.n / (load_s + loop_s)
     ray_e2e = args.n / ray_s
     print(
-        f"plain loop : load {load_s:.2f} s, loop {loop_s:.2f} s -> {plain_loop:.1f} img/s "
+        f"plain loop : load {load_s:.2f} s, loop {loop_s:.2f} s -> {plain_rate:.1f} img/s "
         f"(end to end {plain_e2e:.1f} img/s)"
     )
     print(
@@ -154,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{ray_s:.2f} s end to end -> {ray_e2e:.1f} img/s; "
         f"marginal {marginal:.1f} img/s (from {n_small} and {args.n} images), fixed start-up ~{overhead_s:.1f} s"
     )
-    print(f"ratio ray/plain: end to end {ray_e2e / plain_e2e:.2f}, marginal vs loop {marginal / plain_loop:.2f}")
+    print(f"ratio ray/plain: end to end {ray_e2e / plain_e2e:.2f}, marginal vs loop {marginal / plain_rate:.2f}")
     print(f"max |probs_ray - probs_plain| = {max_diff:.2e} (same model, same order)")
 
 

@@ -11,18 +11,16 @@ methods that need an annotation the annotator cannot give.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Callable, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import Field, TypeAdapter, ValidationError, ValidationInfo, create_model, field_validator, model_validator
 
 from trainables.api import TrainSettings
 from trainables.data.datasets import DATASETS
-from trainables.data.spec import DatasetSpec, Strict, signature
+from trainables.data.spec import DatasetSpec, Strict
 
 OBJECTIVES = {"val/covering_rate": "max", "val/partial_loss": "min"}
 
@@ -91,6 +89,14 @@ AnnotatorSpec = Annotated[
 ]
 
 
+AXIS_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "q": (lambda v: 0.0 <= v <= 1.0, "is outside [0, 1]"),
+    "eta": (lambda v: 0.0 <= v < 1.0, "is outside [0, 1)"),
+    "shots": (lambda v: v >= 0, "is negative"),
+    "unlabeled_fraction": (lambda v: 0.0 < v <= 1.0, "is outside (0, 1]"),
+}
+
+
 class GridAxes(Strict):
     q: list[float] | None = None
     """Flip probability of each wrong label into S (synthetic annotators only)."""
@@ -102,36 +108,13 @@ class GridAxes(Strict):
     """Fraction of the unlabeled training pool kept (seeded)."""
     seeds: list[int] = [0]
 
-    @field_validator("q")
+    @field_validator("q", "eta", "shots", "unlabeled_fraction")
     @classmethod
-    def _q(cls, values: list[float] | None) -> list[float] | None:
+    def _in_range(cls, values: list | None, info: ValidationInfo) -> list | None:
+        inside, message = AXIS_RANGES[info.field_name]
         for v in values or []:
-            if not 0.0 <= v <= 1.0:
-                raise ValueError(f"q = {v} is outside [0, 1]")
-        return values
-
-    @field_validator("eta")
-    @classmethod
-    def _eta(cls, values: list[float] | None) -> list[float] | None:
-        for v in values or []:
-            if not 0.0 <= v < 1.0:
-                raise ValueError(f"eta = {v} is outside [0, 1)")
-        return values
-
-    @field_validator("shots")
-    @classmethod
-    def _shots(cls, values: list[int]) -> list[int]:
-        for v in values:
-            if v < 0:
-                raise ValueError(f"shots = {v} is negative")
-        return values
-
-    @field_validator("unlabeled_fraction")
-    @classmethod
-    def _fraction(cls, values: list[float]) -> list[float]:
-        for v in values:
-            if not 0.0 < v <= 1.0:
-                raise ValueError(f"unlabeled_fraction = {v} is outside (0, 1]")
+            if not inside(v):
+                raise ValueError(f"{info.field_name} = {v} {message}")
         return values
 
     @field_validator("shots", "unlabeled_fraction", "seeds", "q", "eta")
@@ -142,21 +125,49 @@ class GridAxes(Strict):
         return values
 
 
-class TrainingSpec(Strict):
-    """grid.yaml ``training:``; fields and defaults are those of :class:`TrainSettings`."""
-
-    epochs: int | None = Field(default=None, ge=1)
-    batch_size: int | None = Field(default=None, ge=2)
-    lr: float | None = Field(default=None, gt=0.0)
-    momentum: float | None = Field(default=None, ge=0.0, lt=1.0)
-    weight_decay: float | None = Field(default=None, ge=0.0)
-    scheduler: Literal["cosine", "constant"] | None = None
-    backbone: Literal["auto", "preact_resnet18", "small_cnn", "mlp"] | None = None
-    val_fraction: float | None = Field(default=None, gt=0.0, lt=1.0)
-    checkpoint_every: int | None = Field(default=None, ge=1)
-
+class _TrainingOverrides(Strict):
     def apply(self, base: TrainSettings) -> TrainSettings:
         return dataclasses.replace(base, **self.model_dump(exclude_none=True))
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls, include_extras=True)
+
+
+TrainingSpec = create_model(
+    "TrainingSpec",
+    __base__=_TrainingOverrides,
+    __doc__="grid.yaml ``training:``: every field of :class:`TrainSettings`, optional, checked by its type.",
+    **{name: (Optional[hint], None) for name, hint in _hints(TrainSettings).items()},
+)
+
+
+def check_method_settings(method: str, params: dict[str, Any], training: dict[str, Any], where: str) -> list[str]:
+    """One problem line per bad override of ``method``'s params dataclass or of :class:`TrainSettings`
+    (unknown name, wrong type, out of range), each named ``<where>.params.<key>`` / ``<where>.training.<key>``.
+    The grid and rerun's ``--set`` both check with it."""
+    from trainables.registry import ALGORITHMS
+
+    spec = ALGORITHMS[method]
+    problems = []
+    for section, cls, values in (("params", spec.params, params), ("training", TrainSettings, training)):
+        hints = _hints(cls)
+        for key, value in values.items():
+            if key not in hints:
+                allowed = ", ".join(sorted(hints)) or "(none)"
+                what = "parameter" if section == "params" else "training setting"
+                problems.append(f"{where}.{section}.{key}: unknown {what} of {method}; allowed: {allowed}")
+                continue
+            try:
+                TypeAdapter(hints[key]).validate_python(value, strict=isinstance(value, str) or None)
+            except ValidationError as err:
+                problems.append(f"{where}.{section}.{key}: {err.errors()[0]['msg']} (got {value!r})")
+    if not problems:
+        try:  # the dataclass's own checks (__post_init__)
+            spec.params(**{**dataclasses.asdict(spec.params()), **params})
+        except (TypeError, ValueError) as err:
+            problems.append(f"{where}.params: {err}")
+    return problems
 
 
 class AshaSpec(Strict):
@@ -287,9 +298,6 @@ def _format(err: ValidationError) -> list[str]:
 
 def _check_semantics(grid: Grid) -> list[str]:
     """Cross-field checks that need the registries (methods, their params and spaces)."""
-    from search_spaces import parameter_names
-    from trainables.registry import ALGORITHMS
-
     problems = []
     kinds = {a.kind for a in grid.annotators}
     for axis in ("q", "eta"):
@@ -317,24 +325,27 @@ def _check_semantics(grid: Grid) -> list[str]:
                 )
             if ann.kind == "clip" and info.kind != "image":
                 problems.append(f"annotators[{i}] ({ann.name!r}, kind clip): dataset {ds.name} has {info.kind}, not images")
+    return problems + _check_methods(grid)
+
+
+def _check_methods(grid: Grid) -> list[str]:
+    """Each method: its name, params overrides, target kind against the annotators, search space."""
+    from search_spaces import parameter_names
+    from trainables.registry import ALGORITHMS
+
+    problems = []
     train_fields = {f.name for f in dataclasses.fields(TrainSettings)}
     for i, m in enumerate(grid.methods):
         where = f"methods[{i}]"
+        if m.name == "zero_shot":
+            problems.append(f"{where}.name: zero_shot is not a method; every VLM-annotated column of the tables has its zero-shot rows, from the annotation")
+            continue
         if m.name not in ALGORITHMS:
             problems.append(f"{where}.name: unknown method {m.name!r}; allowed: {', '.join(sorted(ALGORITHMS))}")
             continue
         spec = ALGORITHMS[m.name]
-        fields = {f.name: f for f in dataclasses.fields(spec.params)}
-        for key, value in m.params.items():
-            if key not in fields:
-                problems.append(
-                    f"{where}.params.{key}: unknown parameter of {m.name}; allowed: {', '.join(sorted(fields))}"
-                )
-                continue
-            try:
-                TypeAdapter(typing.get_type_hints(spec.params)[key]).validate_python(value)
-            except ValidationError as err:
-                problems.append(f"{where}.params.{key}: {err.errors()[0]['msg']} (got {value!r})")
+        fields = {f.name for f in dataclasses.fields(spec.params)}
+        problems += check_method_settings(m.name, m.params, {}, where)
         try:  # the target kind may depend on the params (starred variants)
             consumes = spec.consumes_for({**dataclasses.asdict(spec.params()), **m.params})
         except (TypeError, ValueError):  # an invalid override, reported above

@@ -12,11 +12,16 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
-from orchestrator.config import AnnotatorSpec, DatasetSpec, Grid, MethodSpec, signature
+from pydantic import TypeAdapter
+
+from orchestrator import runs
+from orchestrator.config import AnnotatorSpec, DatasetSpec, Grid, MethodSpec
 from trainables.api import TrainSettings
+from trainables.data.spec import signature
 from trainables.registry import ALGORITHMS
+from trainables.spec import CellSpec, TrialSpec
 
 
 @dataclass(frozen=True)
@@ -29,16 +34,19 @@ class Cell:
     unlabeled_fraction: float
     seed: int
 
+    @classmethod
+    def from_spec(cls, cell: CellSpec) -> "Cell":
+        """The grid cell of a trial's :class:`CellSpec` (a rerun reads one back from MLflow)."""
+        annotator = TypeAdapter(AnnotatorSpec).validate_python(dict(cell.annotator))
+        return cls(cell.dataset, annotator, cell.q, cell.eta, cell.shots, cell.unlabeled_fraction, cell.seed)
+
+    def spec(self) -> CellSpec:
+        return CellSpec(
+            self.dataset, self.annotator.model_dump(), self.q, self.eta, self.shots, self.unlabeled_fraction, self.seed
+        )
+
     def as_config(self) -> dict[str, Any]:
-        return {
-            "dataset": self.dataset.model_dump(),
-            "annotator": self.annotator.model_dump(),
-            "q": self.q,
-            "eta": self.eta,
-            "shots": self.shots,
-            "unlabeled_fraction": self.unlabeled_fraction,
-            "seed": self.seed,
-        }
+        return self.spec().to_config()
 
     @property
     def annotation_job(self) -> tuple:
@@ -47,32 +55,7 @@ class Cell:
         return (self.dataset, self.annotator, self.q, self.eta, seed)
 
     def label(self, with_seed: bool = True) -> str:
-        parts = [self.dataset.name, self.annotator.name]
-        if self.q is not None:
-            parts.append(f"q={self.q:g}")
-        if self.eta is not None:
-            parts.append(f"eta={self.eta:g}")
-        if self.shots:
-            parts.append(f"shots={self.shots}")
-        if self.unlabeled_fraction != 1.0:
-            parts.append(f"frac={self.unlabeled_fraction:g}")
-        if with_seed:
-            # A predefined split is a repetition like a seed: shown with it, pooled without it.
-            if self.dataset.split is not None:
-                parts.append(f"split={self.dataset.split}")
-            parts.append(f"seed={self.seed}")
-        return " ".join(parts)
-
-    def tags(self) -> dict[str, str]:
-        return {
-            "dataset": self.dataset.name,
-            "annotator": self.annotator.name,
-            "q": "" if self.q is None else f"{self.q:g}",
-            "eta": "" if self.eta is None else f"{self.eta:g}",
-            "shots": str(self.shots),
-            "fraction": f"{self.unlabeled_fraction:g}",
-            "seed": str(self.seed),
-        }
+        return runs.cell_label(self.spec(), with_seed=with_seed)
 
 
 @dataclass(frozen=True)
@@ -93,30 +76,51 @@ class Study:
     def mode(self) -> str:
         return self.method.search.mode
 
-    def trial_config(self, sampled: dict[str, Any], *, annotation_key: str, cache_dir: str, cpus: float) -> dict[str, Any]:
-        """The resolved config of one trial: everything that determines its result, plus where the
-        annotation cache is. ``signature`` hashes the parts that determine the result."""
-        param_names = set(self.params)
-        params = {**self.params, **{k: v for k, v in sampled.items() if k in param_names}}
-        training = {**dataclasses.asdict(self.training), **{k: v for k, v in sampled.items() if k not in param_names}}
-        config = {
-            "study": self.study_id,
-            "method": self.method.name,
-            "label": self.method.label or self.method.name,
-            "cell": self.cell.as_config(),
-            "params": params,
-            "training": training,
-            "sampled": dict(sampled),
-            "objective": self.objective,
-            "mode": self.mode,
-            "annotation_key": annotation_key,
-            "cache_dir": cache_dir,
-            "cpus": cpus,
-        }
-        config["signature"] = signature(
-            {k: config[k] for k in ("method", "cell", "params", "training", "annotation_key")}
+    def trial_config(
+        self, sampled: dict[str, Any], *, annotation_key: str, cache_dir: str, cpus: float, **extra: Any
+    ) -> TrialSpec:
+        """The resolved spec of one trial: the study's params and training settings with the
+        ``sampled`` values applied, plus where the annotation cache is. ``extra``: the other
+        :class:`TrialSpec` fields (``optuna_trial``, ``mlflow_run_id``, ``device``...)."""
+        params = {**self.params, **{k: v for k, v in sampled.items() if k in self.params}}
+        training = dataclasses.replace(self.training, **{k: v for k, v in sampled.items() if k not in self.params})
+        return TrialSpec(
+            study=self.study_id,
+            method=self.method.name,
+            label=self.method.label or self.method.name,
+            cell=self.cell.spec(),
+            params=params,
+            training=training,
+            sampled=dict(sampled),
+            objective=self.objective,
+            mode=self.mode,
+            annotation_key=annotation_key,
+            cache_dir=cache_dir,
+            cpus=cpus,
+            **extra,
         )
-        return config
+
+
+def trial_spec(config: Mapping[str, Any]) -> TrialSpec:
+    """A trial's spec from its config (Tune's, or a run's ``resolved_config.json``), also one
+    written before ``label`` existed."""
+    config = dict(config)
+    config.setdefault("label", config.get("method"))
+    config.setdefault("sampled", {})
+    return TrialSpec.from_config(config)
+
+
+class TrialSpecs:
+    """The spec of each Tune trial, read once from its config (callbacks see a trial many times)."""
+
+    def __init__(self) -> None:
+        self._specs: dict[str, TrialSpec] = {}
+
+    def __call__(self, trial: Any) -> TrialSpec:
+        spec = self._specs.get(trial.trial_id)
+        if spec is None:
+            spec = self._specs[trial.trial_id] = trial_spec(trial.config)
+        return spec
 
 
 def expand_cells(grid: Grid) -> list[Cell]:

@@ -9,6 +9,9 @@ that run's test accuracy, in %, with the best
 entry of each column marked. Two accuracies are reported side by side: the last epoch's, and the one
 at the epoch the objective selected (``test/acc_selected``).
 
+Every column annotated by a VLM (CLIP) also has the rows ``zero-shot`` and ``zero-shot*``: the
+annotator's own test accuracy (single template; template average), read from the annotation runs.
+
 Beside it, the annotation summary: per data set and annotator (and q, eta for synthetic ones), the
 zero-shot test accuracy (CLIP: single template and template average), the partial accuracy (true
 label in S), the mean |S| and the realised eta, averaged over seeds.
@@ -29,16 +32,20 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from orchestrator import runs
 from orchestrator.config import OBJECTIVES
+from orchestrator.runs import CELL_AXES, row_label
 
-CELL_AXES = ("dataset", "annotator", "q", "eta", "shots", "fraction")
 ANNOTATION_COLUMNS = (
-    ("zero-shot acc % (test)", "annotation/zs_acc_test", 100.0),
-    ("zero-shot* acc % (test)", "annotation/zs_acc_avg_test", 100.0),
-    ("partial acc %", "annotation/partial_acc", 100.0),
-    ("mean set size", "annotation/mean_set_size", 1.0),
-    ("eta realised %", "annotation/eta_realised", 100.0),
+    ("zero-shot acc % (test)", runs.ZS_ACC, 100.0),
+    ("zero-shot* acc % (test)", runs.ZS_ACC_AVG, 100.0),
+    ("partial acc %", f"{runs.ANNOTATION_PREFIX}partial_acc", 100.0),
+    ("mean set size", f"{runs.ANNOTATION_PREFIX}mean_set_size", 1.0),
+    ("eta realised %", f"{runs.ANNOTATION_PREFIX}eta_realised", 100.0),
 )
+ZERO_SHOT_ROWS = (("zero-shot", runs.ZS_ACC), ("zero-shot*", runs.ZS_ACC_AVG))
+"""The rows of a VLM annotator's own test accuracy (single template; template average)."""
+VLM_KINDS = ("clip",)
 
 
 @dataclass
@@ -198,11 +205,6 @@ class Tables:
         return self.markdown()
 
 
-def row_label(tags: dict[str, str]) -> str:
-    base, variant = tags.get("label") or tags["method"], tags.get("variant", "")
-    return f"{base} [{variant}]" if variant else base
-
-
 def _column_labels(cells: list[dict[str, str]]) -> dict[tuple, str]:
     """Label each cell by the axes that vary across the sweep (the dataset name when none does)."""
     varying = [a for a in CELL_AXES if len({c[a] for c in cells}) > 1]
@@ -223,32 +225,51 @@ def build(trial_runs: list[Any], annotation_runs: list[Any]) -> tuple[Tables, di
     cells: dict[tuple, dict[str, str]] = {}
     for run in trial_runs:
         tags = run.data.tags
-        if run.info.status != "FINISHED" or "test/acc" not in run.data.metrics:
+        if run.info.status != "FINISHED" or runs.TEST_ACC not in run.data.metrics:
             continue
         cell = {a: tags.get(a, "") for a in CELL_AXES}
         key = tuple(cell.values())
         cells[key] = cell
         # Replicates pooled in an entry: seeds, and the predefined splits of a data set that has them.
-        replicate = tags.get("seed", "") + (f"/split{tags['split']}" if tags.get("split") else "")
+        replicate = tags.get(runs.SEED, "") + (f"/split{tags[runs.SPLIT]}" if tags.get(runs.SPLIT) else "")
         groups[(row_label(tags), key, replicate)].append(run)
 
     labels = _column_labels(list(cells.values()))
     entries: dict[tuple[str, tuple], Entry] = {}
     flags: dict[str, bool] = {}
-    for (row, key, replicate), runs in sorted(groups.items()):
-        objective = runs[0].data.tags.get("objective", "val/covering_rate")
+    for (row, key, replicate), group in sorted(groups.items()):
+        objective = group[0].data.tags.get(runs.OBJECTIVE, "val/covering_rate")
         sign = 1.0 if OBJECTIVES.get(objective, "max") == "max" else -1.0
-        best = max(runs, key=lambda r: sign * r.data.metrics.get(objective, -sign * float("inf")))
-        for r in runs:
+        best = max(group, key=lambda r: sign * r.data.metrics.get(objective, -sign * float("inf")))
+        for r in group:
             flags[r.info.run_id] = r is best
         entry = entries.setdefault((row, key), Entry(row, labels[key], cells[key]))
         entry.best_runs[replicate] = best.info.run_id
-        entry.last.append(best.data.metrics["test/acc"])
-        entry.selected.append(best.data.metrics.get("test/acc_selected", best.data.metrics["test/acc"]))
+        entry.last.append(best.data.metrics[runs.TEST_ACC])
+        entry.selected.append(best.data.metrics.get(runs.TEST_ACC_SELECTED, best.data.metrics[runs.TEST_ACC]))
 
-    rows_order = sorted({row for row, _ in entries}, key=lambda r: (r.split(" [")[0], r))
+    found = list(entries.values()) + _zero_shot_entries(annotation_runs, cells, labels)
+    rows_order = sorted({e.row for e in found}, key=lambda r: (r.split(" [")[0], r))
     columns_order = [labels[k] for k in sorted(cells, key=lambda k: tuple(_sort_key(v) for v in k))]
-    return Tables(list(entries.values()), rows_order, list(dict.fromkeys(columns_order)), _annotation_rows(annotation_runs)), flags
+    return Tables(found, rows_order, list(dict.fromkeys(columns_order)), _annotation_rows(annotation_runs)), flags
+
+
+def _zero_shot_entries(annotation_runs: list[Any], cells: dict[tuple, dict[str, str]], labels: dict[tuple, str]) -> list[Entry]:
+    """Rows ``zero-shot`` and ``zero-shot*`` of every VLM-annotated column: the annotator's own test
+    accuracy from the column's annotation runs (one per predefined split; CLIP has no seed). The
+    same value is the last-epoch and the selected entry; no run is chosen, so none is flagged."""
+    out = []
+    for key, cell in cells.items():
+        source = [
+            r for r in annotation_runs
+            if r.data.params.get(runs.ANNOTATOR_KIND_PARAM) in VLM_KINDS
+            and all(r.data.tags.get(axis, "") == cell[axis] for axis in ("dataset", "annotator"))
+        ]  # fmt: skip
+        for row, metric in ZERO_SHOT_ROWS:
+            values = [r.data.metrics[metric] for r in source if metric in r.data.metrics]
+            if values:
+                out.append(Entry(row, labels[key], cell, last=values, selected=list(values)))
+    return out
 
 
 def _sort_key(value: str) -> tuple:
@@ -276,16 +297,16 @@ def _annotation_rows(runs: list[Any]) -> list[dict[str, Any]]:
 
 def publish(tracker, parent: str, title: str | None = None) -> Tables:
     """Build the tables of the sweep ``parent``, tag the best runs and log the artifacts."""
-    trial_runs = tracker.children(parent, "trial")
-    tables, flags = build(trial_runs, tracker.children(parent, "annotation"))
-    current = {r.info.run_id: r.data.tags.get("best_in_cell") for r in trial_runs}
+    trial_runs = tracker.children(parent, runs.TRIAL)
+    tables, flags = build(trial_runs, tracker.children(parent, runs.ANNOTATION))
+    current = {r.info.run_id: r.data.tags.get(runs.BEST_IN_CELL) for r in trial_runs}
     for run_id, is_best in flags.items():
         value = "true" if is_best else "false"
         if current.get(run_id) != value:
-            tracker.set_tags(run_id, {"best_in_cell": value})
+            tracker.set_tags(run_id, {runs.BEST_IN_CELL: value})
     title = title or f"Results of {tracker.client.get_run(parent).info.run_name}"
-    tracker.log_text(parent, tables.markdown(), "tables/results.md")
-    tracker.log_text(parent, tables.csv(), "tables/results.csv")
-    tracker.log_text(parent, tables.html(title), "tables/results.html")
-    tracker.log_text(parent, tables.annotations_csv(), "tables/annotations.csv")
+    tracker.log_text(parent, tables.markdown(), runs.RESULTS_MD)
+    tracker.log_text(parent, tables.csv(), runs.RESULTS_CSV)
+    tracker.log_text(parent, tables.html(title), runs.RESULTS_HTML)
+    tracker.log_text(parent, tables.annotations_csv(), runs.ANNOTATIONS_CSV)
     return tables

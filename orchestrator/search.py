@@ -20,9 +20,10 @@ import optuna
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
-from orchestrator.config import signature
-from orchestrator.plan import Study
+from orchestrator.plan import Study, TrialSpecs
 from search_spaces import Space, get_space, parameter_names
+from trainables.data.spec import signature
+from trainables.spec import TrialSpec
 
 log = logging.getLogger(__name__)
 METRIC_PREFIXES = ("test/", "val/", "pl/", "split/")
@@ -42,8 +43,9 @@ class MultiStudySearcher(Searcher):
 
     Args:
         studies: the sweep's studies.
-        make_config: ``make_config(study, sampled, optuna_trial, resuming) -> dict`` builds a trial's
-            resolved config; ``resuming`` is True for a trial an interrupted sweep left unfinished.
+        make_config: ``make_config(study, sampled, optuna_trial, resuming) -> TrialSpec`` builds a
+            trial's resolved spec; ``resuming`` is True for a trial an interrupted sweep left
+            unfinished. Tune receives its :meth:`~trainables.spec.TrialSpec.to_config`.
         storage: Optuna storage URL (``sqlite:///.../optuna.db``).
         stopped_early: set of Tune trial ids the scheduler stopped early (told as PRUNED).
     """
@@ -51,7 +53,7 @@ class MultiStudySearcher(Searcher):
     def __init__(
         self,
         studies: list[Study],
-        make_config: Callable[[Study, dict[str, Any], int, bool], dict[str, Any]],
+        make_config: Callable[[Study, dict[str, Any], int, bool], TrialSpec],
         storage: str,
         stopped_early: set[str] | None = None,
     ):
@@ -141,10 +143,10 @@ class MultiStudySearcher(Searcher):
                 resuming, reported = False, set()
             self._asked[study_id] += 1
             self._live[trial_id] = (study_id, ot_trial, reported)
-            config = self._make_config(plan, sampled, ot_trial.number, resuming)
-            ot_trial.set_user_attr("signature", config["signature"])
+            spec = self._make_config(plan, sampled, ot_trial.number, resuming)
+            ot_trial.set_user_attr("signature", spec.signature)
             ot_trial.set_user_attr("tune_trial_id", trial_id)
-            return config
+            return spec.to_config()
         return Searcher.FINISHED if not self._live else None
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -208,11 +210,29 @@ class MultiStudySearcher(Searcher):
             self.set_state(json.load(f))
 
 
+class ListSearcher(Searcher):
+    """Hands out a fixed list of trial specs in order (a rerun's trials)."""
+
+    def __init__(self, specs: list[TrialSpec]):
+        super().__init__()
+        self.todo = [spec.to_config() for spec in specs]
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:  # noqa: D102
+        return True
+
+    def suggest(self, trial_id: str):
+        return self.todo.pop(0) if self.todo else Searcher.FINISHED
+
+    def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
+        pass
+
+
 class PerStudyScheduler(FIFOScheduler):
-    """FIFO for every trial, plus ASHA within each study that enables it (keyed by ``config['study']``)."""
+    """FIFO for every trial, plus ASHA within each study that enables it (keyed by the trial's study)."""
 
     def __init__(self, studies: list[Study], stopped_early: set[str]):
         super().__init__()
+        self._spec = TrialSpecs()
         self._asha: dict[str, AsyncHyperBandScheduler] = {}
         self._stopped_early = stopped_early
         for study in studies:
@@ -231,7 +251,7 @@ class PerStudyScheduler(FIFOScheduler):
         return True
 
     def _for(self, trial) -> AsyncHyperBandScheduler | None:
-        return self._asha.get(trial.config.get("study"))
+        return self._asha.get(self._spec(trial).study)
 
     def on_trial_add(self, tune_controller, trial) -> None:
         if (asha := self._for(trial)) is not None:
@@ -242,7 +262,7 @@ class PerStudyScheduler(FIFOScheduler):
         if asha is None:
             return TrialScheduler.CONTINUE
         decision = asha.on_trial_result(tune_controller, trial, result)
-        if decision == TrialScheduler.STOP and result.get("epoch", 0) < trial.config["training"]["epochs"]:
+        if decision == TrialScheduler.STOP and result.get("epoch", 0) < self._spec(trial).training.epochs:
             self._stopped_early.add(trial.trial_id)
         return decision
 

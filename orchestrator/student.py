@@ -15,6 +15,7 @@ Details:
    (MLflow 3's way, no pickle): this file is copied into the model and MLflow runs it at load time,
    where the guard at its end registers :class:`StudentModel`. So the model loads in an environment
    with torch, numpy, pandas, scikit-learn and MLflow but without this project installed.
+   (The driver-side functions import ``orchestrator`` modules inside their bodies for that reason.)
 2. Its MLmodel metadata holds the class names and the preprocessing (data kind, mean / std, input
    shape, dtype); the signature pins the input tensor's shape and dtype (``(-1, C, H, W)`` uint8
    images or ``(-1, D)`` float32 features). Called unwrapped (``unwrap_python_model().predict``),
@@ -24,14 +25,14 @@ Details:
    needs the process-global fluent tracking URI, while the driver logs through explicit clients.
 4. The whole algorithm state is shipped (optimisers and per-sample state included), because
    ``load_state_dict`` is the one generic way to restore any registered method.
-5. Methods without trainable parameters (zero-shot annotator baselines) have no student: skipped.
+5. Every registered method trains a network; the annotator's own zero-shot accuracy is a
+   statistic of the annotation run (:mod:`orchestrator.report`), not a model.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import tempfile
 from collections import defaultdict
@@ -50,6 +51,8 @@ from mlflow.types import ColSpec, Schema, TensorSpec
 from torch import nn
 
 import trainables
+from trainables.data.spec import DatasetSpec
+from trainables.spec import TrialSpec
 
 STUDENT_PATH = "student"
 PLOTS_PATH = "plots"
@@ -63,6 +66,7 @@ class StudentModel(PythonModel):
     def load_context(self, context) -> None:
         from trainables.common.augment import make_views
         from trainables.loop import build_from_info
+        from trainables.spec import TrialSpec
 
         info = context.model_config
         pre = info["preprocessing"]
@@ -71,7 +75,7 @@ class StudentModel(PythonModel):
         self.dtype = np.dtype(pre["dtype"])
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.algo = build_from_info(
-            info["config"],
+            TrialSpec.from_config(info["config"]),
             num_classes=len(self.class_names),
             sample_shape=self.input_shape,
             default_backbone=info["default_backbone"],
@@ -114,11 +118,11 @@ def has_parameters(algo: Any) -> bool:
     return any(p.requires_grad for m in modules(algo, 2) for p in m.parameters())
 
 
-def model_info(config: dict[str, Any], dataset: Any, num_samples: int) -> dict[str, Any]:
+def model_info(spec: TrialSpec, dataset: Any, num_samples: int) -> dict[str, Any]:
     """What the student needs besides the algorithm state (its pyfunc ``model_config``)."""
     kind = getattr(dataset, "kind", "image")
     return {
-        "config": config,
+        "config": spec.to_config(),
         "class_names": list(dataset.class_names),
         "default_backbone": dataset.default_backbone,
         "num_samples": int(num_samples),
@@ -181,12 +185,14 @@ def save_student(
 def load_trained(checkpoint_dir: Path, dataset: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """(algorithm rebuilt from the checkpoint's config and loaded with its state on the CPU, that
     state, the student's model info)."""
+    from orchestrator.plan import trial_spec
     from trainables.loop import CHECKPOINT_FILE, build_from_info
 
     state = torch.load(Path(checkpoint_dir) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
-    info = model_info(state["config"], dataset, state["num_samples"])
+    spec = trial_spec(state["config"])
+    info = model_info(spec, dataset, state["num_samples"])
     algo = build_from_info(
-        info["config"],
+        spec,
         num_classes=len(info["class_names"]),
         sample_shape=tuple(info["preprocessing"]["input_shape"]),
         default_backbone=info["default_backbone"],
@@ -198,11 +204,11 @@ def load_trained(checkpoint_dir: Path, dataset: Any) -> tuple[Any, dict[str, Any
 
 
 def log_student(client: Any, run_id: str, checkpoint_dir: Path, dataset: Any) -> bool:
-    """Log the checkpoint's model as ``student/`` of ``run_id``. False (nothing logged) for a method
-    without trainable parameters."""
+    """Log the checkpoint's model as ``student/`` of ``run_id``. Every registered method trains a
+    network: one without trainable parameters is refused (ValueError)."""
     algo, algorithm_state, info = load_trained(checkpoint_dir, dataset)
     if not has_parameters(algo):
-        return False
+        raise ValueError(f"{info['config']['method']} has no trainable parameters: nothing to deploy")
     with tempfile.TemporaryDirectory() as tmp:
         save_student(Path(tmp) / STUDENT_PATH, algorithm_state, info, example=dataset.test_x[:2])
         client.log_artifacts(run_id, str(Path(tmp) / STUDENT_PATH), STUDENT_PATH)
@@ -210,31 +216,31 @@ def log_student(client: Any, run_id: str, checkpoint_dir: Path, dataset: Any) ->
 
 
 @functools.lru_cache(maxsize=2)
-def _load_dataset(spec_json: str) -> Any:
-    from orchestrator.config import DatasetSpec
+def driver_dataset_of(dataset: DatasetSpec) -> Any:
+    """A data set loaded on the driver (cached): class names, preprocessing, test labels."""
     from trainables.data.datasets import load_dataset
 
-    return load_dataset(DatasetSpec(**json.loads(spec_json)))
+    return load_dataset(dataset)
 
 
-def driver_dataset(config: dict[str, Any]) -> Any:
-    """The trial's data set, loaded on the driver (cached): class names, preprocessing, test labels."""
-    return _load_dataset(json.dumps(config["cell"]["dataset"], sort_keys=True))
+def driver_dataset(spec: TrialSpec) -> Any:
+    """The trial's data set, loaded on the driver (cached)."""
+    return driver_dataset_of(spec.cell.dataset)
 
 
 def log_trial_artifacts(
-    client: Any, run_id: str, config: dict[str, Any], history: Sequence[dict[str, float]], checkpoint: Any
+    client: Any, run_id: str, spec: TrialSpec, history: Sequence[dict[str, float]], checkpoint: Any
 ) -> list[str]:
     """Everything logged for a finished trial besides its metrics: ``plots/*.png`` and ``student/``.
 
     ``checkpoint`` is Tune's latest checkpoint of the trial (or None); the last epoch's holds the
     test predictions the confusion matrix needs. Returns the artifact paths logged."""
-    from orchestrator import plots
+    from orchestrator import plots, runs
     from trainables.loop import CHECKPOINT_FILE, PREDICTIONS_FILE
 
-    dataset = driver_dataset(config)
+    dataset = driver_dataset(spec)
     history = _with_logged_epochs(client, run_id, history)
-    title = f"{config['method']}  {cell_label(config['cell'])}"
+    title = f"{spec.method}  {runs.cell_label(spec.cell, every_axis=True)}"
     logged = []
     with tempfile.TemporaryDirectory() as tmp, _as_directory(checkpoint) as ckpt:
         predictions = ckpt / PREDICTIONS_FILE if ckpt is not None else None
@@ -249,13 +255,6 @@ def log_trial_artifacts(
         if ckpt is not None and (ckpt / CHECKPOINT_FILE).exists() and log_student(client, run_id, ckpt, dataset):
             logged.append(f"{STUDENT_PATH}/MLmodel")
     return logged
-
-
-def cell_label(cell: dict[str, Any]) -> str:
-    """``digits flip q=0.3 eta=0.3 shots=0 frac=1 seed=0`` (a figure title)."""
-    parts = [cell["dataset"]["name"], cell["annotator"]["name"]]
-    parts += [f"{axis}={cell[axis]:g}" for axis in ("q", "eta") if cell.get(axis) is not None]
-    return " ".join(parts + [f"shots={cell['shots']}", f"frac={cell['unlabeled_fraction']:g}", f"seed={cell['seed']}"])
 
 
 def _with_logged_epochs(client: Any, run_id: str, history: Sequence[dict[str, float]]) -> list[dict[str, float]]:

@@ -14,21 +14,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import os
-import signal
 import socket
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from orchestrator.config import ClipAnnotatorSpec, Grid, GridError, load_grid, signature
-from orchestrator.plan import Cell, Study, expand
+from orchestrator import runs
+from orchestrator.config import ClipAnnotatorSpec, Grid, GridError, load_grid
+from orchestrator.launch import annotate_cells, connect_ray, exit_code, run_trials
+from orchestrator.plan import Study, expand, trial_spec
+from trainables.data.spec import signature
+from trainables.spec import TrialSpec
 
 DEFAULT_GRID = Path(__file__).with_name("default_grid.yaml")
-log = logging.getLogger("orchestrator.sweep")
 
 
 def check_inputs(grid: Grid) -> dict[str, Any]:
@@ -73,80 +73,6 @@ def check_inputs(grid: Grid) -> dict[str, Any]:
     return datasets
 
 
-def run_annotations(grid: Grid, studies: list[Study], datasets: dict, tracker, parent: str) -> dict[tuple, Any]:
-    """Annotate (or load from the cache) every distinct annotation the studies need."""
-    from orchestrator.annotation.stage import annotate
-
-    cache_dir = grid.storage_path / "annotations"
-    jobs: dict[tuple, Cell] = {}
-    for study in studies:
-        jobs.setdefault(study.cell.annotation_job, study.cell)
-    annotations = {}
-    for n, (job, cell) in enumerate(jobs.items(), 1):
-        tic = time.perf_counter()
-        ann = annotate(
-            datasets[cell.dataset],
-            cell.annotator,
-            q=cell.q,
-            eta=cell.eta,
-            seed=cell.seed,
-            cache_dir=cache_dir,
-            progress=_progress_printer(f"[annotate {n}/{len(jobs)}] {cell.dataset.name} {cell.annotator.name}"),
-        )
-        annotations[job] = ann
-        tags = cell.tags()
-        if cell.annotator.kind != "synthetic":
-            tags["seed"] = ""
-        if not tracker.find_runs({"kind": "annotation", "annotation_key": ann.key}, parent=parent, max_results=1):
-            tracker.log_annotation(parent, ann, tags, cell.as_config())
-        stats = ", ".join(f"{k}={v:.3f}" for k, v in ann.stats.items() if k in ("partial_acc", "mean_set_size", "zs_acc_test"))
-        source = "cache" if ann.cached else f"{time.perf_counter() - tic:.1f}s"
-        print(f"[annotate {n}/{len(jobs)}] {cell.label(with_seed=cell.annotator.kind == 'synthetic')}: {stats} ({source})", flush=True)
-    return annotations
-
-
-def _progress_printer(prefix: str, every_s: float = 5.0):
-    """``progress(done, total)`` callback that prints at most every ``every_s`` seconds."""
-    last = [0.0]
-
-    def progress(done: int, total: int) -> None:
-        now = time.monotonic()
-        if done == total or now - last[0] >= every_s:
-            last[0] = now
-            print(f"{prefix}: {done}/{total} images", flush=True)
-
-    return progress
-
-
-def trial_tags(config: dict[str, Any]) -> dict[str, str]:
-    cell = config["cell"]
-    tags = {
-        "method": config["method"],
-        "label": config.get("label", config["method"]),
-        "dataset": cell["dataset"]["name"],
-        "annotator": cell["annotator"]["name"],
-        "q": "" if cell["q"] is None else f"{cell['q']:g}",
-        "eta": "" if cell["eta"] is None else f"{cell['eta']:g}",
-        "shots": str(cell["shots"]),
-        "fraction": f"{cell['unlabeled_fraction']:g}",
-        "seed": str(cell["seed"]),
-        "split": "" if cell["dataset"].get("split") is None else str(cell["dataset"]["split"]),
-        "signature": config["signature"],
-        "study": config["study"],
-        "objective": config["objective"],
-    }
-    if "optuna_trial" in config:
-        tags["optuna_trial"] = str(config["optuna_trial"])
-    tags["cell"] = " ".join(
-        [tags["dataset"], tags["annotator"]]
-        + [f"{k}={tags[k]}" for k in ("q", "eta") if tags[k]]
-        + [f"shots={tags['shots']}", f"frac={tags['fraction']}"]
-        + ([f"split={tags['split']}"] if tags["split"] else [])
-        + [f"seed={tags['seed']}"]
-    )
-    return tags
-
-
 class SweepLockedError(GridError):
     """Another driver is running a sweep on the same storage directory."""
 
@@ -179,8 +105,8 @@ def storage_lock(storage: Path):
 
 def find_sweep_run(tracker, grid_sig: str):
     """The parent run of an earlier sweep of the same grid (same experiment and grid signature)."""
-    runs = tracker.find_runs({"kind": "sweep", "grid_signature": grid_sig}, max_results=1)
-    return runs[0] if runs else None
+    found = tracker.find_runs({runs.KIND: runs.SWEEP, runs.GRID_SIGNATURE: grid_sig}, max_results=1)
+    return found[0] if found else None
 
 
 def open_sweep_run(tracker, grid: Grid, grid_path: Path | None, grid_sig: str, resume: bool) -> tuple[str, bool]:
@@ -194,22 +120,22 @@ def open_sweep_run(tracker, grid: Grid, grid_path: Path | None, grid_sig: str, r
                 f"{grid_sig}) in {grid.resolved_tracking_uri}; run without --resume to start one"
             )
         parent = tracker.start_run(
-            f"sweep {grid.experiment} {time.strftime('%Y-%m-%d %H:%M:%S')}",
-            {"kind": "sweep", "grid_signature": grid_sig, "grid_file": str(grid_path or "")},
+            runs.sweep_run_name(grid.experiment, time.strftime("%Y-%m-%d %H:%M:%S")),
+            runs.sweep_tags(grid_sig, str(grid_path or "")),
         )
         # Absolute storage: a rerun launched from another directory (a Ray job) finds the same files.
-        tracker.log_dict(parent, {**grid.model_dump(mode="json"), "storage": str(grid.storage_path)}, "grid_resolved.json")
+        tracker.log_dict(parent, {**grid.model_dump(mode="json"), "storage": str(grid.storage_path)}, runs.GRID_RESOLVED)
         if grid_path is not None:
             tracker.log_file(parent, grid_path)
-        tracker.log_params(parent, {"grid_signature": grid_sig})
+        tracker.log_params(parent, {runs.GRID_SIGNATURE: grid_sig})
         return parent, False
     parent = earlier.info.run_id
     # Runs a killed driver left RUNNING get a final status now; the trials among them that resume
     # from their checkpoints are reopened when they start again.
     stale = tracker.close_open_runs(parent, "KILLED")
     tracker.reopen_run(parent)
-    resumes = int(earlier.data.tags.get("resumes", "0")) + 1
-    tracker.set_tags(parent, {"resumes": str(resumes)})
+    resumes = int(earlier.data.tags.get(runs.RESUMES, "0")) + 1
+    tracker.set_tags(parent, {runs.RESUMES: str(resumes)})
     print(
         f"resuming sweep run {parent} (started {time.strftime('%Y-%m-%d %H:%M', time.localtime(earlier.info.start_time / 1000))}, "
         f"previous status {earlier.info.status}" + (f", {stale} runs left RUNNING marked KILLED" if stale else "") + ")",
@@ -228,164 +154,115 @@ def run(
     """Run (or resume) the whole sweep. Returns a dict with the tracking URI, parent run id, summary
     rows and the Tune results. ``trainable`` replaces the Tune function (tests inject faults)."""
     with storage_lock(grid.storage_path):
-        return _run(grid, grid_path, resume=resume, trainable=trainable)
+        return Sweep(grid, grid_path, resume).run(trainable)
 
 
-def connect_ray(grid: Grid) -> None:
-    """Join the grid's cluster (``ray.address``), else the cluster this process was started in (a
-    Ray job: ``RAY_ADDRESS`` is set), else start a local Ray with ``ray.num_cpus``."""
-    import ray
+class Sweep:
+    """One driver's pass over a grid: its studies, its MLflow parent run and its annotations."""
 
-    # Small trials checkpoint often; Tune's advice to checkpoint less is noise for them.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    if ray.is_initialized():
-        return
-    on_sigterm = signal.getsignal(signal.SIGTERM)
-    if grid.ray.address:
-        ray.init(address=grid.ray.address, log_to_driver=False)
-    elif os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False)
-    else:
-        ray.init(num_cpus=grid.ray.num_cpus, include_dashboard=False, log_to_driver=False)
-    if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, on_sigterm)  # ray.init replaces it with an immediate exit
+    def __init__(self, grid: Grid, grid_path: Path | None, resume: bool):
+        from orchestrator.tracking import Tracker
 
+        self.grid = grid
+        self.studies = expand(grid)
+        self.datasets = check_inputs(grid)
+        self.grid_sig = signature(grid.model_dump())
+        self.tracker = Tracker(grid.resolved_tracking_uri, grid.experiment, artifact_location=grid.artifact_location)
+        self.parent, self.resumed = open_sweep_run(self.tracker, grid, grid_path, self.grid_sig, resume)
+        self.optuna_storage = f"sqlite:///{grid.storage_path / 'optuna.db'}"
+        self.cache_dir = grid.storage_path / "annotations"
+        self.annotations: dict[tuple, Any] = {}
+        self.status = "FAILED"
 
-def _run(grid: Grid, grid_path: Path | None, *, resume: bool, trainable: Callable | None) -> dict[str, Any]:
-    from ray import tune
-
-    from orchestrator import report
-    from orchestrator.search import MultiStudySearcher, PerStudyScheduler
-    from orchestrator.tracking import ConsoleProgress, MlflowTrialCallback, Tracker
-    from trainables.loop import train_trial
-
-    studies = expand(grid)
-    datasets = check_inputs(grid)
-    storage = grid.storage_path
-    grid_sig = signature(grid.model_dump())
-    tracker = Tracker(grid.resolved_tracking_uri, grid.experiment, artifact_location=grid.artifact_location)
-    parent, resumed = open_sweep_run(tracker, grid, grid_path, grid_sig, resume)
-    optuna_storage = f"sqlite:///{storage / 'optuna.db'}"
-    cache_dir = str(storage / "annotations")
-    cpus = grid.resources.cpus_per_trial
-    annotations: dict[tuple, Any] = {}
-
-    def make_config(study: Study, sampled: dict[str, Any], number: int, resuming: bool) -> dict[str, Any]:
-        ann = annotations[study.cell.annotation_job]
-        config = study.trial_config(sampled, annotation_key=ann.key, cache_dir=cache_dir, cpus=cpus)
-        config["optuna_trial"] = number
+    def trial_spec(self, study: Study, sampled: dict[str, Any], number: int, resuming: bool) -> TrialSpec:
+        """The spec of Optuna trial ``number`` of ``study``; a trial an interrupted sweep left
+        unfinished continues in its MLflow run, from its last checkpoint."""
+        extra: dict[str, Any] = {"optuna_trial": number}
         if resuming:
-            earlier = tracker.find_runs({"kind": "trial", "study": study.study_id, "optuna_trial": str(number)}, max_results=1)
+            trial = {runs.KIND: runs.TRIAL, runs.STUDY: study.study_id, runs.OPTUNA_TRIAL: str(number)}
+            earlier = self.tracker.find_runs(trial, max_results=1)
             if earlier:
-                config["mlflow_run_id"] = earlier[0].info.run_id
-                if "checkpoint" in earlier[0].data.tags:
-                    config["resume_checkpoint"] = earlier[0].data.tags["checkpoint"]
-        return config
+                extra.update(mlflow_run_id=earlier[0].info.run_id, resume_checkpoint=earlier[0].data.tags.get(runs.CHECKPOINT))
+        ann = self.annotations[study.cell.annotation_job]
+        cpus = self.grid.resources.cpus_per_trial
+        return study.trial_config(sampled, annotation_key=ann.key, cache_dir=str(self.cache_dir), cpus=cpus, **extra)
 
-    stopped_early: set[str] = set()
-    searcher = MultiStudySearcher(studies, make_config, optuna_storage, stopped_early)
-    to_resume = searcher.resumable()
-    to_ask = max(searcher.remaining() - to_resume, 0)  # the budget counts interrupted trials too
-    total = to_resume + to_ask
-    print(
-        f"experiment {grid.experiment!r}: {len({s.cell for s in studies})} cells x {len(grid.methods)} methods = "
-        f"{len(studies)} studies, {sum(s.method.search.num_samples for s in studies)} trials"
-        + (f" ({to_resume} interrupted trials resume from their checkpoints, {to_ask} still to run)" if resumed else "")
-        + f"\n  storage:  {storage}\n  tracking: {grid.resolved_tracking_uri}",
-        flush=True,
-    )
-    tracker.log_params(parent, {"num_studies": str(len(studies)), "num_trials": str(sum(s.method.search.num_samples for s in studies))})
+    def run(self, trainable: Callable | None) -> dict[str, Any]:
+        from orchestrator.search import MultiStudySearcher, PerStudyScheduler
+        from orchestrator.tracking import MlflowTrialCallback
 
-    callback = MlflowTrialCallback(tracker, parent, trial_tags, describe=lambda c, r: describe_trial(c, r, grid.resolved_tracking_uri))
-    status = "FAILED"
-    try:
-        connect_ray(grid)
-        annotations.update(run_annotations(grid, studies, datasets, tracker, parent))
-        results = []
-        if total:
-            scheduler = PerStudyScheduler(studies, stopped_early)
-            tuner = tune.Tuner(
-                tune.with_resources(trainable or train_trial, {"cpu": cpus, "gpu": grid.resources.gpus_per_trial}),
-                tune_config=tune.TuneConfig(
-                    search_alg=searcher,
-                    scheduler=scheduler,
-                    num_samples=total,
-                    max_concurrent_trials=grid.resources.max_concurrent_trials,
-                    reuse_actors=True,  # no new process (and torch import) per trial
-                ),
-                run_config=tune.RunConfig(
-                    name=f"{grid.experiment}-{grid_sig}",
-                    storage_path=str(storage / "ray_results"),
-                    callbacks=[callback, ConsoleProgress(total, lambda c: "{label} {cell}".format(**trial_tags(c)))],
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                    failure_config=tune.FailureConfig(max_failures=grid.max_retries),
-                    verbose=0,
-                ),
-            )
-            results = list(tuner.fit())
+        stopped_early: set[str] = set()
+        searcher = MultiStudySearcher(self.studies, self.trial_spec, self.optuna_storage, stopped_early)
+        to_resume = searcher.resumable()
+        to_ask = max(searcher.remaining() - to_resume, 0)  # the budget counts interrupted trials too
+        self._announce(to_resume, to_ask)
+        callback = MlflowTrialCallback(self.tracker, self.parent)
+        try:
+            connect_ray(self.grid)
+            cells = [s.cell for s in self.studies]
+            self.annotations.update(annotate_cells(cells, self.datasets, self.cache_dir, self.tracker, self.parent))
+            results = []
+            if to_resume + to_ask:
+                scheduler = PerStudyScheduler(self.studies, stopped_early)
+                results = run_trials(
+                    self.grid, name=f"{self.grid.experiment}-{self.grid_sig}", searcher=searcher, scheduler=scheduler,
+                    num_samples=to_resume + to_ask, callback=callback, trainable=trainable,
+                )  # fmt: skip
+            return self._summary(results, callback)
+        except KeyboardInterrupt:
+            self.status = "KILLED"
+            raise
+        finally:
+            searcher.abandon_live()
+            self._close(callback)
+
+    def _announce(self, to_resume: int, to_ask: int) -> None:
+        grid, studies = self.grid, self.studies
+        trials = sum(s.method.search.num_samples for s in studies)
+        print(
+            f"experiment {grid.experiment!r}: {len({s.cell for s in studies})} cells x {len(grid.methods)} methods = "
+            f"{len(studies)} studies, {trials} trials"
+            + (f" ({to_resume} interrupted trials resume from their checkpoints, {to_ask} still to run)" if self.resumed else "")
+            + f"\n  storage:  {grid.storage_path}\n  tracking: {grid.resolved_tracking_uri}",
+            flush=True,
+        )
+        self.tracker.log_params(self.parent, {"num_studies": str(len(studies)), "num_trials": str(trials)})
+
+    def _summary(self, results: list[Any], callback: Any) -> dict[str, Any]:
+        from orchestrator import report
+
         failed = [r for r in results if r.error is not None]
-        tables = report.publish(tracker, parent)
-        tracker.set_tags(parent, {"trials_failed": str(len(failed)), "trials_run": str(len(results))})
+        tables = report.publish(self.tracker, self.parent)
+        self.tracker.set_tags(self.parent, {runs.TRIALS_FAILED: str(len(failed)), runs.TRIALS_RUN: str(len(results))})
         print("\n" + tables.console(), flush=True)
         for r in failed:
-            print(f"trial {r.config.get('study')} failed: {str(r.error).splitlines()[0][:300]}", file=sys.stderr)
-        status = "KILLED" if callback.open_runs() else "FINISHED"
+            study = trial_spec(r.config).study if r.config else "?"
+            print(f"trial {study} failed: {str(r.error).splitlines()[0][:300]}", file=sys.stderr)
+        self.status = "KILLED" if callback.open_runs() else "FINISHED"
         return {
-            "tracking_uri": grid.resolved_tracking_uri,
-            "parent_run_id": parent,
+            "tracking_uri": self.grid.resolved_tracking_uri,
+            "parent_run_id": self.parent,
             "rows": tables.rows,
             "tables": tables,
             "failed": len(failed),
-            "interrupted": status == "KILLED",
-            "resumed": resumed,
+            "interrupted": self.status == "KILLED",
+            "resumed": self.resumed,
             "results": [(r.config, r.metrics) for r in results if r.config],
             "result_grid": results,
         }
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        searcher.abandon_live()
+
+    def _close(self, callback: Any) -> None:
+        """Final statuses for every run still open, and where the results are."""
         closed = callback.close_all("KILLED")
-        closed += tracker.close_open_runs(parent, "KILLED")
-        tracker.end_run(parent, status)
+        closed += self.tracker.close_open_runs(self.parent, "KILLED")
+        self.tracker.end_run(self.parent, self.status)
         print(
-            f"\nresults: MLflow experiment {grid.experiment!r} (parent run {parent}, status {status}"
+            f"\nresults: MLflow experiment {self.grid.experiment!r} (parent run {self.parent}, status {self.status}"
             + (f", {closed} unfinished trial runs marked KILLED; run the same command again to resume them" if closed else "")
-            + f")\n  mlflow ui --backend-store-uri {grid.resolved_tracking_uri}\n"
-            f"  optuna-dashboard {optuna_storage}\n  ray results: {storage / 'ray_results'}",
+            + f")\n  mlflow ui --backend-store-uri {self.grid.resolved_tracking_uri}\n"
+            f"  optuna-dashboard {self.optuna_storage}\n  ray results: {self.grid.storage_path / 'ray_results'}",
             flush=True,
         )
-
-
-def stop_on_sigterm() -> None:
-    """SIGTERM (``kill``, a scheduler's preemption) stops the driver as Ctrl-C
-    does: Tune ends its trials, their MLflow runs and the sweep's end ``KILLED``, and running the
-    same command again resumes them."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(os.getpid(), signal.SIGINT))
-
-
-def describe_trial(config: dict[str, Any], run_id: str, tracking_uri: str) -> str:
-    """Markdown for a trial run's description in the MLflow UI: copyable rerun and ablation commands."""
-    from trainables.registry import ALGORITHMS
-
-    base = f"python -m orchestrator.rerun {run_id} --tracking-uri {tracking_uri}"
-    lines = [
-        f"**{config['method']}** on {trial_tags(config)['cell']} (signature `{config['signature']}`)",
-        "",
-        "Rerun this configuration:",
-        "```",
-        base,
-        "```",
-    ]
-    ablations = ALGORITHMS[config["method"]].ablations
-    if ablations:
-        lines += ["", "Run each ablation of the method on this configuration:", "```"]
-        lines += [f"{base} --ablation {name}" for name in ablations]
-        lines += ["```"]
-    lines += ["", "Other seeds or overrides: add `--seeds 0 1 2` or `--set training.lr=0.01 --set params.<name>=<value>`."]
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -399,28 +276,20 @@ def main(argv: list[str] | None = None) -> int:
         "again without it resumes too, or starts the sweep if it never ran",
     )
     args = parser.parse_args(argv)
-    stop_on_sigterm()
     grid_path = args.grid or DEFAULT_GRID
-    try:
-        grid = load_grid(grid_path)
-        if args.dry_run:
-            studies = expand(grid)
-            check_inputs(grid)
-            for s in studies:
-                print(f"{s.method.name:12s} {s.cell.label()}  ({s.method.search.num_samples} trials)")
-            print(f"{len(studies)} studies, {sum(s.method.search.num_samples for s in studies)} trials; grid is valid")
-            return 0
-        summary = run(grid, grid_path, resume=args.resume)
-    except GridError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: finished work is in MLflow and the Ray results directory", file=sys.stderr)
-        return 130
-    if summary["interrupted"]:
-        return 130
-    return 1 if summary["failed"] else 0
 
+    def work() -> dict[str, Any] | None:
+        grid = load_grid(grid_path)
+        if not args.dry_run:
+            return run(grid, grid_path, resume=args.resume)
+        studies = expand(grid)
+        check_inputs(grid)
+        for s in studies:
+            print(f"{s.method.name:12s} {s.cell.label()}  ({s.method.search.num_samples} trials)")
+        print(f"{len(studies)} studies, {sum(s.method.search.num_samples for s in studies)} trials; grid is valid")
+        return None
+
+    return exit_code(work, "interrupted: finished work is in MLflow and the Ray results directory")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,16 +1,10 @@
-"""MLflow tracking, all of it from the driver.
+"""MLflow tracking, all of it from the driver, in the run layout of :mod:`orchestrator.runs`.
 
-Layout of a sweep in MLflow (experiment = grid ``experiment``):
-
-- one parent run per sweep (tag ``kind=sweep``), holding the grid file, the resolved grid and the
-  plan as artifacts;
-- a nested run per annotation (``kind=annotation``) with its statistics;
-- a nested run per Tune trial (``kind=trial``) with the flattened resolved config as params, the
-  per-epoch metrics (step = epoch), tags (method, dataset, annotator, q, eta, shots, fraction, seed,
-  signature, study, optuna_trial, best_in_cell), ``resolved_config.json``, the rerun commands as its
-  description, and at the end ``plots/*.png`` and the deployable ``student/`` model
-  (:mod:`orchestrator.plots`, :mod:`orchestrator.student`);
-- the results tables on the parent run (:mod:`orchestrator.report`).
+A trial run gets the flattened resolved config as params, the per-epoch metrics (step = epoch),
+its tags, ``resolved_config.json``, the rerun commands as its description and, once it finished,
+``plots/*.png`` and the deployable ``student/`` model (:mod:`orchestrator.plots`,
+:mod:`orchestrator.student`), made on a worker thread so that Tune's event loop never waits for
+them. The results tables go on the parent run (:mod:`orchestrator.report`).
 
 A resumed sweep reuses its parent run and reopens the runs of the trials it resumes (no duplicate
 runs); :meth:`MlflowTrialCallback.on_checkpoint` records where each trial's latest checkpoint is.
@@ -22,22 +16,26 @@ set by the driver, never left RUNNING.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import queue
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from ray.tune import Callback
 
+from orchestrator import runs
+from orchestrator.plan import TrialSpecs
 from orchestrator.student import log_trial_artifacts
+from trainables.spec import CellSpec, TrialSpec
 
 MAX_PARAM_LEN = 6000
-REPORTED_PREFIXES = ("train/", "test/", "val/", "pl/", "split/", "time/")
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
@@ -64,9 +62,9 @@ class Tracker:
             self.experiment_id = found.experiment_id
 
     def start_run(self, name: str, tags: dict[str, str], parent: str | None = None) -> str:
-        tags = {MLFLOW_RUN_NAME: name, **tags}
+        tags = {runs.RUN_NAME_TAG: name, **tags}
         if parent is not None:
-            tags[MLFLOW_PARENT_RUN_ID] = parent
+            tags[runs.PARENT_TAG] = parent
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=name)
         return run.info.run_id
 
@@ -101,26 +99,19 @@ class Tracker:
         self.client.set_terminated(run_id, status)
 
     def open_runs(self, parent: str) -> list[str]:
-        runs = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent}' and attributes.status = 'RUNNING'",
-            max_results=5000,
-        )
-        return [r.info.run_id for r in runs]
+        found = self.client.search_runs([self.experiment_id], filter_string=runs.open_runs_filter(parent), max_results=5000)
+        return [r.info.run_id for r in found]
 
     def find_runs(self, tags: dict[str, str], parent: str | None = None, max_results: int = 5000) -> list[Any]:
         """Runs of the experiment carrying all ``tags`` (and nested under ``parent``), newest first."""
-        clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
-        if parent is not None:
-            clauses.append(f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent}'")
         return self.client.search_runs(
-            [self.experiment_id], filter_string=" and ".join(clauses), max_results=max_results,
-            order_by=["attributes.start_time DESC"],
+            [self.experiment_id], filter_string=runs.tag_filter(tags, parent), max_results=max_results,
+            order_by=runs.NEWEST_FIRST,
         )
 
     def children(self, parent: str, kind: str | None = None) -> list[Any]:
         """Every run nested under ``parent`` (of one ``kind`` tag if given)."""
-        return self.find_runs({"kind": kind} if kind else {}, parent=parent)
+        return self.find_runs({runs.KIND: kind} if kind else {}, parent=parent)
 
     def reopen_run(self, run_id: str) -> None:
         """Mark a run RUNNING again (a resumed sweep or trial continues logging into it)."""
@@ -135,100 +126,100 @@ class Tracker:
 
     # Project-specific runs ---------------------------------------------------------------------
 
-    def log_annotation(self, parent: str, annotation: Any, cell_tags: dict[str, str], spec: dict) -> str:
-        name = f"annotation {cell_tags['dataset']} {cell_tags['annotator']}"
-        for axis in ("q", "eta", "seed"):
-            if cell_tags.get(axis):
-                name += f" {axis}={cell_tags[axis]}"
-        run_id = self.start_run(
-            name, {"kind": "annotation", "annotation_key": annotation.key, "cached": str(annotation.cached), **cell_tags}, parent
-        )
+    def log_annotation(self, parent: str, annotation: Any, cell: CellSpec) -> str:
+        tags = runs.annotation_tags(cell, annotation.key, annotation.cached)
+        run_id = self.start_run(runs.annotation_run_name(tags), tags, parent)
+        spec = cell.to_config()
         self.log_params(run_id, flatten({"annotator": spec["annotator"], "dataset": spec["dataset"]}))
-        self.log_metrics(run_id, {f"annotation/{k}": v for k, v in annotation.stats.items()}, step=0)
-        self.log_dict(run_id, {"key": annotation.key, "stats": annotation.stats, "meta": annotation.meta}, "annotation.json")
+        self.log_metrics(run_id, {f"{runs.ANNOTATION_PREFIX}{k}": v for k, v in annotation.stats.items()}, step=0)
+        record = {"key": annotation.key, "stats": annotation.stats, "meta": annotation.meta}
+        self.log_dict(run_id, record, runs.ANNOTATION_RECORD)
         self.end_run(run_id)
         return run_id
 
 
 class MlflowTrialCallback(Callback):
-    """Mirrors every Tune trial into a nested MLflow run under the sweep's parent run."""
+    """Mirrors every Tune trial into a nested MLflow run under the sweep's parent run.
 
-    def __init__(self, tracker: Tracker, parent_run_id: str, tags_for: Any, describe: Any = None):
+    A finished trial's run ends FINISHED at once; its plots and student are made by a worker thread
+    (:class:`ArtifactWorker`), off Tune's event loop. :meth:`finish` waits for them."""
+
+    def __init__(self, tracker: Tracker, parent_run_id: str):
         self.tracker = tracker
         self.parent = parent_run_id
-        self.tags_for = tags_for  # config -> dict of tags (cell + method)
-        self.describe = describe  # (config, run_id) -> markdown shown as the run's description
+        self.spec = TrialSpecs()
         self.runs: dict[str, str] = {}  # tune trial id -> mlflow run id
         self.logged_until: dict[str, int] = {}  # tune trial id -> last epoch already in MLflow
         self.history: dict[str, list[dict[str, float]]] = {}  # tune trial id -> reported metrics (plots)
         self.errors: dict[str, str] = {}
+        self.artifacts = ArtifactWorker(tracker)
 
     def _run_for(self, trial) -> str:
         if trial.trial_id in self.runs:
             return self.runs[trial.trial_id]
-        config = trial.config
-        run_id = config.get("mlflow_run_id")
-        if run_id:
-            # A trial of an interrupted sweep resumes into the run it started (no duplicate run);
-            # epochs it logged after its last checkpoint are trained again but not logged twice.
-            self.tracker.reopen_run(run_id)
-            history = self.tracker.client.get_metric_history(run_id, "epoch")
-            self.logged_until[trial.trial_id] = int(max((m.value for m in history), default=0))
-            resumed = int(self.tracker.client.get_run(run_id).data.tags.get("resumed", "0")) + 1
-            self.tracker.set_tags(run_id, {"resumed": str(resumed), "tune_trial_id": trial.trial_id})
-            self.runs[trial.trial_id] = run_id
-            return run_id
-        tags = {"kind": "trial", "tune_trial_id": trial.trial_id, **self.tags_for(config)}
-        name = f"{config['method']} {tags['cell']} #{trial.trial_id.rsplit('_', 1)[-1]}"
-        run_id = self.tracker.start_run(name, tags, self.parent)
-        params = flatten({k: config[k] for k in ("method", "cell", "params", "training", "objective") if k in config})
-        self.tracker.log_params(run_id, params)
-        self.tracker.log_dict(run_id, config, "resolved_config.json")
-        if self.describe is not None:
-            self.tracker.set_tags(run_id, {"mlflow.note.content": self.describe(config, run_id)})
+        spec = self.spec(trial)
+        if spec.mlflow_run_id:
+            self.runs[trial.trial_id] = self._reopen(trial, spec.mlflow_run_id)
+            return spec.mlflow_run_id
+        tags = {runs.KIND: runs.TRIAL, runs.TUNE_TRIAL_ID: trial.trial_id, **runs.trial_tags(spec)}
+        run_id = self.tracker.start_run(runs.trial_run_name(spec, trial.trial_id), tags, self.parent)
+        config = spec.to_config()
+        self.tracker.log_params(run_id, flatten({k: config[k] for k in ("method", "cell", "params", "training", "objective")}))
+        self.tracker.log_dict(run_id, config, runs.RESOLVED_CONFIG)
+        self.tracker.set_tags(run_id, {runs.NOTE_TAG: runs.describe_trial(spec, run_id, self.tracker.uri)})
         self.runs[trial.trial_id] = run_id
+        return run_id
+
+    def _reopen(self, trial, run_id: str) -> str:
+        # A trial of an interrupted sweep resumes into the run it started (no duplicate run);
+        # epochs it logged after its last checkpoint are trained again but not logged twice.
+        self.tracker.reopen_run(run_id)
+        history = self.tracker.client.get_metric_history(run_id, runs.EPOCH)
+        self.logged_until[trial.trial_id] = int(max((m.value for m in history), default=0))
+        resumed = int(self.tracker.client.get_run(run_id).data.tags.get(runs.RESUMED, "0")) + 1
+        self.tracker.set_tags(run_id, {runs.RESUMED: str(resumed), runs.TUNE_TRIAL_ID: trial.trial_id})
         return run_id
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
         # Where a resumed sweep finds this trial's latest state (shared storage on a cluster).
-        self.tracker.set_tags(self._run_for(trial), {"checkpoint": checkpoint.path})
+        self.tracker.set_tags(self._run_for(trial), {runs.CHECKPOINT: checkpoint.path})
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self._run_for(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         run_id = self._run_for(trial)
-        step = int(result.get("epoch", result.get("training_iteration", 0)))
-        metrics = {k: v for k, v in result.items() if k.startswith(REPORTED_PREFIXES) or k == "epoch"}
-        self.history.setdefault(trial.trial_id, []).append({**metrics, "epoch": step})
+        step = int(result.get(runs.EPOCH, result.get("training_iteration", 0)))
+        metrics = {k: v for k, v in result.items() if k.startswith(runs.REPORTED_PREFIXES) or k == runs.EPOCH}
+        self.history.setdefault(trial.trial_id, []).append({**metrics, runs.EPOCH: step})
         if step <= self.logged_until.get(trial.trial_id, 0):
             return
         self.tracker.log_metrics(run_id, metrics, step=step)
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
         run_id = self._run_for(trial)
-        retries = int(self.tracker.client.get_run(run_id).data.tags.get("retries", "0")) + 1
-        self.tracker.set_tags(run_id, {"retries": str(retries), "last_error": _error_text(trial)})
+        retries = int(self.tracker.client.get_run(run_id).data.tags.get(runs.RETRIES, "0")) + 1
+        self.tracker.set_tags(run_id, {runs.RETRIES: str(retries), runs.LAST_ERROR: _error_text(trial)})
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         run_id = self._run_for(trial)
         last = trial.last_result or {}
-        if "test/acc" in last:
-            self.tracker.set_tags(run_id, {"final_test_acc": f"{last['test/acc']:.4f}"})
-        history = self.history.pop(trial.trial_id, [])
-        try:
-            log_trial_artifacts(self.tracker.client, run_id, trial.config, history, trial.checkpoint)
-        except Exception as err:  # plots and the student are extras: never fail the sweep over them
-            logging.getLogger(__name__).warning("trial %s: plots / student not logged: %r", trial.trial_id, err)
-            self.tracker.set_tags(run_id, {"artifacts_error": repr(err)[:5000]})
+        if runs.TEST_ACC in last:
+            self.tracker.set_tags(run_id, {runs.FINAL_TEST_ACC: f"{last[runs.TEST_ACC]:.4f}"})
         self.tracker.end_run(run_id, "FINISHED")
+        self.artifacts.submit(run_id, self.spec(trial), self.history.pop(trial.trial_id, []), trial.checkpoint)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         run_id = self._run_for(trial)
         error = _error_text(trial)
         self.errors[trial.trial_id] = error
-        self.tracker.set_tags(run_id, {"error": error[-5000:]})
+        self.tracker.set_tags(run_id, {runs.ERROR: error[-5000:]})
         self.tracker.end_run(run_id, "FAILED")
+
+    def finish(self) -> int:
+        """Wait until the plots and students of every finished trial are logged. Returns how many
+        trials' artifacts could not be logged (tagged ``artifacts_error``; the sweep goes on)."""
+        return self.artifacts.finish()
 
     def open_runs(self) -> list[str]:
         """Runs this callback opened that have no final status yet."""
@@ -240,6 +231,50 @@ class MlflowTrialCallback(Callback):
         for run_id in still_open:
             self.tracker.end_run(run_id, status)
         return len(still_open)
+
+
+class ArtifactWorker:
+    """Logs the plots and the student of finished trials on one background thread, in the order
+    the trials finished. A failure is logged and tagged on the run, never raised."""
+
+    def __init__(self, tracker: Tracker):
+        self.tracker = tracker
+        self.queue: queue.Queue = queue.Queue()
+        self.failed = 0
+        self.thread: threading.Thread | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its callbacks with the experiment (tuner.pkl): no queue or thread in there.
+        return {"tracker": self.tracker, "failed": self.failed}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["tracker"])
+        self.failed = state["failed"]
+
+    def submit(self, run_id: str, spec: TrialSpec, history: list[dict[str, float]], checkpoint: Any) -> None:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._work, name="trial-artifacts", daemon=True)
+            self.thread.start()
+        self.queue.put((run_id, spec, history, checkpoint))
+
+    def _work(self) -> None:
+        while (job := self.queue.get()) is not None:
+            run_id, spec, history, checkpoint = job
+            try:
+                log_trial_artifacts(self.tracker.client, run_id, spec, history, checkpoint)
+            except Exception as err:  # plots and the student are extras: never fail the sweep over them
+                self.failed += 1
+                logging.getLogger(__name__).warning("run %s: plots / student not logged: %r", run_id, err)
+                with contextlib.suppress(Exception):
+                    self.tracker.set_tags(run_id, {runs.ARTIFACTS_ERROR: repr(err)[:5000]})
+
+    def finish(self) -> int:
+        """Wait for every submitted trial, stop the thread. Returns how many failed."""
+        if self.thread is not None:
+            self.queue.put(None)
+            self.thread.join()
+            self.thread = None
+        return self.failed
 
 
 def _error_text(trial) -> str:
@@ -254,9 +289,10 @@ class ConsoleProgress(Callback):
     """One line per finished or failed trial with the sweep's done / running / pending counts, and
     every ``every_s`` seconds while trials run, one line with each running trial's epoch."""
 
-    def __init__(self, total: int, label_for: Any, every_s: float = 60.0):
+    def __init__(self, total: int, label_for: Any = runs.progress_label, every_s: float = 60.0):
         self.total = total
-        self.label_for = label_for  # config -> short description
+        self.label_for = label_for  # TrialSpec -> short description
+        self.spec = TrialSpecs()
         self.every_s = every_s
         self.running: dict[str, str] = {}  # trial id -> "label epoch e/E"
         self.done = 0
@@ -268,15 +304,15 @@ class ConsoleProgress(Callback):
         return f"[trials {self.done} done, {self.failed} failed, {len(self.running)} running, {pending} pending]"
 
     def _line(self, trial, what: str) -> None:
-        print(f"{self._counts()} {self.label_for(trial.config)}: {what}", flush=True)
+        print(f"{self._counts()} {self.label_for(self.spec(trial))}: {what}", flush=True)
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self.running[trial.trial_id] = f"{self.label_for(trial.config)} starting"
+        self.running[trial.trial_id] = f"{self.label_for(self.spec(trial))} starting"
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         # A trial on a reused actor may report before any start event.
-        epochs = trial.config.get("training", {}).get("epochs", "?")
-        self.running[trial.trial_id] = f"{self.label_for(trial.config)} epoch {result.get('epoch', '?')}/{epochs}"
+        spec = self.spec(trial)
+        self.running[trial.trial_id] = f"{self.label_for(spec)} epoch {result.get(runs.EPOCH, '?')}/{spec.training.epochs}"
         now = time.monotonic()
         if now - self.last_status >= self.every_s:
             self.last_status = now
@@ -286,8 +322,9 @@ class ConsoleProgress(Callback):
         self.running.pop(trial.trial_id, None)
         self.done += 1
         last = trial.last_result or {}
-        shown = ", ".join(f"{k}={last[k]:.4f}" for k in ("test/acc", "test/acc_selected", trial.config["objective"]) if k in last)
-        self._line(trial, f"finished after {last.get('epoch', '?')} epochs ({shown})")
+        keys = (runs.TEST_ACC, runs.TEST_ACC_SELECTED, self.spec(trial).objective)
+        shown = ", ".join(f"{k}={last[k]:.4f}" for k in keys if k in last)
+        self._line(trial, f"finished after {last.get(runs.EPOCH, '?')} epochs ({shown})")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self.running.pop(trial.trial_id, None)

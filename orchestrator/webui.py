@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
+from orchestrator import runs
+
 STYLE = (
     "body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;margin:1em 0}"
     "td,th{border:1px solid #bbb;padding:3px 8px;font-size:14px}th{background:#eee}"
@@ -162,7 +164,7 @@ class App:
     def index(self) -> str:
         rows = []
         for exp in self.client.search_experiments():
-            for run in self.client.search_runs([exp.experiment_id], "tags.kind = 'sweep'", order_by=["attributes.start_time DESC"]):
+            for run in self.client.search_runs([exp.experiment_id], runs.sweeps_filter(), order_by=runs.NEWEST_FIRST):
                 rows.append(
                     f"<tr><td>{html.escape(exp.name)}</td><td><a href='/sweep/{run.info.run_id}'>{html.escape(run.info.run_name or run.info.run_id)}</a></td>"
                     f"<td>{run.info.status}</td><td>{run.data.params.get('num_trials', '')}</td></tr>"
@@ -175,14 +177,11 @@ class App:
 
         run = self.client.get_run(parent)
         trials = self.client.search_runs(
-            [run.info.experiment_id],
-            f"tags.`mlflow.parentRunId` = '{parent}' and tags.kind = 'trial'",
-            order_by=["tags.cell ASC", "tags.method ASC"],
-            max_results=5000,
+            [run.info.experiment_id], runs.trials_filter(parent), order_by=runs.TRIALS_ORDER, max_results=5000
         )
         table = ""
         try:
-            table = Path(self.client.download_artifacts(parent, "tables/results.html")).read_text()
+            table = Path(self.client.download_artifacts(parent, runs.RESULTS_HTML)).read_text()
             table = table[table.find("<body>") + 6 : table.rfind("</body>")]
         except Exception:  # a sweep without tables yet: the runs list is still useful
             table = "<p>(no results table yet)</p>"
@@ -190,16 +189,17 @@ class App:
         for t in trials:
             tags, metrics = t.data.tags, t.data.metrics
             run_id = t.info.run_id
-            spec = ALGORITHMS.get(tags.get("method", ""))
+            spec = ALGORITHMS.get(tags.get(runs.METHOD, ""))
             buttons = [self._button(run_id, None, "Rerun")]
             buttons += [self._button(run_id, name, name) for name in (spec.ablations if spec else {})]
-            variant = f" [{html.escape(tags['variant'])}]" if tags.get("variant") else ""
+            variant = f" [{html.escape(tags[runs.VARIANT])}]" if tags.get(runs.VARIANT) else ""
+            best = tags.get(runs.BEST_IN_CELL) == "true"
             lines.append(
-                f"<tr class='{'best' if tags.get('best_in_cell') == 'true' else ''}' data-run='{run_id}'>"
-                f"<td>{html.escape(tags.get('method', ''))}{variant}</td><td>{html.escape(tags.get('cell', ''))}</td>"
-                f"<td>{t.info.status}</td><td>{100 * metrics.get('test/acc', float('nan')):.2f}</td>"
-                f"<td>{metrics.get(tags.get('objective', ''), float('nan')):.4f}</td>"
-                f"<td>{'yes' if tags.get('best_in_cell') == 'true' else ''}</td><td>{''.join(buttons)}</td></tr>"
+                f"<tr class='{'best' if best else ''}' data-run='{run_id}'>"
+                f"<td>{html.escape(tags.get(runs.METHOD, ''))}{variant}</td><td>{html.escape(tags.get(runs.CELL, ''))}</td>"
+                f"<td>{t.info.status}</td><td>{100 * metrics.get(runs.TEST_ACC, float('nan')):.2f}</td>"
+                f"<td>{metrics.get(tags.get(runs.OBJECTIVE, ''), float('nan')):.4f}</td>"
+                f"<td>{'yes' if best else ''}</td><td>{''.join(buttons)}</td></tr>"
             )
         body = (
             f"<p><a href='/'>all sweeps</a> · <a href='/jobs'>launched reruns</a> · reruns run as: {self.launcher.kind}</p>"
@@ -226,7 +226,7 @@ class App:
 
         run = self.client.get_run(run_id)  # unknown ids raise before anything is launched
         if ablation:
-            check_ablations([ablation], run.data.tags["method"])
+            check_ablations([ablation], run.data.tags[runs.METHOD])
         metadata = {RayJobLauncher.TAG: run_id, "ablation": ablation or ""}
         with self.lock:
             return self.launcher.submit(rerun_command(run_id, self.uri, ablation), metadata)

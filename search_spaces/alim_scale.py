@@ -1,21 +1,17 @@
-"""ALIM-Scale: as ALIM-Onehot (lambda mode, fixed lambda, eta scale, learning rate) plus the scaling factor K.
-
-Every trial is asked for all of them so the parameter names do not depend on the sampled mode:
-``lam`` matters only when ``lambda_mode`` is ``fixed``, ``eta_scale`` only when it is ``adaptive``.
-"""
+"""ALIM-Scale: ALIM-Onehot's lambda parameters (``alim_onehot.lambda_space``: lambda mode, fixed
+lambda, eta scale), then the scaling factor K, then the learning rate, asked in this order."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from search_spaces import Space
+from search_spaces.alim_onehot import lambda_space
 
 
 def space(s: Space) -> dict[str, Any]:
     return {
-        "lambda_mode": s.categorical("lambda_mode", ["adaptive", "fixed"]),
-        "lam": s.float("lam", 0.0, 1.0),
-        "eta_scale": s.float("eta_scale", 0.5, 2.0),
+        **lambda_space(s),
         "scale_k": s.float("scale_k", 0.25, 4.0, log=True),
         "lr": s.float("lr", 1e-3, 0.2, log=True),
     }

@@ -9,17 +9,11 @@ import numpy as np
 import pytest
 
 from orchestrator.annotation import candidates as cands
-from orchestrator.annotation.stage import (
-    Annotation,
-    _write_entry,
-    annotate,
-    annotation_key,
-    clip_probs_key,
-    load_cached,
-)
+from orchestrator.annotation.stage import annotate, annotation_key, clip_probs_key
 from orchestrator.annotation.synthetic import flip_candidates
 from orchestrator.annotation.templates import OPENAI_TEMPLATES, PAPER_TEMPLATES, templates_for
 from orchestrator.config import ClipAnnotatorSpec, DatasetSpec, SyntheticAnnotatorSpec
+from trainables.data.annotation import Annotation, load_cached, write_entry
 from trainables.data.datasets import load_dataset
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -206,13 +200,13 @@ def test_synthetic_stats_and_targets(digits, tmp_path):
     assert ann.stats["num_train"] == len(y) and ann.stats["num_test"] == len(digits.test_y)
     assert all(isinstance(v, float) for v in ann.stats.values())
     assert abs(ann.stats["eta_realised"] - 0.2) < 5 * _sigma(0.2, len(y))
-    t = ann.targets("cand")
+    t = ann.label_sets("cand")
     assert t.dtype == np.float32 and np.array_equal(t, ann.cand_train)
     for kind in ("noisy_label", "noisy_label_avg", "soft"):
-        with pytest.raises(ValueError, match="only the CLIP annotator"):
-            ann.targets(kind)
-    with pytest.raises(ValueError, match="unknown target kind"):
-        ann.targets("labels")
+        with pytest.raises(ValueError, match="only a VLM annotator"):
+            ann.label_sets(kind)
+    with pytest.raises(ValueError, match="'labels' is not a valid Target"):
+        ann.label_sets("labels")
 
     clean = annotate(digits, SYNTH, q=0.0, eta=0.0, seed=0, cache_dir=tmp_path)
     assert clean.stats["partial_acc"] == 1.0 and clean.stats["mean_set_size"] == 1.0
@@ -228,15 +222,17 @@ def test_targets_of_labels_and_soft():
         noisy_label_avg=np.array([0, 2]),
         soft_train=np.array([[0.5, 0.4, 0.1], [0.1, 0.1, 0.8]], dtype=np.float32),
     )
-    assert ann.targets("noisy_label").tolist() == [[0, 1, 0], [0, 0, 1]]
-    assert ann.targets("noisy_label_avg").tolist() == [[1, 0, 0], [0, 0, 1]]
-    assert ann.targets("soft").dtype == np.float32 and ann.targets("soft")[1, 2] == pytest.approx(0.8)
+    assert ann.label_sets("noisy_label").tolist() == [[0, 1, 0], [0, 0, 1]]
+    assert ann.label_sets("noisy_label_avg").tolist() == [[1, 0, 0], [0, 0, 1]]
+    assert ann.label_sets("soft").tolist() == [[1, 0, 0], [0, 0, 1]]  # the probabilities' argmax
+    soft = ann.soft_targets("soft")
+    assert soft.dtype == np.float32 and soft[1, 2] == pytest.approx(0.8)
 
 
 def test_concurrent_writer_keeps_the_first_entry(tmp_path):
     final = tmp_path / "key"
-    _write_entry(final, {"a": np.arange(3)}, {"who": "first"})
-    _write_entry(final, {"a": np.arange(4)}, {"who": "second"})  # lost the race: no error
+    write_entry(final, {"a": np.arange(3)}, {"who": "first"})
+    write_entry(final, {"a": np.arange(4)}, {"who": "second"})  # lost the race: no error
     assert json.loads((final / "meta.json").read_text()) == {"who": "first"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["key"]
 

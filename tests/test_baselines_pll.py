@@ -9,11 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainables import lwc, lws, rc
-from trainables.api import BuildContext, TrainData, TrainSettings, Views
-from trainables.common.augment import make_views
-from trainables.common.backbones import make_encoder
-from trainables.common.losses import leveraged_weighted_loss
+from trainables import lw, rc
+from helpers import tiny_ctx, tiny_pll_data
+from trainables.api import BuildContext, TrainData, Views
 
 N, C = 32, 4
 
@@ -21,25 +19,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data() -> TrainData:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (N, 1, 8, 8), dtype=torch.uint8, generator=g)
-    y = torch.randint(0, C, (N,), generator=g)
-    cand = (torch.rand(N, C, generator=g) < 0.4).float()
-    cand[torch.arange(N), y] = 1.0
-    views = make_views("image", mean=(0.5,), std=(0.25,), hflip=True, generator=torch.Generator().manual_seed(1))
-    return TrainData(x=x, cand=cand, trusted=torch.zeros(N, dtype=torch.bool), views=views,
-                     generator=torch.Generator().manual_seed(2))
+    return tiny_pll_data(N, C, q=0.4)[0]
 
 
 def _ctx() -> BuildContext:
-    return BuildContext(
-        num_classes=C,
-        num_samples=N,
-        make_encoder=lambda: make_encoder("small_cnn", in_channels=1, image_size=8),
-        train=TrainSettings(epochs=3, batch_size=8, lr=0.05),
-        device=torch.device("cpu"),
-        seed=0,
-    )
+    return tiny_ctx(N, C, epochs=3, batch_size=8)
 
 
 def _recording(data: TrainData, state: torch.Tensor, snapshots: list[torch.Tensor]) -> TrainData:
@@ -71,10 +55,10 @@ def test_rc_updates_confidences_only_at_the_end_of_an_epoch():
     assert not torch.allclose(algo.conf.table, initial)
 
 
-@pytest.mark.parametrize("module", [lws, lwc])
-def test_lw_weights_follow_each_batch_split_on_and_off_the_candidates(module):
+@pytest.mark.parametrize("spec", lw.SPECS, ids=lambda s: s.name)
+def test_lw_weights_follow_each_batch_split_on_and_off_the_candidates(spec):
     data = _data()
-    algo = module.SPEC.build(module.SPEC.params(), _ctx())
+    algo = spec.build(spec.params(), _ctx())
     snapshots: list[torch.Tensor] = []
     algo.train_epoch(_recording(data, algo.conf, snapshots), 0)
 
@@ -114,29 +98,29 @@ def test_lw_loss_by_hand(beta):
         0.25 * _softplus(-1.0) + 0.75 * _softplus(-0.5) + beta * 1.0 * _softplus(-2.0),
         1.0 * _softplus(-3.0) + beta * (0.5 * _softplus(0.0) + 0.5 * _softplus(-1.0)),
     ]
-    got_lws = leveraged_weighted_loss(LOGITS, CAND, WEIGHTS, beta=beta, psi="sigmoid")
-    got_lwc = leveraged_weighted_loss(LOGITS, CAND, WEIGHTS, beta=beta, psi="logistic")
+    got_lws = lw.leveraged_weighted_loss(LOGITS, CAND, WEIGHTS, beta=beta, psi="sigmoid")
+    got_lwc = lw.leveraged_weighted_loss(LOGITS, CAND, WEIGHTS, beta=beta, psi="logistic")
     torch.testing.assert_close(got_lws, torch.tensor(lws_expected))
     torch.testing.assert_close(got_lwc, torch.tensor(lwc_expected))
 
 
 @pytest.mark.parametrize("psi", ["sigmoid", "logistic"])
 def test_beta_zero_removes_the_non_candidate_term(psi):
-    base = leveraged_weighted_loss(LOGITS, CAND, WEIGHTS, beta=0.0, psi=psi)
+    base = lw.leveraged_weighted_loss(LOGITS, CAND, WEIGHTS, beta=0.0, psi=psi)
     moved = LOGITS + 5.0 * (1.0 - CAND)  # change only the non-candidate logits
-    torch.testing.assert_close(leveraged_weighted_loss(moved, CAND, WEIGHTS, beta=0.0, psi=psi), base)
-    assert not torch.allclose(leveraged_weighted_loss(moved, CAND, WEIGHTS, beta=1.0, psi=psi),
-                              leveraged_weighted_loss(LOGITS, CAND, WEIGHTS, beta=1.0, psi=psi))
+    torch.testing.assert_close(lw.leveraged_weighted_loss(moved, CAND, WEIGHTS, beta=0.0, psi=psi), base)
+    assert not torch.allclose(lw.leveraged_weighted_loss(moved, CAND, WEIGHTS, beta=1.0, psi=psi),
+                              lw.leveraged_weighted_loss(LOGITS, CAND, WEIGHTS, beta=1.0, psi=psi))
 
 
 def test_lws_and_lwc_differ_on_the_same_input():
-    assert lws.PSI == "sigmoid" and lwc.PSI == "logistic"
-    got_lws = leveraged_weighted_loss(LOGITS, CAND, WEIGHTS, beta=1.0, psi="sigmoid")
-    got_lwc = leveraged_weighted_loss(LOGITS, CAND, WEIGHTS, beta=1.0, psi="logistic")
+    got_lws = lw.leveraged_weighted_loss(LOGITS, CAND, WEIGHTS, beta=1.0, psi="sigmoid")
+    got_lwc = lw.leveraged_weighted_loss(LOGITS, CAND, WEIGHTS, beta=1.0, psi="logistic")
     assert not torch.allclose(got_lws, got_lwc)
 
     data = _data()
-    a, b = lws.build(lws.LWSParams(), _ctx()), lwc.build(lwc.LWCParams(), _ctx())
+    a, b = lw.LWS_SPEC.build(lw.LWParams(), _ctx()), lw.LWC_SPEC.build(lw.LWParams(), _ctx())
+    assert (a.psi, b.psi) == ("sigmoid", "logistic")
     torch.testing.assert_close(a.predict(data.views.plain(data.x)), b.predict(data.views.plain(data.x)))
     loss_a, loss_b = a.train_epoch(_data(), 0)["train/loss"], b.train_epoch(_data(), 0)["train/loss"]
     assert loss_a != pytest.approx(loss_b)
@@ -144,4 +128,4 @@ def test_lws_and_lwc_differ_on_the_same_input():
 
 def test_unknown_psi_is_refused():
     with pytest.raises(ValueError, match="sigmoid, logistic"):
-        leveraged_weighted_loss(LOGITS, CAND, WEIGHTS, beta=1.0, psi="hinge")
+        lw.leveraged_weighted_loss(LOGITS, CAND, WEIGHTS, beta=1.0, psi="hinge")

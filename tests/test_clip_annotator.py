@@ -83,7 +83,7 @@ def test_derived_labels_and_stats(annotated, digits):
     assert ann.stats["zs_acc_train"] == pytest.approx((per_template[:, 0] == digits.train_y).mean())
     assert ann.stats["zs_acc_test"] == pytest.approx((ann.probs_test[:, 0].argmax(-1) == digits.test_y).mean())
     assert ann.stats["num_test"] == 40.0
-    assert ann.targets("noisy_label").shape == (100, 10)
+    assert ann.label_sets("noisy_label").shape == (100, 10)
 
 
 @pytest.mark.ray

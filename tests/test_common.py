@@ -10,22 +10,25 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from trainables.api import TrainSettings
+from trainables.api import BuildContext, TrainData, TrainSettings, Views
 from trainables.common.augment import RAND_AUGMENT_OPS, make_views, rand_augment
 from trainables.common.backbones import BACKBONES, make_encoder
+from trainables.common.batches import split_batches
 from trainables.common.confidence import CandidateConfidence
 from trainables.common.gmm import clean_probability, minmax_normalise
 from trainables.common.losses import (
     kl_div, max_candidate_nll, mean_or_zero, neg_entropy, noisy_supcon_loss, partial_ce, soft_ce, squared_error,
 )  # fmt: skip
-from trainables.common.mixup import mixup, sample_mix_lambda
+from trainables.common.mixup import mixmatch, mixmatch_losses, mixup, sample_mix_lambda
 from trainables.common.moco import KeyQueue, make_key_net, momentum_update
 from trainables.common.nets import Net, seeded
 from trainables.common.optim import make_optimizer
 from trainables.common.prototypes import ema_update_prototypes
 from trainables.common.schedules import linear_ramp
 from trainables.common.targets import distribution_alignment, restrict_to_candidates, sharpen
+from trainables.common.two_net import TwoNets, labeled_fraction, per_net_state
 
 
 def _logits(probs: list[list[float]]) -> torch.Tensor:
@@ -429,3 +432,76 @@ def test_seeded_builds_are_identical_and_leave_the_global_rng_alone():
         b = torch.nn.Linear(4, 4)
     assert torch.equal(a.weight, b.weight)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+# -- two networks, MixMatch batches ---------------------------------------------------------------
+
+
+def _two_nets(seed: int = 0, **kwargs) -> TwoNets:
+    ctx = BuildContext(
+        num_classes=3, num_samples=10, make_encoder=lambda: make_encoder("mlp", in_channels=0, image_size=0, in_dim=4),
+        train=TrainSettings(epochs=4, batch_size=4, lr=0.1), device=torch.device("cpu"), seed=seed,
+    )  # fmt: skip
+    return TwoNets(ctx, proj_dim=None, **kwargs)
+
+
+def _feature_data(n: int = 10) -> TrainData:
+    views = Views(plain=lambda x: x, weak=lambda x: x, strong=lambda x: x)
+    return TrainData(x=torch.randn(n, 4), cand=torch.ones(n, 3), trusted=torch.zeros(n, dtype=torch.bool),
+                     views=views, generator=torch.Generator().manual_seed(0))  # fmt: skip
+
+
+def test_two_nets_step_one_net_predict_the_ensemble_and_round_trip_per_net_keys():
+    pair, x = _two_nets(), torch.randn(5, 4)
+    assert not torch.equal(pair.net_a(x), pair.net_b(x))  # two different initialisations
+    before_b = [p.clone() for p in pair.net_b.parameters()]
+    pair.step(0, pair.net_a(x).square().mean())
+    assert all(torch.equal(p, q) for p, q in zip(before_b, pair.net_b.parameters()))  # only net A moved
+    pair.step(1, pair.net_b(x).square().mean())
+    logits_a, logits_b = pair.predict_nets(x)
+    torch.testing.assert_close(pair.predict(x), logits_a + logits_b)
+    assert pair.end_epoch() == pytest.approx(0.1) and pair.schedulers[1].last_epoch == 1
+    state = pair.state_dict()
+    assert set(state) == {f"{k}_{s}" for k in ("net", "optimizer", "scheduler") for s in "ab"}
+    restored = _two_nets(seed=1)
+    restored.load_state_dict(state)
+    torch.testing.assert_close(restored.predict(x), pair.predict(x))
+    assert set(per_net_state("queue", [KeyQueue(4, 2), KeyQueue(4, 2)])) == {"queue_a", "queue_b"}
+
+
+def test_two_nets_warm_up_each_net_in_turn_and_train_one_against_its_peer():
+    pair, data = _two_nets(), _feature_data()
+    seen = [(i, net is pair.nets[i], net.training, len(idx)) for i, net, idx in pair.warmup_batches(data, 4)]
+    assert [s[0] for s in seen] == [0, 0, 0, 1, 1, 1] and all(s[1] and s[2] for s in seen)
+    assert sum(s[3] for s in seen) == 2 * 10
+    net, peer = pair.train_against(1)
+    assert net is pair.net_b and net.training and not peer.training
+    assert labeled_fraction(1, torch.tensor([True, False, False, False])) == {"labeled_fraction_b": 0.25}
+    assert _two_nets().schedulers[0].T_max == 4  # training.epochs
+    assert _two_nets(period=800, eta_min_ratio=1e-3).schedulers[0].eta_min == pytest.approx(1e-4)
+
+
+def test_split_batches_cover_the_labeled_split_once_with_cycled_unlabeled_batches():
+    data = _feature_data()
+    labeled = torch.arange(10) < 6
+    batches = list(split_batches(data, 3, labeled))
+    assert sorted(torch.cat([x for x, _, _ in batches]).tolist()) == list(range(6))
+    assert all(labeled[x].all() and not labeled[u].any() and len(u) == 3 for x, u, _ in batches)
+    assert [done for _, _, done in batches] == pytest.approx([0.0, 0.5])
+    assert all(len(u) == 0 for _, u, _ in split_batches(data, 3, labeled, use_unlabeled=False))
+
+
+def test_mixmatch_mixes_the_views_of_both_splits_and_splits_its_losses():
+    g = torch.Generator().manual_seed(0)
+    x1, x2, u1 = torch.randn(2, 3, generator=g), torch.randn(2, 3, generator=g), torch.randn(1, 3, generator=g)
+    tx, tu = torch.tensor([[1.0, 0.0, 0.0]] * 2), torch.tensor([[0.0, 0.5, 0.5]])
+    mixed_x, mixed_t = mixmatch((x1, x2), (u1,), tx, tu, 4.0, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    lam = sample_mix_lambda(4.0, g)
+    expected = mixup(torch.cat([x1, x2, u1]), torch.cat([tx, tx, tu]), lam, torch.randperm(5, generator=g))
+    torch.testing.assert_close(mixed_x, expected[0])
+    torch.testing.assert_close(mixed_t, expected[1])
+    logits = torch.randn(5, 3, generator=g)
+    loss_x, loss_u = mixmatch_losses(logits, mixed_t, 4)
+    torch.testing.assert_close(loss_x, soft_ce(logits[:4], mixed_t[:4]).mean())
+    torch.testing.assert_close(loss_u, squared_error(F.softmax(logits[4:], dim=1), mixed_t[4:]).mean())

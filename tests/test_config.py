@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ import yaml
 from orchestrator.config import GridError, load_grid, parse_grid
 from orchestrator.plan import expand, expand_cells
 from orchestrator.sweep import DEFAULT_GRID, main
+from trainables.spec import TrialSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -152,8 +155,12 @@ def test_trial_signature_depends_on_what_determines_the_result():
     a = study.trial_config({"lr": 0.1}, annotation_key="k", cache_dir="/x", cpus=1)
     b = study.trial_config({"lr": 0.1}, annotation_key="k", cache_dir="/elsewhere", cpus=2)
     c = study.trial_config({"lr": 0.2}, annotation_key="k", cache_dir="/x", cpus=1)
-    assert a["signature"] == b["signature"] != c["signature"]
-    assert a["training"]["lr"] == 0.1 and c["training"]["lr"] == 0.2
+    assert a.signature == b.signature != c.signature
+    assert a.training.lr == 0.1 and c.training.lr == 0.2
+    # the signature survives the round trip through Tune's config / resolved_config.json
+    back = TrialSpec.from_config(json.loads(json.dumps(a.to_config())))
+    assert back == a and back.signature == a.signature
+    assert a.replace(cell=dataclasses.replace(a.cell, seed=9)).signature != a.signature
 
 
 def test_labels_let_one_grid_hold_variants_of_a_method():
@@ -162,6 +169,38 @@ def test_labels_let_one_grid_hold_variants_of_a_method():
     studies = expand(parse_grid(raw))
     assert len({s.study_id for s in studies}) == len(studies)
     configs = [s.trial_config({}, annotation_key="k", cache_dir="/c", cpus=1) for s in studies]
-    assert {c["label"] for c in configs} == {"cc", "cc-slow"} and {c["method"] for c in configs} == {"cc"}
+    assert {c.label for c in configs} == {"cc", "cc-slow"} and {c.method for c in configs} == {"cc"}
     raw["methods"] = [{"name": "cc"}, {"name": "cc"}]
     assert "duplicate name(s) ['cc']" in error_of(raw)
+
+
+def test_training_schema_is_derived_from_train_settings():
+    from orchestrator.config import TrainingSpec
+    from trainables.api import TrainSettings
+
+    assert set(TrainingSpec.model_fields) == {f.name for f in dataclasses.fields(TrainSettings)}
+    raw = base()
+    raw["training"] = {"momentum": 1.5, "scheduler": "step", "backbone": "vit"}
+    with pytest.raises(GridError) as err:
+        parse_grid(raw)
+    for key in ("training.momentum", "training.scheduler", "training.backbone"):
+        assert key in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "params, training, expected",
+    [
+        ({"no_such": 1}, {}, "--set.params.no_such: unknown parameter of coreg"),
+        ({}, {"no_such": 1}, "--set.training.no_such: unknown training setting of coreg"),
+        ({}, {"momentum": 1.5}, "--set.training.momentum: Input should be less than 1"),
+        ({}, {"scheduler": "step"}, "--set.training.scheduler: Input should be 'cosine' or 'constant'"),
+        ({}, {"epochs": "ten"}, "--set.training.epochs: Input should be a valid integer"),
+        ({"warmup_epochs": "two"}, {}, "--set.params.warmup_epochs: Input should be a valid integer"),
+    ],
+)
+def test_method_settings_are_checked_one_way_for_the_grid_and_reruns(params, training, expected):
+    from orchestrator.config import check_method_settings
+
+    problems = check_method_settings("coreg", params, training, "--set")
+    assert len(problems) == 1 and problems[0].startswith(expected), problems
+    assert check_method_settings("coreg", {"warmup_epochs": 2}, {"lr": 0.01, "epochs": 3}, "--set") == []

@@ -12,9 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainables.api import Algorithm, AlgorithmSpec, BuildContext, TrainData, TrainSettings
-from trainables.common.augment import make_views
-from trainables.common.backbones import make_encoder
+from helpers import random_candidates, tiny_ctx, tiny_data, tiny_images
+from trainables.api import Algorithm, AlgorithmSpec, Target, TrainData, TrainSettings
 from trainables.registry import ALGORITHMS, get
 
 N, C, EPOCHS = 64, 4, 3
@@ -27,47 +26,47 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _data(seed: int = 0) -> TrainData:
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (N, 1, 8, 8), dtype=torch.uint8, generator=g)
+    x = tiny_images(N, g)
     y = torch.randint(0, C, (N,), generator=g)
-    cand = (torch.rand(N, C, generator=g) < 0.3).float()
-    cand[torch.arange(N), y] = 1.0
+    cand = random_candidates(y, C, 0.3, g)
     flipped = torch.arange(N) % 8 == 7  # a few noisy sets: the true label is replaced by another class
     cand[flipped, y[flipped]] = 0.0
     cand[flipped, (y[flipped] + 1) % C] = 1.0
     trusted = torch.arange(N) < 4
     cand[trusted] = F.one_hot(y[trusted], C).float()
     soft = torch.softmax(2 * torch.randn(N, C, generator=g), dim=1)  # annotator probabilities (kd)
-    views = make_views("image", mean=(0.5,), std=(0.25,), hflip=True, generator=torch.Generator().manual_seed(seed + 1))
-    return TrainData(
-        x=x, cand=cand, trusted=trusted, views=views, generator=torch.Generator().manual_seed(seed + 2), soft=soft
-    )
-
-
-def _annotator_probs() -> dict[str, torch.Tensor]:
-    """Stored annotator probabilities of the train / val / test samples (zero_shot reads them)."""
-    g = torch.Generator().manual_seed(1)
-    sizes = {"train": N, "val": 8, "test": 8}
-    return {split: torch.softmax(torch.randn(n, C, generator=g), dim=1) for split, n in sizes.items()}
+    return tiny_data(x, cand, trusted, hflip=True, seed=seed, soft=soft)
 
 
 def _build(spec: AlgorithmSpec, seed: int = 0) -> Algorithm:
     fields = {f.name for f in dataclasses.fields(spec.params)}
     params = spec.params(**{k: v for k, v in FAST.items() if k in fields})
-    ctx = BuildContext(
-        num_classes=C,
-        num_samples=N,
-        make_encoder=lambda: make_encoder("small_cnn", in_channels=1, image_size=8),
-        train=TrainSettings(epochs=EPOCHS + 1, batch_size=16, lr=0.05),
-        device=torch.device("cpu"),
-        seed=seed,
-        extras={"annotator_probs": _annotator_probs()},
-    )
-    return spec.build(params, ctx)
+    return spec.build(params, tiny_ctx(N, C, epochs=EPOCHS + 1, batch_size=16, seed=seed))
 
 
 def _outputs(spec: AlgorithmSpec, algo: Algorithm, probe: torch.Tensor) -> torch.Tensor:
-    """Predictions on ``probe``; a method without a network (``trains=False``) has only its stored ones."""
-    return algo.predict(probe) if spec.trains else algo.stored_logits("test")
+    return algo.predict(probe)
+
+
+def _modules(obj: Any, depth: int = 3) -> list[torch.nn.Module]:
+    """Every network an algorithm holds (attributes, lists, dicts, helper objects), each once."""
+    found: dict[int, torch.nn.Module] = {}
+
+    def walk(value: Any, level: int) -> None:
+        if isinstance(value, torch.nn.Module):
+            found.setdefault(id(value), value)
+        elif level and isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item, level - 1)
+        elif level and isinstance(value, dict):
+            for item in value.values():
+                walk(item, level - 1)
+        elif level and hasattr(value, "__dict__") and not isinstance(value, (torch.Tensor, type)):
+            for item in vars(value).values():
+                walk(item, level - 1)
+
+    walk(obj, depth)
+    return list(found.values())
 
 
 def _assert_same(a: Any, b: Any, where: str = "state") -> None:
@@ -101,16 +100,12 @@ def trained(request):
 def test_satisfies_the_protocol(trained):
     spec, algo, *_ = trained
     assert isinstance(algo, Algorithm)
-    kinds = ("cand", "noisy_label", "noisy_label_avg", "soft", "soft_single")
-    assert spec.consumes in kinds and spec.consumes_for(spec.params()) in kinds
+    assert isinstance(spec.consumes, Target) and isinstance(spec.consumes_for(spec.params()), Target)
     assert dataclasses.is_dataclass(spec.params) and spec.params.__dataclass_params__.frozen
 
 
 def test_losses_are_finite_and_keyed_train(trained):
     spec, _, history, *_ = trained
-    if not spec.trains:  # zero_shot: nothing to learn, so no loss
-        assert history == [{}] * EPOCHS
-        return
     for metrics in history:
         assert metrics and "train/loss" in metrics
         for key, value in metrics.items():
@@ -120,8 +115,6 @@ def test_losses_are_finite_and_keyed_train(trained):
 
 def test_training_changes_the_predictions(trained):
     spec, algo, _, before, probe = trained
-    if not spec.trains:
-        pytest.skip(f"{spec.name} has no network: there is nothing to change")
     after = algo.predict(probe)
     assert after.shape == (8, C)
     assert not torch.allclose(before, after)
@@ -159,6 +152,35 @@ def test_checkpoint_round_trip_restores_everything(trained):
     assert torch.equal(_outputs(spec, algo, probe), _outputs(spec, restored, probe))
 
 
+def _without_gradient(algo: Algorithm, data: TrainData) -> list[str]:
+    """Trainable parameters of ``algo`` that get no gradient in one epoch after the fast warm-up."""
+    algo.train_epoch(data, 0)  # FAST: the warm-up is one epoch
+    params = {id(p): (f"{type(m).__name__}.{n}", p) for m in _modules(algo) for n, p in m.named_parameters()}
+    trainable = {k: v for k, v in params.items() if v[1].requires_grad}
+    assert trainable, "no trainable network found"
+    got: set[int] = set()
+    hooks = [p.register_post_accumulate_grad_hook(lambda p: got.add(id(p))) for _, p in trainable.values()]
+    try:
+        algo.train_epoch(data, 1)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sorted(where for key, (where, _) in trainable.items() if key not in got)
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_every_trainable_parameter_receives_a_gradient(name):
+    """timm's backward test: in one epoch of the main phase every parameter that requires a
+    gradient gets one; a parameter that never does is dead weight or a wiring bug."""
+    assert _without_gradient(_build(ALGORITHMS[name]), _data()) == []
+
+
+def test_the_gradient_check_finds_a_parameter_that_gets_none():
+    algo = _build(ALGORITHMS["cc"])
+    algo.unused_head = torch.nn.Linear(4, C)  # held, never in the loss
+    assert _without_gradient(algo, _data()) == ["Linear.bias", "Linear.weight"]
+
+
 def test_ablations_name_existing_fields(trained):
     spec, *_ = trained
     for name, overrides in spec.ablations.items():
@@ -190,7 +212,7 @@ def test_search_space_contains_the_defaults(trained):
     defaults = {**dataclasses.asdict(TrainSettings()), **dataclasses.asdict(spec.params())}
     recorder = _RecordingSpace(defaults)
     sampled = module.space(recorder)
-    assert set(sampled) == set(recorder.ranges) and (sampled or not spec.trains)  # zero_shot: nothing to search
+    assert set(sampled) == set(recorder.ranges) and sampled
     for name in sampled:
         assert name in defaults, f"{name} is neither a {spec.name} parameter nor a training setting"
         value, bounds = defaults[name], recorder.ranges[name]

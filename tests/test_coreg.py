@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from trainables import coreg
-from trainables.api import BuildContext, TrainData, TrainSettings
-from trainables.common.augment import make_views
-from trainables.common.backbones import make_encoder
+from helpers import tiny_ctx, tiny_pll_data
+from trainables.api import TrainData
 from trainables.common.gmm import clean_set
-from trainables.coreg import CoRegParams, partial_set_targets, unlabeled_set_targets
+from trainables.common.targets import co_guess
+from trainables.coreg import CoRegParams, partial_set_targets
 
 N, C = 48, 4
 TRUSTED = 4
@@ -23,30 +23,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(seed: int = 0) -> tuple[TrainData, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (N, 1, 8, 8), dtype=torch.uint8, generator=g)
-    y = torch.randint(0, C, (N,), generator=g)
-    cand = (torch.rand(N, C, generator=g) < 0.3).float()
-    cand[torch.arange(N), y] = 1.0
-    cand[:TRUSTED] = F.one_hot(y[:TRUSTED], C).float()
-    trusted = torch.arange(N) < TRUSTED
-    views = make_views("image", mean=(0.5,), std=(0.25,), hflip=True, generator=torch.Generator().manual_seed(seed + 1))
-    return TrainData(x=x, cand=cand, trusted=trusted, views=views, generator=torch.Generator().manual_seed(seed + 2)), y
+    return tiny_pll_data(N, C, q=0.3, trusted=TRUSTED, hflip=True, seed=seed)
 
 
 def _build(**overrides) -> coreg.CoReg:
     params = dataclasses.replace(
         CoRegParams(warmup_epochs=1, contrastive_start=0, queue_size=1000, rampup_epochs=2), **overrides
     )
-    ctx = BuildContext(
-        num_classes=C,
-        num_samples=N,
-        make_encoder=lambda: make_encoder("small_cnn", in_channels=1, image_size=8),
-        train=TrainSettings(epochs=4, batch_size=16, lr=0.05),
-        device=torch.device("cpu"),
-        seed=0,
-    )
-    return coreg.SPEC.build(params, ctx)
+    return coreg.SPEC.build(params, tiny_ctx(N, C, epochs=4, batch_size=16))
 
 
 def _run(algo: coreg.CoReg, epochs: int = 2) -> dict[str, float]:
@@ -81,9 +65,9 @@ def test_partial_set_target_of_a_certain_sample_is_the_peer_on_its_candidates():
 def test_unlabeled_set_target_averages_every_view_of_both_nets_then_sharpens():
     views = [torch.tensor([[a, 1 - a]]) for a in (0.6, 0.8, 0.2, 0.4)]
     # mean [0.5, 0.5]: sharpening keeps it uniform; labels outside S are allowed (no cand input)
-    torch.testing.assert_close(unlabeled_set_targets(views, T=0.5), torch.tensor([[0.5, 0.5]]))
+    torch.testing.assert_close(co_guess(views, 0.5), torch.tensor([[0.5, 0.5]]))
     # mean of the first two = [0.7, 0.3] -> [0.49, 0.09] / 0.58
-    torch.testing.assert_close(unlabeled_set_targets(views[:2], T=0.5), torch.tensor([[0.49 / 0.58, 0.09 / 0.58]]))
+    torch.testing.assert_close(co_guess(views[:2], 0.5), torch.tensor([[0.49 / 0.58, 0.09 / 0.58]]))
 
 
 def test_partial_set_contains_trusted_samples_whatever_their_clean_probability():
@@ -171,7 +155,7 @@ def test_contrastive_and_prototype_terms_start_after_contrastive_start():
 
 
 def _fingerprint(algo: coreg.CoReg) -> torch.Tensor:
-    return torch.cat([p.detach().flatten() for p in algo.net_a.parameters()])
+    return torch.cat([p.detach().flatten() for p in algo.pair.net_a.parameters()])
 
 
 @pytest.mark.parametrize("ablation", sorted(coreg.SPEC.ablations))
@@ -229,7 +213,7 @@ def test_reference_option_recopies_key_nets_at_each_epoch_start(reset, monkeypat
     _run(algo, epochs=2)  # warm-up + one epoch of momentum updates: key nets lag behind their nets
 
     def divide(i, data):
-        same = all(torch.equal(k, q) for k, q in zip(algo.key_nets[0].parameters(), algo.net_a.parameters()))
+        same = all(torch.equal(k, q) for k, q in zip(algo.key_nets[0].parameters(), algo.pair.net_a.parameters()))
         assert same == reset
         raise _Stop
 
@@ -240,7 +224,7 @@ def test_reference_option_recopies_key_nets_at_each_epoch_start(reset, monkeypat
 
 def test_reference_cosine_period_and_warmup_options():
     algo = _build(cosine_period=800, reference_warmup=True)
-    assert algo.schedulers[0].T_max == 800 and algo.schedulers[0].eta_min == pytest.approx(0.05e-3)
-    assert _build().schedulers[0].T_max == 4  # training.epochs
+    assert algo.pair.schedulers[0].T_max == 800 and algo.pair.schedulers[0].eta_min == pytest.approx(0.05e-3)
+    assert _build().pair.schedulers[0].T_max == 4  # training.epochs
     metrics = algo.train_epoch(_data()[0], 0)  # strong views, batch 32: still a finite warm-up
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))

@@ -11,9 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from trainables import cr_dpll, irnet
-from trainables.api import BuildContext, TrainData, TrainSettings, Views
-from trainables.common.augment import make_views
-from trainables.common.backbones import make_encoder
+from helpers import tiny_ctx, tiny_pll_data
+from trainables.api import BuildContext, TrainData, Views
 from trainables.common.confidence import geometric_mean_on_candidates
 from trainables.common.targets import restrict_to_candidates
 
@@ -23,27 +22,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data() -> TrainData:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (N, 1, 8, 8), dtype=torch.uint8, generator=g)
-    y = torch.randint(0, C, (N,), generator=g)
-    cand = (torch.rand(N, C, generator=g) < 0.4).float()
-    cand[torch.arange(N), y] = 1.0
-    cand[torch.arange(N), (y + 1) % C] = 0.0  # every sample has a non-candidate label
-    trusted = torch.zeros(N, dtype=torch.bool)
-    trusted[0] = True
-    views = make_views("image", mean=(0.5,), std=(0.25,), hflip=True, generator=torch.Generator().manual_seed(1))
-    return TrainData(x=x, cand=cand, trusted=trusted, views=views, generator=torch.Generator().manual_seed(2))
+    data, y = tiny_pll_data(N, C, q=0.4)
+    data.cand[torch.arange(N), (y + 1) % C] = 0.0  # every sample has a non-candidate label
+    data.trusted[0] = True
+    return data
 
 
 def _ctx(lr: float = 0.05, batch_size: int = 8, epochs: int = 10) -> BuildContext:
-    return BuildContext(
-        num_classes=C,
-        num_samples=N,
-        make_encoder=lambda: make_encoder("small_cnn", in_channels=1, image_size=8),
-        train=TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr),
-        device=torch.device("cpu"),
-        seed=0,
-    )
+    return tiny_ctx(N, C, epochs=epochs, batch_size=batch_size, lr=lr)
 
 
 # ---------------------------------------------------------------- CR-DPLL
@@ -98,16 +84,16 @@ def test_cr_dpll_epoch_updates_conf_from_the_three_views_of_the_batch():
     views = Views(plain=data.views.plain, weak=recording("weak", data.views.weak),
                   strong=recording("strong", data.views.strong))
     algo = cr_dpll.CRDPLL(cr_dpll.CRDPLLParams(), _ctx(lr=0.0, batch_size=N))
-    before = {key: value.clone() for key, value in algo.net.state_dict().items()}
+    before = {key: value.clone() for key, value in algo.model.net.state_dict().items()}
     algo.train_epoch(dataclasses.replace(data, views=views), 0)
 
     assert [name for name, _ in seen] == ["weak", "strong", "strong"]  # original + two strong views
-    for key, value in algo.net.state_dict().items():
+    for key, value in algo.model.net.state_dict().items():
         if "running" not in key and "num_batches" not in key:
             torch.testing.assert_close(value, before[key])
-    algo.net.train()
+    algo.model.net.train()
     with torch.no_grad():
-        probs = torch.stack([F.softmax(algo.net(v), dim=1) for _, v in seen])
+        probs = torch.stack([F.softmax(algo.model.net(v), dim=1) for _, v in seen])
     idx = next(iter(_data().batches(N)))  # the one batch, in the order of the epoch's shuffle
     expected = geometric_mean_on_candidates(probs, data.cand[idx])
     torch.testing.assert_close(algo.conf[idx], expected)
@@ -209,9 +195,9 @@ def test_irnet_base_moves_conf_by_a_moving_average_towards_the_predicted_candida
 
     algo = irnet.IRNet(irnet.IRNetParams(warmup_epochs=5), _ctx(lr=0.0, batch_size=N))
     algo.train_epoch(dataclasses.replace(data, views=dataclasses.replace(data.views, weak=weak)), 0)
-    algo.net.train()
+    algo.model.net.train()
     with torch.no_grad():
-        probs = F.softmax(algo.net(seen[0]), dim=1)
+        probs = F.softmax(algo.model.net(seen[0]), dim=1)
     idx = next(iter(_data().batches(N)))
     cand = data.cand[idx]
     onehot = F.one_hot(probs.masked_fill(cand == 0, -1.0).argmax(dim=1), C).float()

@@ -82,10 +82,9 @@ def _history(tmp_path: Path, monkeypatch, method: str) -> list[dict[str, float]]
     )
     cell = study.cell
     ann = annotate(dataset, cell.annotator, q=cell.q, eta=cell.eta, seed=cell.seed, cache_dir=tmp_path / "ann")
-    config = study.trial_config({}, annotation_key=ann.key, cache_dir=str(tmp_path / "ann"), cpus=1)
-    config["device"] = "cpu"
+    trial = study.trial_config({}, annotation_key=ann.key, cache_dir=str(tmp_path / "ann"), cpus=1, device="cpu")
     out: list[dict[str, float]] = []
-    run_trial(config, lambda metrics, save: out.append(dict(metrics)), max_epochs=EPOCHS)
+    run_trial(trial, lambda metrics, save: out.append(dict(metrics)), max_epochs=EPOCHS)
     return [{k: v for k, v in m.items() if k.startswith("train/") or k in KEYS} for m in out]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from orchestrator.config import parse_grid
 from orchestrator.plan import expand
 from trainables.data.datasets import load_dataset
 from trainables.loop import make_split, prepare_data, run_trial
+from trainables.spec import TrialSpec
 
 
 def test_split_is_seeded_disjoint_and_reveals_k_per_class():
@@ -29,7 +31,7 @@ def test_split_is_seeded_disjoint_and_reveals_k_per_class():
     assert (~a.trusted).sum() == round(0.5 * unlabeled_pool)
 
 
-def tiny_config(tmp_path: Path, method: str, **params) -> dict:
+def tiny_config(tmp_path: Path, method: str, **params) -> TrialSpec:
     grid = parse_grid(
         {
             "experiment": "loop",
@@ -44,12 +46,10 @@ def tiny_config(tmp_path: Path, method: str, **params) -> dict:
     study = expand(grid)[0]
     dataset = load_dataset(study.cell.dataset)
     ann = annotate(dataset, study.cell.annotator, q=0.3, eta=0.3, seed=3, cache_dir=tmp_path / "annotations")
-    config = study.trial_config({}, annotation_key=ann.key, cache_dir=str(tmp_path / "annotations"), cpus=1)
-    config["device"] = "cpu"
-    return config
+    return study.trial_config({}, annotation_key=ann.key, cache_dir=str(tmp_path / "annotations"), cpus=1, device="cpu")
 
 
-def collect(config: dict, **kwargs) -> list[dict]:
+def collect(config: TrialSpec, **kwargs) -> list[dict]:
     out: list[dict] = []
     run_trial(config, lambda metrics, save: out.append(dict(metrics)), **kwargs)
     return out
@@ -80,7 +80,7 @@ def test_same_config_and_seed_give_the_same_first_epoch(tmp_path, method):
         assert losses and set(a) == set(b)
         for key in losses + ["test/acc", "pl/acc"]:
             assert a[key] == b[key], key
-    other = dict(config, cell=dict(config["cell"], seed=4))
+    other = config.replace(cell=dataclasses.replace(config.cell, seed=4))
     assert collect(other, max_epochs=1)[0]["train/loss"] != first[0]["train/loss"]
 
 

@@ -1,9 +1,10 @@
-"""DivideMix, KD and zero-shot: the methods that learn from the CLIP annotator's outputs.
+"""DivideMix and KD: the methods that learn from the CLIP annotator's outputs.
 
 Hand-made tensors pin each method's own pieces (co-divide, co-refinement, the distillation loss);
 a crafted CLIP annotation (per-template probabilities chosen by hand, derived by the real
-annotation stage) pins what reaches each method and what zero-shot reports; one end-to-end test
-runs all three through ``run_trial`` on an annotation made by a random tiny open_clip model.
+annotation stage) pins what reaches each method and the zero-shot accuracies it records (the
+tables' zero-shot rows); one end-to-end test runs both through ``run_trial`` on an annotation made
+by a random tiny open_clip model.
 """
 
 from __future__ import annotations
@@ -22,15 +23,15 @@ from orchestrator.annotation.clip import ClipActor, actor_kwargs
 from orchestrator.annotation.stage import annotate
 from orchestrator.config import ClipAnnotatorSpec, DatasetSpec, GridError, parse_grid
 from orchestrator.plan import expand
-from trainables import dividemix, kd, zero_shot
-from trainables.api import BuildContext, TrainData, TrainSettings
-from trainables.common.augment import make_views
-from trainables.common.backbones import make_encoder
+from trainables import dividemix, kd
+from helpers import tiny_ctx, tiny_data, tiny_images
+from trainables.api import BuildContext, TrainData
 from trainables.data.datasets import load_dataset
 from trainables.common.metrics import MeanMeter
-from trainables.dividemix import DivideMixParams, guess_labels, refine_labels, uniform_prior_penalty
+from trainables.common.targets import co_guess, co_refine
+from trainables.dividemix import DivideMixParams, uniform_prior_penalty
 from trainables.kd import distillation_loss, teacher_targets
-from trainables.loop import make_split, prepare_data, run_trial
+from trainables.loop import prepare_data, run_trial
 
 N, C = 40, 4
 TINY_CONFIG = Path(__file__).parent / "fixtures" / "tiny_clip.json"
@@ -42,24 +43,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _data(trusted: int = 1) -> TrainData:
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (N, 1, 8, 8), dtype=torch.uint8, generator=g)
+    x = tiny_images(N, g)
     noisy = torch.randint(0, C, (N,), generator=g)
-    views = make_views("image", mean=(0.5,), std=(0.25,), hflip=False, generator=torch.Generator().manual_seed(1))
-    return TrainData(
-        x=x, cand=F.one_hot(noisy, C).float(), trusted=torch.arange(N) < trusted, views=views,
-        generator=torch.Generator().manual_seed(2), soft=torch.softmax(torch.randn(N, C, generator=g), dim=1),
-    )  # fmt: skip
+    soft = torch.softmax(torch.randn(N, C, generator=g), dim=1)
+    return tiny_data(x, F.one_hot(noisy, C).float(), torch.arange(N) < trusted, hflip=False, soft=soft)
 
 
 def _ctx() -> BuildContext:
-    return BuildContext(
-        num_classes=C,
-        num_samples=N,
-        make_encoder=lambda: make_encoder("small_cnn", in_channels=1, image_size=8),
-        train=TrainSettings(epochs=2, batch_size=8, lr=0.05),
-        device=torch.device("cpu"),
-        seed=0,
-    )
+    return tiny_ctx(N, C, epochs=2, batch_size=8)
 
 
 # -- DivideMix -----------------------------------------------------------------------------------
@@ -118,10 +109,10 @@ def test_co_refinement_and_co_guessing_formulas():
     own = torch.tensor([[0.2, 0.5, 0.3]])
     # 0.7 * y + 0.3 * own = [0.06, 0.85, 0.09]; sharpened with T = 0.5: squares / their sum
     expected = torch.tensor([[0.0036, 0.7225, 0.0081]]) / 0.7342
-    torch.testing.assert_close(refine_labels(w, label, own, T=0.5), expected)
+    torch.testing.assert_close(co_refine(w, label, own, 0.5), expected)
     views = [torch.tensor([[0.6, 0.4]]), torch.tensor([[0.2, 0.8]]), torch.tensor([[0.4, 0.6]]), torch.tensor([[0.4, 0.6]])]  # fmt: skip
     # mean of the four = [0.4, 0.6]; sharpened: [0.16, 0.36] / 0.52
-    torch.testing.assert_close(guess_labels(views, T=0.5), torch.tensor([[0.16, 0.36]]) / 0.52)
+    torch.testing.assert_close(co_guess(views, 0.5), torch.tensor([[0.16, 0.36]]) / 0.52)
 
 
 def test_uniform_prior_penalty():
@@ -131,7 +122,7 @@ def test_uniform_prior_penalty():
     assert uniform_prior_penalty(torch.tensor([[2.0, 0.0], [0.0, 2.0]])).item() == pytest.approx(0.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("spec", [dividemix.SPEC, kd.SPEC, zero_shot.SPEC])
+@pytest.mark.parametrize("spec", [dividemix.SPEC, kd.SPEC])
 def test_starred_selects_the_template_average(spec):
     single, starred = spec.consumes_for(spec.params()), spec.consumes_for({"starred": True})
     assert single == spec.consumes and single in ("noisy_label", "soft_single")
@@ -196,8 +187,7 @@ def _config(tmp_path: Path, method: str, annotation_key: str, annotator: dict, e
             "methods": [{"name": method, "params": params}],
         }
     )
-    config = expand(grid)[0].trial_config({}, annotation_key=annotation_key, cache_dir=str(tmp_path / "ann"), cpus=1)
-    config["device"] = "cpu"
+    config = expand(grid)[0].trial_config({}, annotation_key=annotation_key, cache_dir=str(tmp_path / "ann"), cpus=1, device="cpu")
     return config
 
 
@@ -233,35 +223,13 @@ def crafted(tmp_path, monkeypatch):
     return _annotate(tmp_path, monkeypatch, CRAFTED, crafted_model)
 
 
-@pytest.mark.parametrize("starred", [False, True])
-def test_zero_shot_reports_the_stored_predictions(tmp_path, crafted, starred):
+def test_the_crafted_annotation_records_the_zero_shot_accuracies(crafted):
+    """The tables' zero-shot rows are these statistics of the annotation (single template; average)."""
     dataset, ann = crafted
-    config = _config(tmp_path, "zero_shot", ann.key, CRAFTED, epochs=3, starred=starred)
-    history = _collect(config, tmp_path)
-    assert len(history) == 1  # nothing to train: one epoch whatever training.epochs says
-
-    def accuracy(probs: np.ndarray, y: np.ndarray) -> float:
-        chosen = probs.astype(np.float32).mean(1) if starred else probs[:, 0]
-        return float((chosen.argmax(1) == y).mean())
-
-    expected_test = accuracy(ann.probs_test, dataset.test_y)
-    assert history[0]["test/acc"] == pytest.approx(expected_test)
-    assert expected_test == pytest.approx(ann.stats["zs_acc_avg_test" if starred else "zs_acc_test"])
-    assert ann.stats["zs_acc_test"] == pytest.approx(0.5) and ann.stats["zs_acc_avg_test"] == pytest.approx(26 / 40)
-    split = make_split(dataset.train_y, 10, val_fraction=0.1, shots=0, fraction=1.0, seed=0)
-    train = split.train
-    assert history[0]["pl/acc"] == pytest.approx(accuracy(ann.probs_train[train], dataset.train_y[train]))
-    assert history[0]["val/covering_rate"] == 1.0  # each template's argmax is in the multi-prompt set
-    assert np.load(tmp_path / "predictions.npz")["test_pred"].shape == (40,)
-
-
-def test_zero_shot_has_no_network_and_needs_the_stored_probabilities():
-    algo = zero_shot.SPEC.build(zero_shot.ZeroShotParams(), _ctx())  # a rebuild without data can be made
-    assert algo.state_dict() == {} and algo.train_epoch(_data(), 0) == {}
-    with pytest.raises(NotImplementedError, match="no network"):
-        algo.predict(torch.zeros(2, 1, 8, 8))
-    with pytest.raises(RuntimeError, match="without the annotator's stored probabilities"):
-        algo.stored_logits("test")
+    single = float((ann.probs_test[:, 0].argmax(1) == dataset.test_y).mean())
+    average = float((ann.probs_test.astype(np.float32).mean(1).argmax(1) == dataset.test_y).mean())
+    assert ann.stats["zs_acc_test"] == pytest.approx(single) == pytest.approx(0.5)
+    assert ann.stats["zs_acc_avg_test"] == pytest.approx(average) == pytest.approx(26 / 40)
 
 
 @pytest.mark.parametrize("starred", [False, True])
@@ -284,7 +252,6 @@ def test_kd_and_dividemix_receive_the_single_template_or_the_average(tmp_path, c
         ("dividemix", {"starred": True}, "noisy_label_avg"),
         ("kd", {}, "soft_single"),
         ("kd", {"starred": True}, "soft"),
-        ("zero_shot", {}, "noisy_label"),
     ],
 )
 def test_config_needs_a_clip_annotator(method, params, kind):
@@ -313,9 +280,6 @@ def test_run_trial_end_to_end_on_a_tiny_clip_annotation(tmp_path, monkeypatch):
 
     _, ann = _annotate(tmp_path, monkeypatch, tiny, direct)
     assert ann.probs_train.shape == (100, 27, 10)
-    for starred, stat in ((False, "zs_acc_test"), (True, "zs_acc_avg_test")):
-        history = _collect(_config(tmp_path, "zero_shot", ann.key, tiny, starred=starred), tmp_path)
-        assert history[-1]["test/acc"] == pytest.approx(ann.stats[stat])
     for method, params in (("kd", {}), ("dividemix", {"warmup_epochs": 1, "starred": True})):
         history = _collect(_config(tmp_path, method, ann.key, tiny, epochs=3, **params), tmp_path)
         assert len(history) == 3 and all(math.isfinite(v) for m in history for v in m.values())

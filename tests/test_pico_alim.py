@@ -9,13 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainables import alim_onehot, alim_scale, pico, pico_plus
-from trainables.api import BuildContext, TrainData, TrainSettings
-from trainables.common.alim import (
-    adaptive_lambda, alim_target, candidate_ratio, estimate_noise_rate, relaxed_candidates,
-)  # fmt: skip
-from trainables.common.augment import make_views
-from trainables.common.backbones import make_encoder
+from trainables import alim, pico, pico_plus
+from trainables.alim import adaptive_lambda, alim_target, candidate_ratio, estimate_noise_rate, relaxed_candidates
+from helpers import tiny_ctx, tiny_pll_data
+from trainables.api import TrainData
 from trainables.common.losses import noisy_supcon_loss
 from trainables.common.pico import (
     candidate_argmax, disambiguate, masked_supcon_loss, moco_loss, moving_average, own_key_mask, phi_at,
@@ -31,30 +28,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(seed: int = 0) -> TrainData:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (N, 1, 8, 8), dtype=torch.uint8, generator=g)
-    y = torch.randint(0, C, (N,), generator=g)
-    cand = (torch.rand(N, C, generator=g) < 0.3).float()
-    cand[torch.arange(N), y] = 1.0
-    cand[:TRUSTED] = F.one_hot(y[:TRUSTED], C).float()
-    trusted = torch.arange(N) < TRUSTED
-    views = make_views(
-        "image", mean=(0.5,), std=(0.25,), hflip=False, generator=torch.Generator().manual_seed(seed + 1)
-    )
-    return TrainData(x=x, cand=cand, trusted=trusted, views=views, generator=torch.Generator().manual_seed(seed + 2))
+    return tiny_pll_data(N, C, q=0.3, trusted=TRUSTED, hflip=False, seed=seed)[0]
 
 
 def _build(spec, seed: int = 0, **overrides):
     params = spec.params(**{"queue_size": 64, **overrides})
-    ctx = BuildContext(
-        num_classes=C,
-        num_samples=N,
-        make_encoder=lambda: make_encoder("small_cnn", in_channels=1, image_size=8),
-        train=TrainSettings(epochs=4, batch_size=16, lr=0.05),
-        device=torch.device("cpu"),
-        seed=seed,
-    )
-    return spec.build(params, ctx)
+    return spec.build(params, tiny_ctx(N, C, epochs=4, batch_size=16, seed=seed))
 
 
 # -- PiCO: prototype-based disambiguation ------------------------------------------------------
@@ -148,7 +127,7 @@ def test_pico_plus_trains_on_the_reliable_set_chosen_from_last_epochs_distances(
     expected = select_reliable(algo.distance.clone(), 0.5) | data.trusted
     metrics = algo.train_epoch(data, 1)
     assert torch.equal(algo.clean_mask(), expected)
-    assert 0.5 <= expected.float().mean() < 0.6 and metrics["train/reliable_fraction"] > 0
+    assert 0.5 <= expected.float().mean() < 0.6 and metrics["train/labeled_fraction"] > 0
     labels = algo.pseudo_labels()
     torch.testing.assert_close(labels[~expected], algo.guess[~expected])
     assert (labels[expected][data.cand[expected] == 0] == 0).all()  # reliable targets stay on S
@@ -204,7 +183,7 @@ def test_alim_noise_rate_estimate_finds_the_low_ratio_share():
     assert estimate_noise_rate(log_ratio.exp()) == pytest.approx(0.3, abs=0.02)
 
 
-@pytest.mark.parametrize("spec", [alim_onehot.SPEC, alim_scale.SPEC], ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", alim.SPECS, ids=lambda s: s.name)
 def test_alim_sets_lambda_from_lambda_start_and_keeps_revealed_labels(spec):
     data = _data()
     fixed = _build(spec, lambda_mode="fixed", lam=0.7, lambda_start=2)
@@ -225,14 +204,14 @@ def test_alim_sets_lambda_from_lambda_start_and_keeps_revealed_labels(spec):
 
 def test_alim_resumes_exactly_with_an_adaptive_lambda():
     data = _data()
-    algo = _build(alim_scale.SPEC, lambda_start=1, warmup_epochs=1)
+    algo = _build(alim.SCALE_SPEC, lambda_start=1, warmup_epochs=1)
     for epoch in range(2):
         algo.train_epoch(data, epoch)
     assert algo.lam > 0
     buffer = io.BytesIO()
     torch.save(algo.state_dict(), buffer)
     buffer.seek(0)
-    restored = _build(alim_scale.SPEC, seed=5, lambda_start=1, warmup_epochs=1)
+    restored = _build(alim.SCALE_SPEC, seed=5, lambda_start=1, warmup_epochs=1)
     restored.load_state_dict(torch.load(buffer))
     assert algo.train_epoch(_data(seed=3), 2) == restored.train_epoch(_data(seed=3), 2)
     assert torch.equal(algo.pseudo_labels(), restored.pseudo_labels())

@@ -277,8 +277,7 @@ def test_tiny_run_on_lost_learns(tmp_path, one_thread):
     study = expand(g)[0]
     ds = load_dataset(study.cell.dataset)
     ann = annotate(ds, study.cell.annotator, cache_dir=tmp_path / "annotations")
-    config = study.trial_config({}, annotation_key=ann.key, cache_dir=str(tmp_path / "annotations"), cpus=1)
-    config["device"] = "cpu"
+    config = study.trial_config({}, annotation_key=ann.key, cache_dir=str(tmp_path / "annotations"), cpus=1, device="cpu")
     td = prepare_data(config, torch.device("cpu"))
     assert torch.equal(td.data.cand.bool().cpu(), torch.as_tensor(ds.train_cand[td.split.train]))
     assert len(td.val_x) == round(0.05 * len(ds.train_y))

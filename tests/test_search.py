@@ -34,10 +34,15 @@ def studies(asha_for_cc: bool = False):
     return expand(grid)
 
 
+RESUMED = "/checkpoints/resumed"
+
+
 def searcher(plans, storage):
     def make(study, sampled, number, resuming):
-        config = study.trial_config(sampled, annotation_key="k", cache_dir="/cache", cpus=1)
-        return {**config, "optuna_trial": number, "resuming": resuming}
+        return study.trial_config(
+            sampled, annotation_key="k", cache_dir="/cache", cpus=1, optuna_trial=number,
+            resume_checkpoint=RESUMED if resuming else None,
+        )  # fmt: skip
 
     return MultiStudySearcher(plans, make, storage)
 
@@ -82,7 +87,7 @@ def test_interrupted_trials_are_handed_out_again_with_their_parameters(tmp_path)
     again = searcher(studies(), storage)
     assert again.resumable() == 2
     resumed = [again.suggest(f"r{i}") for i in range(2)]
-    assert all(c["resuming"] for c in resumed)
+    assert all(c["resume_checkpoint"] == RESUMED for c in resumed)
     by_study = {c["study"]: c for c in resumed}
     for old in (configs["t1"], configs["t2"]):
         new = by_study[old["study"]]
@@ -112,7 +117,8 @@ def test_finished_when_every_budget_is_spent(tmp_path):
 
 
 def trial(trial_id, study):
-    return SimpleNamespace(trial_id=trial_id, config={"study": study.study_id, "training": {"epochs": 4}})
+    config = study.trial_config({}, annotation_key="k", cache_dir="/cache", cpus=1).to_config()
+    return SimpleNamespace(trial_id=trial_id, config=config)
 
 
 def test_asha_stops_bad_trials_within_a_study_only(tmp_path):

@@ -27,13 +27,13 @@ from orchestrator.student import (
     log_trial_artifacts,
 )
 from trainables.data.datasets import load_dataset
-from trainables.loop import PREDICTIONS_FILE, build_from_info, predict, run_trial
+from trainables.loop import PREDICTIONS_FILE, predict, run_trial
 from trainables.registry import ALGORITHMS
 
 EPOCHS = 3
 
 
-def tiny_config(tmp_path: Path, method: str, **params) -> dict:
+def tiny_config(tmp_path: Path, method: str, **params):
     grid = parse_grid(
         {
             "experiment": "student",
@@ -48,14 +48,13 @@ def tiny_config(tmp_path: Path, method: str, **params) -> dict:
     study = expand(grid)[0]
     dataset = load_dataset(study.cell.dataset)
     ann = annotate(dataset, study.cell.annotator, q=0.3, eta=0.3, seed=3, cache_dir=tmp_path / "annotations")
-    config = study.trial_config({}, annotation_key=ann.key, cache_dir=str(tmp_path / "annotations"), cpus=1)
-    config["device"] = "cpu"
+    config = study.trial_config({}, annotation_key=ann.key, cache_dir=str(tmp_path / "annotations"), cpus=1, device="cpu")
     return config
 
 
 @pytest.fixture(scope="module")
 def trial(tmp_path_factory, one_thread):
-    """A finished 3-epoch PRODEN trial: (config, its reported metrics per epoch, checkpoint dir, data set)."""
+    """A finished 3-epoch PRODEN trial: (its spec, its reported metrics per epoch, checkpoint dir, data set)."""
     tmp = tmp_path_factory.mktemp("student")
     config = tiny_config(tmp, "proden")
     checkpoint = tmp / "checkpoint"
@@ -171,29 +170,10 @@ def test_mlflow_models_serve_answers_with_the_trials_predictions(trial, logged, 
     assert [p["class_name"] for p in predictions] == [dataset.class_names[i] for i in trial_pred]
 
 
-def test_methods_without_parameters_get_no_student(trial, logged, monkeypatch):
-    config, _, checkpoint, dataset = trial
-    algo, _, _ = load_trained(checkpoint, dataset)
-    assert has_parameters(algo)
-    zero_shot = build_from_info(
-        {**config, "method": "zero_shot", "params": {}},
-        num_classes=10,
-        sample_shape=(1, 8, 8),
-        default_backbone="small_cnn",
-        num_samples=5,
-        device=torch.device("cpu"),
-    )  # predicts the annotator's stored probabilities: nothing trained, nothing to deploy
-    assert not has_parameters(zero_shot)
-    import orchestrator.student as student
-
-    monkeypatch.setattr(student, "load_trained", lambda *_: (zero_shot, {}, {}))
-    client = logged[0]
-    run_id = client.create_run(client.get_run(logged[1]).info.experiment_id).info.run_id
-    assert not log_student(client, run_id, checkpoint, dataset)
-    assert client.list_artifacts(run_id) == []
-
-
-def test_parameters_are_found_in_two_network_methods():
+@pytest.mark.parametrize("method", sorted(ALGORITHMS))
+def test_every_method_has_a_network_to_deploy(method):
+    """A student needs trained parameters: every registered method has them (Co-Reg's and
+    DivideMix's in their two networks), so every finished trial gets a student."""
     from trainables.api import BuildContext, TrainSettings
     from trainables.common.backbones import make_encoder
 
@@ -205,8 +185,20 @@ def test_parameters_are_found_in_two_network_methods():
         device=torch.device("cpu"),
         seed=0,
     )
-    spec = ALGORITHMS["coreg"]
+    spec = ALGORITHMS[method]
     assert has_parameters(spec.build(spec.params(), ctx))
+
+
+def test_a_method_without_parameters_is_refused_a_student(trial, logged, monkeypatch):
+    _, _, checkpoint, dataset = trial
+    import orchestrator.student as student
+
+    monkeypatch.setattr(student, "load_trained", lambda *_: (object(), {}, {"config": {"method": "none"}}))
+    client = logged[0]
+    run_id = client.create_run(client.get_run(logged[1]).info.experiment_id).info.run_id
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        log_student(client, run_id, checkpoint, dataset)
+    assert client.list_artifacts(run_id) == []
 
 
 class _Checkpoint:

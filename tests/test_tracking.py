@@ -6,36 +6,45 @@ import pytest
 from mlflow.tracking import MlflowClient
 from ray import tune
 
+from orchestrator.config import parse_grid
+from orchestrator.plan import expand
+from orchestrator.search import ListSearcher
 from orchestrator.tracking import MlflowTrialCallback, Tracker, flatten
 
 pytestmark = pytest.mark.ray
 
 
-def tags_for(config):
-    return {"method": "m", "cell": f"fail={config['fail']}"}
+def trial_specs(methods=("cc",), seeds=(0,), epochs=2) -> list:
+    """Real trial specs, one per method and seed."""
+    grid = parse_grid({"experiment": "tracking", "datasets": [{"name": "digits"}], "annotators": [{"kind": "synthetic"}],
+                       "grid": {"q": [0.3], "eta": [0.1], "seeds": list(seeds)}, "training": {"epochs": epochs},
+                       "methods": [{"name": m} for m in methods]})  # fmt: skip
+    return [s.trial_config({}, annotation_key="k", cache_dir="/c", cpus=1) for s in expand(grid)]
 
 
 def test_failed_and_finished_trials_end_with_their_status(tmp_path, ray_session):
     def trainable(config):  # defined here so that Ray pickles it by value
         for epoch in range(1, 3):
             tune.report({"epoch": epoch, "test/acc": 0.5 + 0.1 * epoch, "train/loss": 1.0 / epoch, "ignored": 1})
-        if config["fail"]:
+        if config["cell"]["seed"] == 1:
             raise RuntimeError("boom: injected failure")
 
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "tracking", (tmp_path / "art").as_uri())
     parent = tracker.start_run("sweep", {"kind": "sweep"})
-    callback = MlflowTrialCallback(tracker, parent, tags_for)
+    callback = MlflowTrialCallback(tracker, parent)
     tuner = tune.Tuner(
         trainable,
-        param_space={"fail": tune.grid_search([False, True]), "method": "m", "objective": "val/x"},
+        tune_config=tune.TuneConfig(search_alg=ListSearcher(trial_specs(seeds=(0, 1))), num_samples=2),
         run_config=tune.RunConfig(storage_path=str(tmp_path / "ray"), callbacks=[callback], verbose=0),
     )
     tuner.fit()
+    assert callback.finish() == 0  # the finished trial's learning curves were plotted
     client = MlflowClient(tracker.uri)
-    runs = {r.data.tags["cell"]: r for r in client.search_runs([tracker.experiment_id], "tags.method = 'm'")}
-    assert runs["fail=False"].info.status == "FINISHED"
-    assert runs["fail=True"].info.status == "FAILED"
-    assert "boom: injected failure" in runs["fail=True"].data.tags["error"]
+    runs = {r.data.tags["seed"]: r for r in client.search_runs([tracker.experiment_id], "tags.method = 'cc'")}
+    assert runs["0"].info.status == "FINISHED"
+    assert runs["1"].info.status == "FAILED"
+    assert "boom: injected failure" in runs["1"].data.tags["error"]
+    assert [a.path for a in client.list_artifacts(runs["0"].info.run_id, "plots")] == ["plots/learning_curves.png"]
     for run in runs.values():
         assert run.data.tags["mlflow.parentRunId"] == parent
         history = client.get_metric_history(run.info.run_id, "test/acc")
@@ -65,11 +74,12 @@ def test_console_progress_counts_and_reports_running_epochs(capsys):
 
     from orchestrator.tracking import ConsoleProgress
 
-    def trial(tid, method):
-        config = {"method": method, "objective": "val/covering_rate", "training": {"epochs": 30}}
-        return SimpleNamespace(trial_id=tid, config=config, last_result={}, error_file=None)
+    configs = {s.method: s.to_config() for s in trial_specs(methods=("coreg", "cc"), epochs=30)}
 
-    progress = ConsoleProgress(total=3, label_for=lambda c: c["method"], every_s=0.0)
+    def trial(tid, method):
+        return SimpleNamespace(trial_id=tid, config=configs[method], last_result={}, error_file=None)
+
+    progress = ConsoleProgress(total=3, label_for=lambda spec: spec.method, every_s=0.0)
     a, b = trial("a", "coreg"), trial("b", "cc")
     progress.on_trial_start(0, [], a)
     progress.on_trial_result(0, [], a, {"epoch": 4})
@@ -81,7 +91,7 @@ def test_console_progress_counts_and_reports_running_epochs(capsys):
     out = capsys.readouterr().out.splitlines()
     assert out == ["[trials 1 done, 0 failed, 1 running, 1 pending] coreg: finished after 30 epochs "
                    "(test/acc=0.9000, val/covering_rate=0.8000)"]
-    quiet = ConsoleProgress(total=1, label_for=lambda c: c["method"], every_s=3600.0)
+    quiet = ConsoleProgress(total=1, label_for=lambda spec: spec.method, every_s=3600.0)
     quiet.on_trial_result(0, [], a, {"epoch": 1})
     assert capsys.readouterr().out == ""
 
@@ -92,7 +102,8 @@ def test_the_sweep_run_records_its_storage_as_an_absolute_path(tmp_path, monkeyp
     import json
     from pathlib import Path
 
-    from orchestrator.config import parse_grid, signature
+    from orchestrator.config import parse_grid
+    from trainables.data.spec import signature
     from orchestrator.sweep import open_sweep_run
 
     monkeypatch.chdir(tmp_path)
@@ -104,3 +115,14 @@ def test_the_sweep_run_records_its_storage_as_an_absolute_path(tmp_path, monkeyp
     stored = json.loads(Path(tracker.client.download_artifacts(parent, "grid_resolved.json", str(tmp_path))).read_text())
     assert not resumed and stored["storage"] == str(tmp_path / "results")
     assert parse_grid(stored).storage_path == tmp_path / "results"
+
+
+def test_a_resolved_config_of_an_earlier_version_reads_back_with_its_signature():
+    """``resolved_config.json`` as earlier drivers wrote it (a plain dict, ``signature`` included;
+    the oldest without ``label``): reruns and students read it as a TrialSpec."""
+    from orchestrator.plan import trial_spec
+
+    spec = trial_specs()[0].replace(optuna_trial=3)
+    old = {k: v for k, v in spec.to_config().items() if v is not None and k not in ("label", "device")}
+    read = trial_spec(old)
+    assert read == spec and read.signature == spec.signature == old["signature"]

@@ -17,9 +17,11 @@ accuracy beside the ensemble's.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol, runtime_checkable
+from functools import partial
+from typing import Annotated, Any, Callable, Iterator, Literal, Protocol, runtime_checkable
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
 from trainables.data.annotation import Target
@@ -27,25 +29,29 @@ from trainables.data.annotation import Target
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Optimisation settings shared by every method (grid.yaml ``training:``, overridable per method)."""
+    """Optimisation settings shared by every method (grid.yaml ``training:``, overridable per method).
 
-    epochs: int = 30
+    The types carry the allowed ranges and values: the grid's ``training:`` schema and rerun's
+    ``--set`` are both derived from them (``orchestrator/config.py``), so a value is checked the same
+    way wherever it enters."""
+
+    epochs: Annotated[int, Field(ge=1)] = 30
     """Total training epochs (warm-up included)."""
-    batch_size: int = 64
+    batch_size: Annotated[int, Field(ge=2)] = 64
     """Mini-batch size (the papers use 256 on CIFAR)."""
-    lr: float = 0.05
+    lr: Annotated[float, Field(gt=0.0)] = 0.05
     """Initial learning rate of SGD."""
-    momentum: float = 0.9
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
     """SGD momentum."""
-    weight_decay: float = 5e-4
+    weight_decay: Annotated[float, Field(ge=0.0)] = 5e-4
     """L2 weight decay."""
-    scheduler: str = "cosine"
+    scheduler: Literal["cosine", "constant"] = "cosine"
     """Learning-rate schedule: ``cosine`` (decay to 0 over ``epochs``) or ``constant``."""
-    backbone: str = "auto"
+    backbone: Literal["auto", "preact_resnet18", "small_cnn", "mlp"] = "auto"
     """Backbone name (``preact_resnet18``, ``small_cnn``, ``mlp``) or ``auto`` (the dataset's default)."""
-    val_fraction: float = 0.1
+    val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
     """Fraction of the training pool held out (with candidate labels only) for the label-free objective."""
-    checkpoint_every: int = 1
+    checkpoint_every: Annotated[int, Field(ge=1)] = 1
     """Save a Tune checkpoint every this many epochs (and always at the last one)."""
 
 
@@ -199,3 +205,13 @@ class AlgorithmSpec:
         if isinstance(params, dict):
             params = self.params(**params)
         return Target(self.consumes_when(params))
+
+
+def _starred_target(single: Target, params: Any) -> Target:
+    return single.averaged if params.starred else single
+
+
+def starred_variant(single: Target) -> Callable[[Any], Target]:
+    """``consumes_when`` of a method with a starred row (``params.starred``): the template average of
+    ``single`` when starred (KD*, DivideMix*), ``single`` otherwise."""
+    return partial(_starred_target, single)

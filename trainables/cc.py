@@ -29,10 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainables.api import AlgorithmSpec, BuildContext, TrainData
-from trainables.common.batches import train_batches
+from trainables.api import AlgorithmSpec, BuildContext, Target, TrainData
 from trainables.common.losses import partial_ce
-from trainables.common.single_net import SingleNet
+from trainables.common.single_net import SingleNet, fit_epoch, training_view
 from trainables.common.targets import restrict_to_candidates
 
 
@@ -46,25 +45,17 @@ class CC:
     def __init__(self, params: CCParams, ctx: BuildContext):
         self.params = params
         self.model = SingleNet(ctx)
-        self.net, self.batch_size = self.model.net, self.model.batch_size
         self.probs = torch.full((ctx.num_samples, ctx.num_classes), 1.0 / ctx.num_classes, device=ctx.device)
         """(N, C) latest prediction of each sample restricted to S (for reporting only)."""
 
     def train_epoch(self, data: TrainData, epoch: int) -> dict[str, float]:
-        self.net.train()
-        view = data.views.weak if self.params.augment else data.views.plain
-        total, steps = 0.0, 0
-        for idx in train_batches(data, self.batch_size):
-            cand = data.cand[idx]  # (B, C)
-            logits = self.net(view(data.x[idx]))  # (B, C)
-            loss = partial_ce(logits, cand).mean()
+        return fit_epoch(self.model, data, lambda idx: self.train_step(data, idx))
 
-            self.model.step(loss)
-
-            self.probs[idx] = restrict_to_candidates(F.softmax(logits.detach(), dim=1), cand)
-            total, steps = total + loss.item(), steps + 1
-        lr = self.model.end_epoch()
-        return {"train/loss": total / max(steps, 1), "train/lr": lr}
+    def train_step(self, data: TrainData, idx: Tensor) -> dict[str, Tensor]:
+        cand = data.cand[idx]  # (B, C)
+        logits = self.model.net(training_view(data, self.params.augment)(data.x[idx]))  # (B, C)
+        self.probs[idx] = restrict_to_candidates(F.softmax(logits.detach(), dim=1), cand)  # reported only
+        return {"loss": partial_ce(logits, cand).mean()}  # -log sum_{j in S} p_j
 
     def predict(self, x: Tensor) -> Tensor:
         return self.model.predict(x)
@@ -90,6 +81,6 @@ SPEC = AlgorithmSpec(
     name="cc",
     params=CCParams,
     build=CC,
-    consumes="cand",
+    consumes=Target.CAND,
     description="CC (Feng et al. 2020): -log of the predicted probability mass on the candidate set.",
 )

@@ -6,9 +6,9 @@ IV), and "Pre-Trained Vision-Language Models as Noisy Partial Annotators", AAAI 
 Reference code: github.com/Portugas0807/Co-Reg (``train.py``, ``model.py``,
 ``contrastive_modules.py``, ``utils/utils_loss.py``, ``utils/utils_algo.py``, ``datasets/*.py``).
 
-Two networks A and B, each with a classifier, a projection head, a momentum key network and a MoCo
-queue; one prototype table shared by both. Epochs before ``warmup_epochs`` train each net with
-partial cross-entropy plus negative entropy (Eq. 1-3). Every later epoch:
+Two networks A and B (``common/two_net.TwoNets``), each with a classifier, a projection head, a momentum key
+network and a MoCo queue; one prototype table shared by both. Epochs before ``warmup_epochs`` train each net
+with partial cross-entropy plus negative entropy (Eq. 1-3). Every later epoch:
 
 1. Division: each net scores every sample with L_div = -log max_{j in S} p_j on a weak view
    (Eq. 4); a 2-component GMM turns the scores into a clean probability w; P = {w > tau_div}, U = rest.
@@ -38,8 +38,8 @@ Implementation details / deviations:
    the paper prints: ``lambda_u`` absorbs the factor 1/C. The U weight of Eq. 9 ramps linearly from
    0 to ``lambda_u`` over ``rampup_epochs`` after warm-up, per iteration; the U weight of Eq. 10 is
    ``lambda_u`` without ramp (reference ``ProtConLoss``).
-6. MixUp mixes [P_s1, P_s2, U_s1, U_s2] with one random permutation; each position keeps the loss
-   type (CE/MSE, KL/MSE) of its first input, as in the reference. Eq. 10's KL uses the mixed target;
+6. MixUp (``mixup.mixmatch``) mixes [P_s1, P_s2, U_s1, U_s2] with one random permutation; each position keeps
+   the loss type (CE/MSE, KL/MSE) of its first input, as in the reference. Eq. 10's KL uses the mixed target;
    the reference's l KL(t_a) + (1 - l) KL(t_b) differs by a constant only (same gradient).
 7. Prototypes (Eq. 11): weak-view embeddings of P samples of the net being trained, indexed by the
    argmax of the sharpened P target, EMA then L2-normalised after each batch (vectorised; the
@@ -64,7 +64,6 @@ Implementation details / deviations:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -72,20 +71,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainables.api import AlgorithmSpec, BuildContext, TrainData
-from trainables.common.batches import cycle_batches, train_batches
+from trainables.api import AlgorithmSpec, BuildContext, Target, TrainData
+from trainables.common.batches import split_batches
 from trainables.common.gmm import clean_set, divide, division_pass
-from trainables.common.losses import (
-    kl_div, max_candidate_nll, mean_or_zero, neg_entropy, noisy_supcon_loss, partial_ce, soft_ce, squared_error,
-)  # fmt: skip
+from trainables.common.losses import kl_div, max_candidate_nll, mean_or_zero, neg_entropy, noisy_supcon_loss
+from trainables.common.losses import partial_ce, squared_error
 from trainables.common.metrics import MeanMeter
-from trainables.common.mixup import mixup, sample_mix_lambda
+from trainables.common.mixup import mixmatch, mixmatch_losses
 from trainables.common.moco import KeyQueue, copy_into_key_net, make_key_net, momentum_update
-from trainables.common.nets import Net, seeded
-from trainables.common.optim import make_optimizer
 from trainables.common.prototypes import ema_update_prototypes, prototype_logits
 from trainables.common.schedules import linear_ramp
-from trainables.common.targets import distribution_alignment, restrict_to_candidates, sharpen
+from trainables.common.targets import co_guess, co_refine, distribution_alignment, restrict_to_candidates
+from trainables.common.two_net import CoTrainedPair, TwoNets, labeled_fraction, load_per_net, per_net_state
 
 
 @dataclass(frozen=True)
@@ -149,30 +146,18 @@ class CoRegParams:
 
 def partial_set_targets(w: Tensor, peer_probs: Tensor, cand: Tensor, own_probs: Tensor, T: float) -> Tensor:
     """Targets for x in P: Eq. 5 (restrict the peer to S), Eq. 7 (fuse with weight w), Eq. 8 (sharpen).  # (B, C)"""
-    peer_on_s = restrict_to_candidates(peer_probs, cand)  # Eq. 5
-    fused = w[:, None] * peer_on_s + (1.0 - w[:, None]) * own_probs  # Eq. 7, x in P
-    return sharpen(fused, T)  # Eq. 8
+    return co_refine(w, restrict_to_candidates(peer_probs, cand), own_probs, T)
 
 
-def unlabeled_set_targets(probs_per_view: list[Tensor], T: float) -> Tensor:
-    """Targets for x in U: mean of the given softmax outputs (Eq. 6-7, x in U), sharpened (Eq. 8).  # (B, C)"""
-    return sharpen(torch.stack(probs_per_view).mean(dim=0), T)
-
-
-class CoReg:
+class CoReg(CoTrainedPair):
     def __init__(self, params: CoRegParams, ctx: BuildContext):
         p = self.params = params
         n, c, device = ctx.num_samples, ctx.num_classes, ctx.device
         self.batch_size, self.seed = ctx.train.batch_size, ctx.seed
-        with seeded(ctx.seed):
-            self.net_a = Net(ctx.make_encoder(), c, p.proj_dim).to(device)
-            self.net_b = Net(ctx.make_encoder(), c, p.proj_dim).to(device)
-        self.nets = (self.net_a, self.net_b)
-        self.key_nets = tuple(make_key_net(net) for net in self.nets)
-        self.queues = tuple(KeyQueue(p.queue_size, p.proj_dim).to(device) for _ in self.nets)
         period, floor = (p.cosine_period, 1e-3) if p.cosine_period else (ctx.train.epochs, 0.0)
-        optim = [make_optimizer(net.parameters(), ctx.train, period, eta_min_ratio=floor) for net in self.nets]
-        self.optimizers, self.schedulers = tuple(o for o, _ in optim), tuple(s for _, s in optim)
+        self.pair = TwoNets(ctx, proj_dim=p.proj_dim, period=period, eta_min_ratio=floor)  # nets A and B
+        self.key_nets = tuple(make_key_net(net) for net in self.pair.nets)
+        self.queues = tuple(KeyQueue(p.queue_size, p.proj_dim).to(device) for _ in self.pair.nets)
         self.prototypes = torch.zeros(c, p.proj_dim, device=device)  # (C, D), shared by both nets
         # per-sample state, indexed [net, sample]
         self.div_history = torch.zeros(2, p.loss_history, n, device=device)  # normalised L_div, ring buffer
@@ -184,12 +169,11 @@ class CoReg:
 
     def train_epoch(self, data: TrainData, epoch: int) -> dict[str, float]:
         p = self.params
-        lr = self.optimizers[0].param_groups[0]["lr"]
         if epoch < p.warmup_epochs:
             meter = self._warmup_epoch(data)
         else:
             if p.reset_key_each_epoch:
-                for key_net, net in zip(self.key_nets, self.nets):
+                for key_net, net in zip(self.key_nets, self.pair.nets):
                     copy_into_key_net(key_net, net)
             aligned = [self._divide(i, data) for i in (0, 1)]
             self.div_epochs += 1
@@ -198,29 +182,10 @@ class CoReg:
                 src = 1 - me if p.co_pseudo_label else me
                 in_p = clean_set(self.w[src], data.trusted, p.tau_div)  # P
                 meter.update(self._train_net(me, data, epoch, in_p=in_p, w=self.w[src], split_probs=aligned[src]))
-        for scheduler in self.schedulers:
-            scheduler.step()
-        return {**meter.means("train/"), "train/lr": lr}
-
-    @torch.no_grad()
-    def predict_nets(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Logits of net A and net B (B, C) each, for plain-view inputs."""
-        self.net_a.eval()
-        self.net_b.eval()
-        return self.net_a(x), self.net_b(x)
-
-    @torch.no_grad()
-    def predict(self, x: Tensor) -> Tensor:
-        logits_a, logits_b = self.predict_nets(x)
-        return logits_a + logits_b
-
-    def pseudo_labels(self) -> Tensor:
-        return self.targets.mean(dim=0)
+        return {**meter.means("train/"), "train/lr": self.pair.end_epoch()}
 
     def clean_mask(self) -> Tensor | None:
-        if self.div_epochs == 0:
-            return None
-        return (self.w > self.params.tau_div).any(dim=0)
+        return (self.w > self.params.tau_div).any(dim=0) if self.div_epochs else None
 
     # -- one epoch ------------------------------------------------------------------------------
 
@@ -229,27 +194,21 @@ class CoReg:
         p, meter = self.params, MeanMeter()
         batch_size = 2 * self.batch_size if p.reference_warmup else self.batch_size
         view = data.views.strong if p.reference_warmup else data.views.weak
-        for i, (net, optimizer) in enumerate(zip(self.nets, self.optimizers)):
-            net.train()
-            for idx in train_batches(data, batch_size):
-                cand = data.cand[idx]  # (B, C)
-                logits = net(view(data.x[idx]))  # (B, C)
-                loss_sup = partial_ce(logits, cand).mean()  # Eq. 1
-                loss_neg = neg_entropy(logits).mean()  # Eq. 2
-                loss = loss_sup + p.neg_entropy_weight * loss_neg  # Eq. 3
-
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-
-                self.targets[i, idx] = restrict_to_candidates(F.softmax(logits.detach(), dim=1), cand)
-                meter.add(loss=loss, loss_sup=loss_sup, loss_neg=loss_neg)
+        for i, net, idx in self.pair.warmup_batches(data, batch_size):
+            cand = data.cand[idx]  # (B, C)
+            logits = net(view(data.x[idx]))  # (B, C)
+            loss_sup = partial_ce(logits, cand).mean()  # Eq. 1
+            loss_neg = neg_entropy(logits).mean()  # Eq. 2
+            loss = loss_sup + p.neg_entropy_weight * loss_neg  # Eq. 3
+            self.pair.step(i, loss)
+            self.targets[i, idx] = restrict_to_candidates(F.softmax(logits.detach(), dim=1), cand)
+            meter.add(loss=loss, loss_sup=loss_sup, loss_neg=loss_neg)
         return meter
 
     @torch.no_grad()
     def _divide(self, i: int, data: TrainData) -> Tensor:
         """Division loss of net i (Eq. 4), GMM -> clean probability self.w[i]. Returns its predictions (N, C)."""
-        probs = division_pass(self.nets[i], data, data.views.weak, lambda logits, idx: F.softmax(logits, dim=1))
+        probs = division_pass(self.pair.nets[i], data, data.views.weak, lambda logits, idx: F.softmax(logits, dim=1))
         if self.params.distribution_alignment:
             probs = distribution_alignment(probs, probs.mean(dim=0))  # (N, C)
         losses = max_candidate_nll(probs, data.cand)  # (N,) Eq. 4
@@ -261,96 +220,95 @@ class CoReg:
     ) -> MeanMeter:
         """One epoch of net ``me`` on the split ``in_p`` with clean probabilities ``w`` and split-maker predictions."""
         p, meter = self.params, MeanMeter()
-        net, peer = self.nets[me], self.nets[1 - me]
-        key_net, queue, optimizer = self.key_nets[me], self.queues[me], self.optimizers[me]
-        net.train()
-        peer.eval()
-        key_net.train()
-        label_nets = (net, peer) if p.co_pseudo_label else (net,)
-        p_idx = in_p.nonzero().flatten()
-        u_idx = (~in_p).nonzero().flatten() if p.use_unlabeled else p_idx[:0]
-        u_batches = cycle_batches(data, self.batch_size, u_idx)
-        num_iters = max(math.ceil(len(p_idx) / self.batch_size), 1)
-        representation_terms = epoch - p.warmup_epochs >= p.contrastive_start
-        meter.add(**{f"p_fraction_{'ab'[me]}": in_p.float().mean()})
-
-        for it, idx_x in enumerate(train_batches(data, self.batch_size, p_idx)):
-            idx_u = next(u_batches)
-            x_x, x_u = data.x[idx_x], data.x[idx_u]
-            n_x = len(idx_x)
-
-            # Co-pseudo-labelling (Eq. 5-8)
-            with torch.no_grad():
-                weak_x = [net.forward_with_embedding(data.views.weak(x_x)) for _ in range(p.num_weak_views)]
-                own_x = torch.stack([F.softmax(logits, dim=1) for logits, _ in weak_x]).mean(dim=0)  # (Bx, C)
-                z_x_w = weak_x[0][1]  # (Bx, D), moves the prototypes (Eq. 11)
-                targets_x = partial_set_targets(w[idx_x], split_probs[idx_x], data.cand[idx_x], own_x, p.T)
-                views_u = [data.views.weak(x_u) for _ in range(p.num_weak_views)]
-                targets_u = unlabeled_set_targets([F.softmax(m(v), dim=1) for m in label_nets for v in views_u], p.T)
-            self.targets[me, idx_x] = targets_x
-            self.targets[me, idx_u] = targets_u
-
-            # Self-training on mixed strong views (Eq. 9, 14-17)
-            x_s1, x_s2 = data.views.strong(x_x), data.views.strong(x_x)
-            u_s1, u_s2 = data.views.strong(x_u), data.views.strong(x_u)
-            inputs = torch.cat([x_s1, x_s2, u_s1, u_s2])
-            targets = torch.cat([targets_x, targets_x, targets_u, targets_u])
-            lam = sample_mix_lambda(p.mix_alpha, data.generator)
-            perm = torch.randperm(len(inputs), generator=data.generator).to(inputs.device)
-            mixed_inputs, mixed_targets = mixup(inputs, targets, lam, perm)
-            logits, z = net.forward_with_embedding(mixed_inputs)  # (2Bx + 2Bu, C), (2Bx + 2Bu, D)
-            in_x = slice(0, 2 * n_x)
-            in_u = slice(2 * n_x, None)
-            loss_sup = soft_ce(logits[in_x], mixed_targets[in_x]).mean()  # Eq. 9, x in P
-            loss_u = mean_or_zero(squared_error(F.softmax(logits[in_u], dim=1), mixed_targets[in_u]))  # Eq. 9, U
-            u_weight = p.lambda_u * linear_ramp(epoch + it / num_iters - p.warmup_epochs, p.rampup_epochs)
-
-            # Prototypical similarity alignment (Eq. 10-11)
-            loss_prot = logits.new_zeros(())
-            if p.prototypes:
-                pseudo_x = targets_x.argmax(dim=1)  # (Bx,)
-                self.prototypes = ema_update_prototypes(self.prototypes, z_x_w, pseudo_x, p.proto_momentum)  # Eq. 11
-                sim = prototype_logits(z, self.prototypes, p.proto_temperature)  # (2Bx + 2Bu, C)
-                loss_prot_x = kl_div(F.log_softmax(sim[in_x], dim=1), mixed_targets[in_x]).mean()  # Eq. 10, P
-                loss_prot_u = mean_or_zero(squared_error(F.softmax(sim[in_u], dim=1), mixed_targets[in_u]))  # Eq. 10, U
-                loss_prot = loss_prot_x + p.lambda_u * loss_prot_u
-
-            # Noisy supervised contrastive learning (Eq. 12)
-            loss_cont = logits.new_zeros(())
-            if p.contrastive != "off":
-                labels = torch.cat([targets_x, targets_u]).argmax(dim=1)  # (Bx + Bu,)
-                confident = torch.arange(len(labels), device=labels.device) < n_x  # in P
-                with torch.no_grad():
-                    momentum_update(key_net, net, p.moco_momentum)
-                    _, k = key_net.forward_with_embedding(torch.cat([x_s2, u_s2]))  # (Bx + Bu, D)
-                if representation_terms:
-                    _, q = net.forward_with_embedding(torch.cat([x_s1, u_s1]))  # (Bx + Bu, D)
-                    queue_keys, queue_labels, queue_confident = queue.contents()
-                    loss_cont = noisy_supcon_loss(
-                        q, k, queue_keys, labels, confident, queue_labels, queue_confident,
-                        temperature=p.cont_temperature, mode=p.contrastive,
-                    )  # fmt: skip
-                queue.enqueue(k, labels, confident)
-
-            beta1, beta2 = (p.beta1, p.beta2) if representation_terms else (0.0, 0.0)
-            loss = loss_sup + u_weight * loss_u + beta1 * loss_prot + beta2 * loss_cont  # Eq. 13
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-            meter.add(loss=loss, loss_sup=loss_sup)
-            if p.use_unlabeled:
-                meter.add(loss_u=loss_u, u_weight=u_weight)
-            if p.prototypes:
-                meter.add(loss_prot=loss_prot)
-            if representation_terms and p.contrastive != "off":
-                meter.add(loss_cont=loss_cont)
+        meter.add(**labeled_fraction(me, in_p))
+        self.pair.train_against(me)
+        self.key_nets[me].train()
+        representation = epoch - p.warmup_epochs >= p.contrastive_start  # the beta1, beta2 terms are on
+        for idx_x, idx_u, done in split_batches(data, self.batch_size, in_p, use_unlabeled=p.use_unlabeled):
+            u_weight = p.lambda_u * linear_ramp(epoch + done - p.warmup_epochs, p.rampup_epochs)
+            meter.add(**self._train_step(me, data, idx_x, idx_u, w, split_probs, u_weight, representation))
         return meter
+
+    @torch.no_grad()
+    def _co_pseudo_labels(
+        self, me: int, data: TrainData, idx_x: Tensor, idx_u: Tensor, w_x: Tensor, split_probs_x: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Targets for P (Eq. 5, 7, 8) and U (Eq. 6-8), and the weak-view embeddings of P (for Eq. 11)."""
+        p, net = self.params, self.pair.nets[me]
+        label_nets = (net, self.pair.nets[1 - me]) if p.co_pseudo_label else (net,)
+        weak_x = [net.forward_with_embedding(data.views.weak(data.x[idx_x])) for _ in range(p.num_weak_views)]
+        own_x = torch.stack([F.softmax(logits, dim=1) for logits, _ in weak_x]).mean(dim=0)  # (Bx, C)
+        targets_x = partial_set_targets(w_x, split_probs_x, data.cand[idx_x], own_x, p.T)
+        views_u = [data.views.weak(data.x[idx_u]) for _ in range(p.num_weak_views)]
+        targets_u = co_guess([F.softmax(m(v), dim=1) for m in label_nets for v in views_u], p.T)
+        return targets_x, targets_u, weak_x[0][1]
+
+    def _train_step(
+        self, me: int, data: TrainData, idx_x: Tensor, idx_u: Tensor, w: Tensor, split_probs: Tensor,
+        u_weight: float, representation: bool,
+    ) -> dict[str, Tensor | float]:  # fmt: skip
+        """Eq. 5-13 on a batch of P and one of U, then one step of net ``me``; returns what to report."""
+        p, net = self.params, self.pair.nets[me]
+        targets_x, targets_u, z_x_w = self._co_pseudo_labels(me, data, idx_x, idx_u, w[idx_x], split_probs[idx_x])
+        self.targets[me, idx_x], self.targets[me, idx_u] = targets_x, targets_u
+        # self-training on mixed strong views (Eq. 9, 14-17)
+        x_s1, x_s2 = data.views.strong(data.x[idx_x]), data.views.strong(data.x[idx_x])
+        u_s1, u_s2 = data.views.strong(data.x[idx_u]), data.views.strong(data.x[idx_u])
+        mixed_inputs, mixed = mixmatch((x_s1, x_s2), (u_s1, u_s2), targets_x, targets_u, p.mix_alpha, data.generator)
+        logits, z = net.forward_with_embedding(mixed_inputs)  # (2Bx + 2Bu, C), (2Bx + 2Bu, D)
+        n_x = 2 * len(idx_x)
+        loss_x, loss_u = mixmatch_losses(logits, mixed, n_x)  # Eq. 9: CE on P, MSE on U
+        report = {"loss_x": loss_x, "loss_u": loss_u, "u_weight": u_weight} if p.use_unlabeled else {"loss_x": loss_x}
+        loss_prot = loss_cont = logits.new_zeros(())
+        if p.prototypes:
+            loss_prot = report["loss_prot"] = self._prototype_alignment(z, z_x_w, targets_x, mixed, n_x)  # Eq. 10-11
+        if p.contrastive != "off":
+            loss_cont = self._noisy_contrastive(me, (x_s1, u_s1), (x_s2, u_s2), targets_x, targets_u, representation)
+            if representation:
+                report["loss_cont"] = loss_cont
+        beta1, beta2 = (p.beta1, p.beta2) if representation else (0.0, 0.0)
+        loss = loss_x + u_weight * loss_u + beta1 * loss_prot + beta2 * loss_cont  # Eq. 13
+        self.pair.step(me, loss)
+        return {"loss": loss, **report}
+
+    def _prototype_alignment(self, z: Tensor, z_x_w: Tensor, targets_x: Tensor, mixed: Tensor, n_x: int) -> Tensor:
+        """Eq. 11 (prototype EMA from P's weak views), then Eq. 10: KL on the P part, MSE on the U part. Scalar."""
+        p = self.params
+        self.prototypes = ema_update_prototypes(self.prototypes, z_x_w, targets_x.argmax(dim=1), p.proto_momentum)
+        sim = prototype_logits(z, self.prototypes, p.proto_temperature)  # (2Bx + 2Bu, C)
+        loss_prot_x = kl_div(F.log_softmax(sim[:n_x], dim=1), mixed[:n_x]).mean()  # Eq. 10, P
+        loss_prot_u = mean_or_zero(squared_error(F.softmax(sim[n_x:], dim=1), mixed[n_x:]))  # Eq. 10, U
+        return loss_prot_x + p.lambda_u * loss_prot_u
+
+    def _noisy_contrastive(
+        self, me: int, queries: tuple[Tensor, Tensor], keys: tuple[Tensor, Tensor],
+        targets_x: Tensor, targets_u: Tensor, representation: bool,
+    ) -> Tensor:  # fmt: skip
+        """Eq. 12: strong view 1 (queries) against view 2 through the key net and the queue; queues the keys."""
+        p, net, key_net, queue = self.params, self.pair.nets[me], self.key_nets[me], self.queues[me]
+        labels = torch.cat([targets_x, targets_u]).argmax(dim=1)  # (Bx + Bu,)
+        confident = torch.arange(len(labels), device=labels.device) < len(targets_x)  # in P
+        with torch.no_grad():
+            momentum_update(key_net, net, p.moco_momentum)
+            _, k = key_net.forward_with_embedding(torch.cat(keys))  # (Bx + Bu, D)
+        loss_cont = k.new_zeros(())
+        if representation:
+            _, q = net.forward_with_embedding(torch.cat(queries))  # (Bx + Bu, D)
+            queue_keys, queue_labels, queue_confident = queue.contents()
+            loss_cont = noisy_supcon_loss(
+                q, k, queue_keys, labels, confident, queue_labels, queue_confident,
+                temperature=p.cont_temperature, mode=p.contrastive,
+            )  # fmt: skip
+        queue.enqueue(k, labels, confident)
+        return loss_cont
 
     # -- checkpoints ----------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {
+        return {
+            **self.pair.state_dict(),
+            **per_net_state("key_net", self.key_nets),
+            **per_net_state("queue", self.queues),
             "prototypes": self.prototypes.clone(),
             "div_history": self.div_history.clone(),
             "div_epochs": self.div_epochs,
@@ -358,21 +316,11 @@ class CoReg:
             "w": self.w.clone(),
             "targets": self.targets.clone(),
         }
-        for i, s in enumerate("ab"):
-            state[f"net_{s}"] = self.nets[i].state_dict()
-            state[f"key_net_{s}"] = self.key_nets[i].state_dict()
-            state[f"queue_{s}"] = self.queues[i].state_dict()
-            state[f"optimizer_{s}"] = self.optimizers[i].state_dict()
-            state[f"scheduler_{s}"] = self.schedulers[i].state_dict()
-        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for i, s in enumerate("ab"):
-            self.nets[i].load_state_dict(state[f"net_{s}"])
-            self.key_nets[i].load_state_dict(state[f"key_net_{s}"])
-            self.queues[i].load_state_dict(state[f"queue_{s}"])
-            self.optimizers[i].load_state_dict(state[f"optimizer_{s}"])
-            self.schedulers[i].load_state_dict(state[f"scheduler_{s}"])
+        self.pair.load_state_dict(state)
+        load_per_net(state, "key_net", self.key_nets)
+        load_per_net(state, "queue", self.queues)
         self.prototypes.copy_(state["prototypes"])
         self.div_history.copy_(state["div_history"])
         self.div_epochs = int(state["div_epochs"])
@@ -385,13 +333,9 @@ SPEC = AlgorithmSpec(
     name="coreg",
     params=CoRegParams,
     build=CoReg,
-    consumes="cand",
-    ablations={
-        "no_co_pseudo_label": {"co_pseudo_label": False},
-        "supcon": {"contrastive": "supcon"},
-        "no_prototypes": {"prototypes": False},
-        "no_unlabeled": {"use_unlabeled": False},
-        "no_noisy_contrastive": {"contrastive": "off"},
-    },
+    consumes=Target.CAND,
+    ablations={"no_co_pseudo_label": {"co_pseudo_label": False}, "supcon": {"contrastive": "supcon"},
+               "no_prototypes": {"prototypes": False}, "no_unlabeled": {"use_unlabeled": False},
+               "no_noisy_contrastive": {"contrastive": "off"}},  # fmt: skip
     description="Co-Reg (Wang et al. 2025): two nets, co-pseudo-labelling, prototype alignment, noisy contrastive.",
 )

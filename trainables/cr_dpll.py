@@ -10,10 +10,11 @@ augmentations. The loss is
 
     L = lambda(t) * sum_{v=0..2} KL(conf || p_v)  +  ( -sum_{j not in S} log(1 - p_0j) ),
 
-a consistency term pulling every view towards the shared confidence, and a supervised term pushing
-the probability of every non-candidate label to zero. lambda(t) = lam * min(t / T', 1) ramps up
-linearly in the epoch t. After the optimiser step the batch's confidences become the normalised
-geometric mean of the three views' predictions restricted to S:
+a consistency term (``train/loss_consistency``) pulling every view towards the shared confidence,
+and a supervised term (``train/loss_supervised``) pushing the probability of every non-candidate
+label to zero. lambda(t) = lam * min(t / T', 1) ramps up linearly in the epoch t. Each batch's
+confidences then become the normalised geometric mean of the three views' predictions restricted
+to S:
 conf_j = 1[j in S] prod_v p_vj^(1/3) / sum_{k in S} prod_v p_vk^(1/3) (no moving average).
 
 Implementation details / deviations:
@@ -42,18 +43,16 @@ Implementation details / deviations:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainables.api import AlgorithmSpec, BuildContext, TrainData
-from trainables.common.batches import train_batches
-from trainables.common.confidence import CandidateConfidence, geometric_mean_on_candidates
+from trainables.api import AlgorithmSpec, BuildContext, Target, TrainData
+from trainables.common.confidence import CandidateConfidence, ConfidenceTableMethod, geometric_mean_on_candidates
 from trainables.common.losses import kl_div
 from trainables.common.schedules import linear_ramp
-from trainables.common.single_net import SingleNet
+from trainables.common.single_net import SingleNet, fit_epoch
 
 NON_CANDIDATE_EPS = 1e-7
 """The reference's ``log(1.0000001 - p)``: keeps the log finite when p reaches 1."""
@@ -73,14 +72,13 @@ class CRDPLLParams:
     """T' as a fraction of ``training.epochs``: the weight grows linearly from 0 over these epochs."""
 
 
-class CRDPLL:
+class CRDPLL(ConfidenceTableMethod):
     def __init__(self, params: CRDPLLParams, ctx: BuildContext):
         self.params = params
         self.model = SingleNet(ctx)
-        self.net, self.batch_size = self.model.net, self.model.batch_size
         self.rampup_epochs = params.rampup_fraction * ctx.train.epochs
         self.conf = CandidateConfidence(ctx.num_samples, ctx.num_classes, ctx.device)
-        """(N, C) confidences; set uniform on S by the first epoch (the candidate sets come with the data)."""
+        """(N, C) the confidence all three views are pulled towards; uniform on S at the first epoch's start."""
 
     def consistency_weight(self, epoch: int) -> float:
         """lambda(t) = lam * min(t / T', 1)."""
@@ -88,52 +86,30 @@ class CRDPLL:
 
     def train_epoch(self, data: TrainData, epoch: int) -> dict[str, float]:
         self.conf.start(data.cand)
-        self.net.train()
         lam = self.consistency_weight(epoch)
+        metrics = fit_epoch(self.model, data, lambda idx: self.train_step(data, idx, lam))
+        return {**metrics, "train/lambda": lam}
+
+    def train_step(self, data: TrainData, idx: Tensor, lam: float) -> dict[str, Tensor]:
+        x, cand, conf = data.x[idx], data.cand[idx], self.conf[idx]
         views = (data.views.weak, data.views.strong, data.views.strong)
-        sums = {"loss": 0.0, "consistency": 0.0, "supervised": 0.0}
-        steps = 0
-        for idx in train_batches(data, self.batch_size):
-            x, cand, conf = data.x[idx], data.cand[idx], self.conf[idx]
-            logits = torch.stack([self.net(view(x)) for view in views])  # (3, B, C): original, strong 1, strong 2
-            log_probs = F.log_softmax(logits, dim=2)
+        logits = torch.stack([self.model.net(view(x)) for view in views])  # (3, B, C): original, strong 1, strong 2
+        log_probs = F.log_softmax(logits, dim=2)
 
-            consistency = sum(kl_div(log_probs[v], conf).mean() for v in range(len(views)))
-            supervised = non_candidate_nll(logits[0], cand).mean()
-            loss = lam * consistency + supervised
+        consistency = sum(kl_div(log_probs[v], conf).mean() for v in range(len(views)))
+        supervised = non_candidate_nll(logits[0], cand).mean()
+        loss = lam * consistency + supervised
 
-            self.model.step(loss)
+        # confidence = normalised geometric mean of the three views on S (no moving average)
+        self.conf[idx] = geometric_mean_on_candidates(log_probs.detach().exp(), cand)
+        return {"loss": loss, "loss_consistency": consistency, "loss_supervised": supervised}
 
-            # confidence = normalised geometric mean of the three views on S (no moving average)
-            self.conf[idx] = geometric_mean_on_candidates(log_probs.detach().exp(), cand)
-            for name, value in (("loss", loss), ("consistency", consistency), ("supervised", supervised)):
-                sums[name] += value.item()
-            steps += 1
-        lr = self.model.end_epoch()
-        metrics = {f"train/{name}": value / max(steps, 1) for name, value in sums.items()}
-        return {**metrics, "train/lambda": lam, "train/lr": lr}
-
-    def predict(self, x: Tensor) -> Tensor:
-        return self.model.predict(x)
-
-    def pseudo_labels(self) -> Tensor:
-        return self.conf.table.clone()
-
-    def clean_mask(self) -> Tensor | None:
-        return None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**self.model.state_dict(), **self.conf.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state)
-        self.conf.load_state_dict(state)
 
 
 SPEC = AlgorithmSpec(
     name="cr_dpll",
     params=CRDPLLParams,
     build=CRDPLL,
-    consumes="cand",
+    consumes=Target.CAND,
     description="CR-DPLL (Wu et al. 2022): KL of 3 views to a geometric-mean confidence on S + non-candidate loss.",
 )

@@ -6,8 +6,9 @@ Learning", ICLR 2020. Reference code: github.com/LiJunnan1992/DivideMix (``Train
 In Co-Reg's Table I it is the noisy single-label baseline: the label is the annotator's argmax of
 one template ("a photo of a {}"), or of the template average for DivideMix* (``starred=True``).
 
-Two networks A and B. Epochs before ``warmup_epochs`` train each net with cross-entropy on the
-noisy labels (plus the confidence penalty sum_j p_j log p_j for asymmetric noise). Every later epoch:
+Two networks A and B (``common/two_net.TwoNets``). Epochs before ``warmup_epochs`` train each net with
+cross-entropy on the noisy labels (plus the confidence penalty sum_j p_j log p_j for asymmetric noise).
+Every later epoch:
 
 1. Co-divide: each net scores every sample with its cross-entropy to the noisy label; a
    2-component GMM on the min-max normalised losses gives the clean probability w; the labeled set
@@ -17,7 +18,8 @@ noisy labels (plus the confidence penalty sum_j p_j log p_j for asymmetric noise
    sharpened.
 3. MixMatch: MixUp (l ~ Beta(alpha, alpha), l = max(l, 1 - l)) over [X1, X2, U1, U2]; CE on the X
    part, MSE on the U part weighted by lambda_u ramped linearly over 16 epochs after warm-up, plus
-   the regulariser sum_c pi_c log(pi_c / mean_batch p_c) with the uniform prior pi.
+   the regulariser sum_c pi_c log(pi_c / mean_batch p_c) with the uniform prior pi
+   (``train/loss_penalty``).
 4. Test prediction: logits_A + logits_B.
 
 Implementation details / deviations:
@@ -37,14 +39,14 @@ Implementation details / deviations:
 7. ``lambda_u`` defaults to the reference's 25; the paper uses 0 for 20% symmetric noise on
    CIFAR-10 and 150 for 80-90%: the search space covers these values.
 8. ``pseudo_labels()`` is the mean over both nets of each sample's latest training target (the
-   noisy label during warm-up); ``clean_mask()`` is the union of both nets' X.
+   noisy label during warm-up); ``clean_mask()`` is the union of both nets' X (share of X per net:
+   ``train/labeled_fraction_a``, ``_b``, the same keys as Co-Reg's P).
 9. MixUp's lambda and permutation come from ``data.generator``; networks are initialised under
    ``ctx.seed``. The reference seeds only the global RNGs.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,16 +54,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainables.api import AlgorithmSpec, BuildContext, TrainData
-from trainables.common.batches import cycle_batches, train_batches
+from trainables.api import AlgorithmSpec, BuildContext, Target, TrainData, starred_variant
+from trainables.common.batches import split_batches
 from trainables.common.gmm import clean_set, divide, division_pass
-from trainables.common.losses import mean_or_zero, neg_entropy, soft_ce, squared_error
+from trainables.common.losses import neg_entropy, soft_ce
 from trainables.common.metrics import MeanMeter
-from trainables.common.mixup import mixup, sample_mix_lambda
-from trainables.common.nets import Net, seeded
-from trainables.common.optim import make_optimizer
+from trainables.common.mixup import mixmatch, mixmatch_losses
 from trainables.common.schedules import linear_ramp
-from trainables.common.targets import sharpen
+from trainables.common.targets import co_guess, co_refine
+from trainables.common.two_net import CoTrainedPair, TwoNets, labeled_fraction
 
 
 @dataclass(frozen=True)
@@ -93,16 +94,6 @@ def noisy_targets(cand: Tensor) -> Tensor:
     return cand / cand.sum(dim=1, keepdim=True).clamp_min(1)
 
 
-def refine_labels(w: Tensor, labels: Tensor, own_probs: Tensor, T: float) -> Tensor:
-    """Co-refinement on X: sharpen(w y + (1 - w) p_own, T).  # (B, C)"""
-    return sharpen(w[:, None] * labels + (1.0 - w[:, None]) * own_probs, T)
-
-
-def guess_labels(probs_per_view: list[Tensor], T: float) -> Tensor:
-    """Co-guessing on U: sharpen(mean of both nets' predictions on every view, T).  # (B, C)"""
-    return sharpen(torch.stack(probs_per_view).mean(dim=0), T)
-
-
 def uniform_prior_penalty(logits: Tensor) -> Tensor:
     """sum_c pi_c log(pi_c / mean_batch p_c) with pi uniform: keeps predictions off a single class. Scalar."""
     mean_probs = F.softmax(logits, dim=1).mean(dim=0)  # (C,)
@@ -110,17 +101,12 @@ def uniform_prior_penalty(logits: Tensor) -> Tensor:
     return (prior * torch.log(prior / mean_probs)).sum()
 
 
-class DivideMix:
+class DivideMix(CoTrainedPair):
     def __init__(self, params: DivideMixParams, ctx: BuildContext):
         p = self.params = params
         n, c, device = ctx.num_samples, ctx.num_classes, ctx.device
         self.batch_size, self.seed = ctx.train.batch_size, ctx.seed
-        with seeded(ctx.seed):
-            self.net_a = Net(ctx.make_encoder(), c, proj_dim=None).to(device)
-            self.net_b = Net(ctx.make_encoder(), c, proj_dim=None).to(device)
-        self.nets = (self.net_a, self.net_b)
-        optim = [make_optimizer(net.parameters(), ctx.train, ctx.train.epochs) for net in self.nets]
-        self.optimizers, self.schedulers = tuple(o for o, _ in optim), tuple(s for _, s in optim)
+        self.pair = TwoNets(ctx, proj_dim=None)  # nets A and B, their optimisers and schedules
         # per-sample state, indexed [net, sample]
         self.loss_history = torch.zeros(2, p.loss_history, n, device=device)  # normalised CE, ring buffer
         self.div_epochs = 0  # division passes so far
@@ -137,7 +123,6 @@ class DivideMix:
         if not self.initialised:
             self.targets.copy_(labels.expand_as(self.targets))
             self.initialised = True
-        lr = self.optimizers[0].param_groups[0]["lr"]
         if epoch < p.warmup_epochs:
             meter = self._warmup_epoch(data, labels)
         else:
@@ -150,24 +135,7 @@ class DivideMix:
             for me in (0, 1):  # co-divide: net A learns on B's split, then B on A's
                 peer = 1 - me
                 meter.update(self._train_net(me, data, epoch, self.labeled[peer], self.w[peer], labels))
-        for scheduler in self.schedulers:
-            scheduler.step()
-        return {**meter.means("train/"), "train/lr": lr}
-
-    @torch.no_grad()
-    def predict_nets(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Logits of net A and net B (B, C) each, for plain-view inputs."""
-        self.net_a.eval()
-        self.net_b.eval()
-        return self.net_a(x), self.net_b(x)
-
-    @torch.no_grad()
-    def predict(self, x: Tensor) -> Tensor:
-        logits_a, logits_b = self.predict_nets(x)
-        return logits_a + logits_b
-
-    def pseudo_labels(self) -> Tensor:
-        return self.targets.mean(dim=0)
+        return {**meter.means("train/"), "train/lr": self.pair.end_epoch()}
 
     def clean_mask(self) -> Tensor | None:
         return self.labeled.any(dim=0) if self.div_epochs else None
@@ -177,73 +145,55 @@ class DivideMix:
     def _warmup_epoch(self, data: TrainData, labels: Tensor) -> MeanMeter:
         """Cross-entropy on the noisy labels (+ confidence penalty), each net on its own shuffle."""
         p, meter = self.params, MeanMeter()
-        for net, optimizer in zip(self.nets, self.optimizers):
-            net.train()
-            for idx in train_batches(data, p.warmup_batch_factor * self.batch_size):
-                logits = net(data.views.weak(data.x[idx]))  # (B, C)
-                loss_ce = soft_ce(logits, labels[idx]).mean()
-                loss = loss_ce + (neg_entropy(logits).mean() if p.conf_penalty else 0.0)
-
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                meter.add(loss=loss, loss_ce=loss_ce)
+        for i, net, idx in self.pair.warmup_batches(data, p.warmup_batch_factor * self.batch_size):
+            logits = net(data.views.weak(data.x[idx]))  # (B, C)
+            loss_ce = soft_ce(logits, labels[idx]).mean()
+            loss = loss_ce + (neg_entropy(logits).mean() if p.conf_penalty else 0.0)
+            self.pair.step(i, loss)
+            meter.add(loss=loss, loss_ce=loss_ce)
         return meter
 
     def _sample_losses(self, i: int, data: TrainData, labels: Tensor) -> Tensor:
         """Per-sample cross-entropy of net i to the noisy label, plain view, eval mode.  # (N,)"""
-        return division_pass(self.nets[i], data, data.views.plain, lambda logits, idx: soft_ce(logits, labels[idx]))
+        return division_pass(
+            self.pair.nets[i], data, data.views.plain, lambda logits, idx: soft_ce(logits, labels[idx])
+        )
 
     def _train_net(self, me: int, data: TrainData, epoch: int, labeled: Tensor, w: Tensor, labels: Tensor) -> MeanMeter:
         """One MixMatch epoch of net ``me`` on the split (``labeled``, ``w``) made by its peer."""
         p, meter = self.params, MeanMeter()
-        net, peer, optimizer = self.nets[me], self.nets[1 - me], self.optimizers[me]
-        net.train()
-        peer.eval()
-        x_idx, u_idx = labeled.nonzero().flatten(), (~labeled).nonzero().flatten()
-        u_batches = cycle_batches(data, self.batch_size, u_idx)
-        num_iters = max(math.ceil(len(x_idx) / self.batch_size), 1)
-        meter.add(**{f"labeled_fraction_{'ab'[me]}": labeled.float().mean()})
-
-        for it, idx_x in enumerate(train_batches(data, self.batch_size, x_idx)):
-            idx_u = next(u_batches)
-            x_x, x_u = data.x[idx_x], data.x[idx_u]
-            x_w1, x_w2 = data.views.weak(x_x), data.views.weak(x_x)
-            u_w1, u_w2 = data.views.weak(x_u), data.views.weak(x_u)
-
+        meter.add(**labeled_fraction(me, labeled))
+        net, peer = self.pair.train_against(me)
+        for idx_x, idx_u, done in split_batches(data, self.batch_size, labeled):
+            x_w1, x_w2 = data.views.weak(data.x[idx_x]), data.views.weak(data.x[idx_x])
+            u_w1, u_w2 = data.views.weak(data.x[idx_u]), data.views.weak(data.x[idx_u])
             with torch.no_grad():
                 # co-guessing on U: both nets, both views
-                targets_u = guess_labels([F.softmax(m(v), dim=1) for m in (net, peer) for v in (u_w1, u_w2)], p.T)
+                targets_u = co_guess([F.softmax(m(v), dim=1) for m in (net, peer) for v in (u_w1, u_w2)], p.T)
                 # co-refinement on X: the noisy label and the net's own prediction, weighted by the peer's w
                 own_x = (F.softmax(net(x_w1), dim=1) + F.softmax(net(x_w2), dim=1)) / 2  # (Bx, C)
-                targets_x = refine_labels(w[idx_x], labels[idx_x], own_x, p.T)
+                targets_x = co_refine(w[idx_x], labels[idx_x], own_x, p.T)
             self.targets[me, idx_x] = targets_x
             self.targets[me, idx_u] = targets_u
 
             # MixMatch over [X1, X2, U1, U2]
-            inputs = torch.cat([x_w1, x_w2, u_w1, u_w2])
-            targets = torch.cat([targets_x, targets_x, targets_u, targets_u])
-            lam = sample_mix_lambda(p.mix_alpha, data.generator)
-            perm = torch.randperm(len(inputs), generator=data.generator).to(inputs.device)
-            mixed_inputs, mixed_targets = mixup(inputs, targets, lam, perm)
+            mixed_inputs, mixed_targets = mixmatch(
+                (x_w1, x_w2), (u_w1, u_w2), targets_x, targets_u, p.mix_alpha, data.generator
+            )
             logits = net(mixed_inputs)  # (2Bx + 2Bu, C)
-            n_x = 2 * len(idx_x)
-            loss_x = soft_ce(logits[:n_x], mixed_targets[:n_x]).mean()
-            loss_u = mean_or_zero(squared_error(F.softmax(logits[n_x:], dim=1), mixed_targets[n_x:]))
-            u_weight = p.lambda_u * linear_ramp(epoch + it / num_iters - p.warmup_epochs, p.rampup_epochs)
+            loss_x, loss_u = mixmatch_losses(logits, mixed_targets, 2 * len(idx_x))
+            u_weight = p.lambda_u * linear_ramp(epoch + done - p.warmup_epochs, p.rampup_epochs)
             penalty = uniform_prior_penalty(logits)
             loss = loss_x + u_weight * loss_u + penalty
-
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            meter.add(loss=loss, loss_x=loss_x, loss_u=loss_u, penalty=penalty, u_weight=u_weight)
+            self.pair.step(me, loss)
+            meter.add(loss=loss, loss_x=loss_x, loss_u=loss_u, loss_penalty=penalty, u_weight=u_weight)
         return meter
 
     # -- checkpoints ----------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {
+        return {
+            **self.pair.state_dict(),
             "loss_history": self.loss_history.clone(),
             "div_epochs": self.div_epochs,
             "seed": self.seed,
@@ -252,17 +202,9 @@ class DivideMix:
             "targets": self.targets.clone(),
             "initialised": self.initialised,
         }
-        for i, s in enumerate("ab"):
-            state[f"net_{s}"] = self.nets[i].state_dict()
-            state[f"optimizer_{s}"] = self.optimizers[i].state_dict()
-            state[f"scheduler_{s}"] = self.schedulers[i].state_dict()
-        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for i, s in enumerate("ab"):
-            self.nets[i].load_state_dict(state[f"net_{s}"])
-            self.optimizers[i].load_state_dict(state[f"optimizer_{s}"])
-            self.schedulers[i].load_state_dict(state[f"scheduler_{s}"])
+        self.pair.load_state_dict(state)
         self.loss_history.copy_(state["loss_history"])
         self.div_epochs = int(state["div_epochs"])
         self.seed = int(state["seed"])
@@ -272,15 +214,11 @@ class DivideMix:
         self.initialised = bool(state["initialised"])
 
 
-def _consumes(params: DivideMixParams) -> str:
-    return "noisy_label_avg" if params.starred else "noisy_label"
-
-
 SPEC = AlgorithmSpec(
     name="dividemix",
     params=DivideMixParams,
     build=DivideMix,
-    consumes="noisy_label",
-    consumes_when=_consumes,
+    consumes=Target.NOISY_LABEL,
+    consumes_when=starred_variant(Target.NOISY_LABEL),
     description="DivideMix (Li et al. 2020): two nets, GMM co-divide, co-refinement/co-guessing, MixMatch.",
 )

@@ -58,10 +58,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainables.api import AlgorithmSpec, BuildContext, TrainData
+from trainables.api import AlgorithmSpec, BuildContext, Target, TrainData
 from trainables.common.batches import train_batches
 from trainables.common.confidence import CandidateConfidence
 from trainables.common.losses import soft_ce
+from trainables.common.metrics import MeanMeter
 from trainables.common.pico import disambiguate, phi_at
 from trainables.common.single_net import SingleNet
 
@@ -150,7 +151,7 @@ class IRNet:
         correcting = self.correcting(epoch)
         phi = phi_at(epoch, self.epochs, self.params.conf_ema_start, self.params.conf_ema_end)
         extra = data.views.weak if self.params.extra_view == "weak" else data.views.strong
-        total, steps, fixed = 0.0, 0, 0
+        meter, fixed = MeanMeter(), 0
         for idx in train_batches(data, self.batch_size):
             x, cand = data.x[idx], self.cand[idx]
             logits = self.net(data.views.weak(x))  # (B, C)
@@ -171,9 +172,9 @@ class IRNet:
 
             if correcting:
                 fixed += self.correct(idx, torch.stack(views), data.trusted[idx])
-            total, steps = total + loss.item(), steps + 1
+            meter.add(loss=loss)
         lr = self.model.end_epoch()
-        self.losses.append(total / max(steps, 1))
+        self.losses.append(meter.means().get("train/loss", 0.0))
         return {
             "train/loss": self.losses[-1],
             "train/corrected": float(fixed),
@@ -232,7 +233,7 @@ SPEC = AlgorithmSpec(
     name="irnet",
     params=IRNetParams,
     build=IRNet,
-    consumes="cand",
+    consumes=Target.CAND,
     ablations={"no_correction": {"correct": False}},
     description="IRNet (Lian et al.): PiCO-style PLL that adds a non-candidate to S when all views beat S by a margin.",
 )

@@ -33,10 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainables.api import AlgorithmSpec, BuildContext, TrainData
-from trainables.common.batches import train_batches
+from trainables.api import AlgorithmSpec, BuildContext, Target, TrainData, starred_variant
 from trainables.common.losses import kl_div
-from trainables.common.single_net import SingleNet
+from trainables.common.single_net import SingleNet, fit_epoch, training_view
 from trainables.common.targets import sharpen
 
 
@@ -67,28 +66,20 @@ class KD:
     def __init__(self, params: KDParams, ctx: BuildContext):
         self.params = params
         self.model = SingleNet(ctx)
-        self.net, self.batch_size = self.model.net, self.model.batch_size
         self.targets = torch.full((ctx.num_samples, ctx.num_classes), 1.0 / ctx.num_classes, device=ctx.device)
         """(N, C) softened teacher targets; filled on the first epoch (the probabilities come with the data)."""
         self.initialised = False
 
     def train_epoch(self, data: TrainData, epoch: int) -> dict[str, float]:
-        p = self.params
         teacher = teacher_targets(data)  # (N, C)
         if not self.initialised:
-            self.targets.copy_(sharpen(teacher, p.temperature))
+            self.targets.copy_(sharpen(teacher, self.params.temperature))
             self.initialised = True
-        self.net.train()
-        view = data.views.weak if p.augment else data.views.plain
-        total, steps = 0.0, 0
-        for idx in train_batches(data, self.batch_size):
-            logits = self.net(view(data.x[idx]))  # (B, C)
-            loss = distillation_loss(logits, teacher[idx], p.temperature).mean()
+        return fit_epoch(self.model, data, lambda idx: self.train_step(data, idx, teacher[idx]))
 
-            self.model.step(loss)
-            total, steps = total + loss.item(), steps + 1
-        lr = self.model.end_epoch()
-        return {"train/loss": total / max(steps, 1), "train/lr": lr}
+    def train_step(self, data: TrainData, idx: Tensor, teacher: Tensor) -> dict[str, Tensor]:
+        logits = self.model.net(training_view(data, self.params.augment)(data.x[idx]))  # (B, C)
+        return {"loss": distillation_loss(logits, teacher, self.params.temperature).mean()}
 
     def predict(self, x: Tensor) -> Tensor:
         return self.model.predict(x)
@@ -108,15 +99,11 @@ class KD:
         self.initialised = bool(state["initialised"])
 
 
-def _consumes(params: KDParams) -> str:
-    return "soft" if params.starred else "soft_single"
-
-
 SPEC = AlgorithmSpec(
     name="kd",
     params=KDParams,
     build=KD,
-    consumes="soft_single",
-    consumes_when=_consumes,
+    consumes=Target.SOFT_SINGLE,
+    consumes_when=starred_variant(Target.SOFT_SINGLE),
     description="Unsupervised KD (Hinton et al. 2015): a student fits the annotator's probabilities (KD*: average).",
 )

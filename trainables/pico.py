@@ -8,13 +8,17 @@ Each sample keeps a pseudo-label ``conf`` (N, C), initialised uniform on S. Each
 view goes through the encoder to the classifier (logits) and the projection head (q); a key view
 goes through the momentum key net (k). The pseudo class of a sample is argmax_{j in S} of the
 classifier's prediction; it moves that class's prototype (EMA, Eq. 8) and labels q and k in the
-queue. After the warm-up (``warmup_epochs``, reference ``prot_start``):
+queue (:func:`encode_batch`). After the warm-up (``warmup_epochs``, reference ``prot_start``):
 
 1. Disambiguation (Eq. 7): conf <- phi conf + (1 - phi) onehot(argmax_{j in S} of the prototype
    similarity of q), with the prototypes before this batch's update.
 2. Loss: L = CE(logits, conf) + ``cont_weight`` * SupCon over [q, k, queue] whose positives share
    the anchor's pseudo class (Eq. 2-3). During the warm-up the classifier trains on the uniform
-   conf and the contrastive term is MoCo's InfoNCE (own key vs queue), as in the reference.
+   conf and the contrastive term is MoCo's InfoNCE (own key vs queue), as in the reference
+   (:func:`contrastive_loss`).
+
+:func:`encode_batch` and :func:`contrastive_loss` are the steps ALIM (``alim.py``) composes with its
+own pseudo class and target; the network pieces they call live in ``common/pico.py``.
 
 Implementation details / deviations:
 1. phi ramps linearly from ``phi_start`` 0.95 to ``phi_end`` 0.8 over ``training.epochs`` (paper
@@ -38,14 +42,14 @@ Implementation details / deviations:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Callable
 
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainables.api import AlgorithmSpec, BuildContext, TrainData
+from trainables.api import AlgorithmSpec, BuildContext, Target, TrainData
 from trainables.common.batches import train_batches
-from trainables.common.confidence import CandidateConfidence
+from trainables.common.confidence import CandidateConfidence, ConfidenceTableMethod
 from trainables.common.losses import soft_ce
 from trainables.common.metrics import MeanMeter
 from trainables.common.pico import (
@@ -76,7 +80,48 @@ class PiCOParams:
     """Temperature of the contrastive losses."""
 
 
-class PiCO:
+@dataclass
+class PiCOBatch:
+    """One mini-batch through PiCO's networks, before the loss (what a PiCO-based method builds on)."""
+
+    cand: Tensor  # (B, C)
+    x_q: Tensor  # the query (weak) view, also MixUp's input
+    logits: Tensor  # (B, C) classifier on the query view
+    q: Tensor  # (B, D) query embedding
+    k: Tensor  # (B, D) key embedding of the strong view (no gradient)
+    labels: Tensor  # (B,) pseudo classes: move the prototypes, label q and k in the queue
+    scores: Tensor  # (B, C) prototype similarity softmax(q . o / tau), prototypes before this batch's update
+
+
+PseudoClass = Callable[[Tensor, Tensor], Tensor]
+"""``(probs (B, C), cand (B, C)) -> (B,)`` pseudo classes from the classifier's prediction."""
+
+
+def encode_batch(
+    model: ContrastiveClassifier, data: TrainData, idx: Tensor, *,
+    temperature: float, proto_momentum: float, pseudo_class: PseudoClass = candidate_argmax,
+) -> PiCOBatch:  # fmt: skip
+    """Query and key forward, pseudo classes, prototype scores, then the prototype update (Eq. 8)."""
+    x, cand = data.x[idx], data.cand[idx]
+    x_q = data.views.weak(x)
+    logits, q, k = model.forward(x_q, data.views.strong(x))
+    labels = pseudo_class(F.softmax(logits.detach(), dim=1), cand)  # (B,)
+    scores = model.prototype_scores(q, temperature)  # (B, C), before the update
+    model.update_prototypes(q, labels, proto_momentum)  # Eq. 8
+    return PiCOBatch(cand=cand, x_q=x_q, logits=logits, q=q, k=k, labels=labels, scores=scores)
+
+
+def contrastive_loss(model: ContrastiveClassifier, batch: PiCOBatch, temperature: float, *, supervised: bool) -> Tensor:
+    """SupCon over [q, k, queue] with pseudo-label positives (Eq. 2-3), or MoCo's InfoNCE in the warm-up. Scalar."""
+    queue_keys, queue_labels, _ = model.queue.contents()
+    if not supervised:
+        return moco_loss(batch.q, batch.k, queue_keys, temperature).mean()
+    contrast, contrast_labels = contrast_set(batch.q, batch.k, batch.labels, queue_keys, queue_labels)  # (2B + Q, D)
+    positive = same_label_mask(batch.labels, contrast_labels)
+    return masked_supcon_loss(batch.q, contrast, positive, temperature).mean()  # Eq. 3
+
+
+class PiCO(ConfidenceTableMethod):
     def __init__(self, params: PiCOParams, ctx: BuildContext):
         p = self.params = params
         self.model = ContrastiveClassifier(
@@ -94,50 +139,24 @@ class PiCO:
         model.train_mode()
         meter = MeanMeter()
         for idx in train_batches(data, self.batch_size):
-            x, cand = data.x[idx], data.cand[idx]
-            logits, q, k = model.forward(data.views.weak(x), data.views.strong(x))
-            labels = candidate_argmax(F.softmax(logits.detach(), dim=1), cand)  # (B,) pseudo classes
-            scores = model.prototype_scores(q, p.temperature)  # (B, C), prototypes before the update
-            model.update_prototypes(q, labels, p.proto_momentum)  # Eq. 8
-            queue_keys, queue_labels, _ = model.queue.contents()
-
+            batch = encode_batch(model, data, idx, temperature=p.temperature, proto_momentum=p.proto_momentum)
             if disambiguating:
-                self.conf[idx] = disambiguate(self.conf[idx], scores, cand, phi)  # Eq. 7
-                contrast, contrast_labels = contrast_set(q, k, labels, queue_keys, queue_labels)  # (2B + Q, D)
-                positive = same_label_mask(labels, contrast_labels)
-                loss_cont = masked_supcon_loss(q, contrast, positive, p.temperature).mean()  # Eq. 3
-            else:
-                loss_cont = moco_loss(q, k, queue_keys, p.temperature).mean()
-
-            loss_cls = soft_ce(logits, self.conf[idx]).mean()
+                self.conf[idx] = disambiguate(self.conf[idx], batch.scores, batch.cand, phi)  # Eq. 7
+            loss_cont = contrastive_loss(model, batch, p.temperature, supervised=disambiguating)
+            loss_cls = soft_ce(batch.logits, self.conf[idx]).mean()
             loss = loss_cls + p.cont_weight * loss_cont
             model.step(loss)
-            model.enqueue_all(k, labels)
+            model.enqueue_all(batch.k, batch.labels)
             meter.add(loss=loss, loss_cls=loss_cls, loss_cont=loss_cont)
         lr = model.end_epoch()
         return {**meter.means("train/"), "train/phi": phi if disambiguating else 1.0, "train/lr": lr}
 
-    def predict(self, x: Tensor) -> Tensor:
-        return self.model.predict(x)
-
-    def pseudo_labels(self) -> Tensor:
-        return self.conf.table.clone()
-
-    def clean_mask(self) -> Tensor | None:
-        return None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**self.model.state_dict(), **self.conf.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state)
-        self.conf.load_state_dict(state)
 
 
 SPEC = AlgorithmSpec(
     name="pico",
     params=PiCOParams,
     build=PiCO,
-    consumes="cand",
+    consumes=Target.CAND,
     description="PiCO (Wang et al. 2022): MoCo SupCon with pseudo-label positives, prototype-based disambiguation.",
 )

@@ -40,8 +40,10 @@ Implementation details / deviations:
    The reference lr is 0.01; the README's tables run every method at 0.05. On digits and
    Fashion-MNIST PiCO+ is the outlier of those tables: its test accuracy stops changing after a few
    epochs, and so does the accuracy of its pseudo-labels (``pl/acc``).
-7. ``clean_mask()`` = the reliable set (None before the first selection); ``pseudo_labels()`` =
-   conf on reliable samples and the latest guess on unreliable ones (the targets trained on).
+7. ``clean_mask()`` = the reliable set (None before the first selection; its share is
+   ``train/labeled_fraction``, as Co-Reg's and DivideMix's ``train/labeled_fraction_a``);
+   ``pseudo_labels()`` = conf on reliable samples and the latest guess on unreliable ones (the
+   targets trained on).
 """
 
 from __future__ import annotations
@@ -53,12 +55,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainables.api import AlgorithmSpec, BuildContext, TrainData
+from trainables.api import AlgorithmSpec, BuildContext, Target, TrainData
 from trainables.common.batches import train_batches
 from trainables.common.confidence import CandidateConfidence
 from trainables.common.losses import mean_or_zero, soft_ce
 from trainables.common.metrics import MeanMeter
-from trainables.common.mixup import mixup, sample_mix_lambda
+from trainables.common.mixup import mixup_ce
 from trainables.common.pico import (
     ContrastiveClassifier, candidate_argmax, contrast_set, disambiguate, masked_supcon_loss, moco_loss, own_key_mask,
     phi_at, same_label_mask,
@@ -86,19 +88,19 @@ class PiCOPlusParams:
     cont_weight: float = 0.5
     """Contrastive weight of reliable anchors and during warm-up (``--loss_weight``)."""
     phi_start: float = 0.95
-    """Moving-average coefficient of the pseudo-labels at the first epoch."""
+    """PiCO's phi at the first epoch (``--conf_ema_range`` start), for every sample's conf."""
     phi_end: float = 0.8
-    """... ramped linearly to this value at the last epoch."""
+    """PiCO's phi at the last epoch (``--conf_ema_range`` end), linear in between."""
     proto_momentum: float = 0.99
-    """EMA momentum of the prototypes."""
+    """EMA momentum of the prototypes, moved by reliable samples only (``--proto_m``)."""
     proj_dim: int = 128
-    """Dimension of the L2-normalised projection."""
+    """Dimension of the L2-normalised projection (``--low-dim``)."""
     moco_momentum: float = 0.999
-    """Momentum of the key network."""
+    """Momentum of the key network (``--moco_m``)."""
     queue_size: int = 8192
-    """Length of the MoCo key queue."""
+    """Length of the MoCo key queue, keys stored with their reliable flags (``--moco_queue``)."""
     temperature: float = 0.07
-    """Temperature of the contrastive losses."""
+    """Temperature of the SupCon and MoCo losses."""
 
 
 def select_reliable(distance: Tensor, pure_ratio: float) -> Tensor:
@@ -174,12 +176,9 @@ class PiCOPlus:
                 targets = torch.where(rel[:, None], self.conf[idx], scores)  # (B, C)
                 loss_cls = mean_or_zero(soft_ce(logits[rel], targets[rel]))
                 loss_guess = mean_or_zero(soft_ce(logits[~rel], targets[~rel]))
-                lam = sample_mix_lambda(p.mix_alpha, data.generator)
-                perm = torch.randperm(len(idx), generator=data.generator).to(x_w.device)
-                x_mix, targets_mix = mixup(x_w, targets, lam, perm)
-                loss_mix = soft_ce(model.net(x_mix), targets_mix).mean()
+                loss_mix = mixup_ce(model.net, x_w, targets, p.mix_alpha, data.generator)
                 loss = loss_mix + p.cls_weight * loss_cls + p.ur_weight * loss_guess + loss_cont
-                meter.add(loss_mix=loss_mix, loss_guess=loss_guess, reliable_fraction=rel.float().mean())
+                meter.add(loss_mix=loss_mix, loss_guess=loss_guess, labeled_fraction=rel.float().mean())
             else:
                 loss_cls = soft_ce(logits, self.conf[idx]).mean()
                 loss_cont = moco_loss(q, k, queue_keys, p.temperature).mean()
@@ -222,6 +221,6 @@ SPEC = AlgorithmSpec(
     name="pico_plus",
     params=PiCOPlusParams,
     build=PiCOPlus,
-    consumes="cand",
+    consumes=Target.CAND,
     description="PiCO+ (Wang et al. 2023): PiCO + distance-based reliable set, kNN positives, prototype guess, MixUp.",
 )

@@ -24,16 +24,14 @@ Implementation details / deviations:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainables.api import AlgorithmSpec, BuildContext, TrainData
-from trainables.common.batches import train_batches
-from trainables.common.confidence import CandidateConfidence
+from trainables.api import AlgorithmSpec, BuildContext, Target, TrainData
+from trainables.common.confidence import CandidateConfidence, ConfidenceTableMethod
 from trainables.common.losses import soft_ce
-from trainables.common.single_net import SingleNet
+from trainables.common.single_net import SingleNet, fit_epoch, training_view
 from trainables.common.targets import restrict_to_candidates
 
 
@@ -43,52 +41,30 @@ class PRODENParams:
     """Train on weak views (shift + flip); False trains on plain views as the reference does."""
 
 
-class PRODEN:
+class PRODEN(ConfidenceTableMethod):
     def __init__(self, params: PRODENParams, ctx: BuildContext):
         self.params = params
         self.model = SingleNet(ctx)
-        self.net, self.batch_size = self.model.net, self.model.batch_size
         self.conf = CandidateConfidence(ctx.num_samples, ctx.num_classes, ctx.device)
         """(N, C) confidences; set uniform on S by the first epoch (the candidate sets come with the data)."""
 
     def train_epoch(self, data: TrainData, epoch: int) -> dict[str, float]:
         self.conf.start(data.cand)
-        self.net.train()
-        view = data.views.weak if self.params.augment else data.views.plain
-        total, steps = 0.0, 0
-        for idx in train_batches(data, self.batch_size):
-            logits = self.net(view(data.x[idx]))  # (B, C)
-            loss = soft_ce(logits, self.conf[idx]).mean()
+        return fit_epoch(self.model, data, lambda idx: self.train_step(data, idx))
 
-            self.model.step(loss)
+    def train_step(self, data: TrainData, idx: Tensor) -> dict[str, Tensor]:
+        logits = self.model.net(training_view(data, self.params.augment)(data.x[idx]))  # (B, C)
+        loss = soft_ce(logits, self.conf[idx]).mean()
+        # progressive identification, per batch: the confidences follow the prediction restricted to S
+        self.conf[idx] = restrict_to_candidates(F.softmax(logits.detach(), dim=1), data.cand[idx])
+        return {"loss": loss}
 
-            # progressive identification: confidences follow the current prediction restricted to S
-            self.conf[idx] = restrict_to_candidates(F.softmax(logits.detach(), dim=1), data.cand[idx])
-            total, steps = total + loss.item(), steps + 1
-        lr = self.model.end_epoch()
-        return {"train/loss": total / max(steps, 1), "train/lr": lr}
-
-    def predict(self, x: Tensor) -> Tensor:
-        return self.model.predict(x)
-
-    def pseudo_labels(self) -> Tensor:
-        return self.conf.table.clone()
-
-    def clean_mask(self) -> Tensor | None:
-        return None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**self.model.state_dict(), **self.conf.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state)
-        self.conf.load_state_dict(state)
 
 
 SPEC = AlgorithmSpec(
     name="proden",
     params=PRODENParams,
     build=PRODEN,
-    consumes="cand",
+    consumes=Target.CAND,
     description="PRODEN (Lv et al. 2020): confidence-weighted CE, confidences re-estimated per batch on S.",
 )

@@ -19,25 +19,23 @@ Implementation details / deviations:
    (``augment=False`` does that).
 3. Optimiser and schedule are the project's shared ones (SGD + cosine per epoch, ``TrainSettings``);
    the reference uses Adam (or SGD in some scripts) with a constant or step-decayed learning rate.
-4. ``conf`` (N, C) is explicit per-sample state, saved in ``state_dict``; ``pseudo_labels()``
-   returns it (uniform over all classes until the first epoch has seen the candidate sets).
-   ``clean_mask()`` is None: RC assumes every candidate set holds the true label.
+4. The importance weights ``conf`` (N, C) are per-sample state in ``state_dict`` and are what
+   ``pseudo_labels()`` reports (uniform over all classes before the first epoch sees S). RC assumes
+   every candidate set holds the true label, so ``clean_mask()`` is None.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainables.api import AlgorithmSpec, BuildContext, TrainData
-from trainables.common.batches import train_batches
-from trainables.common.confidence import CandidateConfidence
+from trainables.api import AlgorithmSpec, BuildContext, Target, TrainData
+from trainables.common.confidence import CandidateConfidence, ConfidenceTableMethod
 from trainables.common.losses import soft_ce
-from trainables.common.single_net import SingleNet
+from trainables.common.single_net import SingleNet, fit_epoch, training_view
 from trainables.common.targets import restrict_to_candidates
 
 
@@ -47,58 +45,37 @@ class RCParams:
     """Train on weak views (shift + flip); False trains on plain views as the paper does."""
 
 
-class RC:
+class RC(ConfidenceTableMethod):
     def __init__(self, params: RCParams, ctx: BuildContext):
         self.params = params
         self.model = SingleNet(ctx)
-        self.net, self.batch_size = self.model.net, self.model.batch_size
         self.conf = CandidateConfidence(ctx.num_samples, ctx.num_classes, ctx.device)
-        """(N, C) confidences; set uniform on S by the first epoch (the candidate sets come with the data)."""
+        """(N, C) importance weights of the risk estimate: uniform on S at first, re-estimated after every epoch."""
 
     def train_epoch(self, data: TrainData, epoch: int) -> dict[str, float]:
         self.conf.start(data.cand)
-        self.net.train()
-        view = data.views.weak if self.params.augment else data.views.plain
-        total, steps = 0.0, 0
-        for idx in train_batches(data, self.batch_size):
-            logits = self.net(view(data.x[idx]))  # (B, C)
-            loss = soft_ce(logits, self.conf[idx]).mean()
+        metrics = fit_epoch(self.model, data, lambda idx: self.train_step(data, idx))
+        self._update_confidences(data)  # once per epoch, with the end-of-epoch model
+        return metrics
 
-            self.model.step(loss)
-            total, steps = total + loss.item(), steps + 1
-        lr = self.model.end_epoch()
-        self._update_confidences(data)
-        return {"train/loss": total / max(steps, 1), "train/lr": lr}
+    def train_step(self, data: TrainData, idx: Tensor) -> dict[str, Tensor]:
+        logits = self.model.net(training_view(data, self.params.augment)(data.x[idx]))  # (B, C)
+        return {"loss": soft_ce(logits, self.conf[idx]).mean()}  # the importance-reweighted risk
 
     @torch.no_grad()
     def _update_confidences(self, data: TrainData) -> None:
-        """conf <- p restricted to S and renormalised, for every sample, with the end-of-epoch model."""
-        self.net.eval()
-        for idx in data.batches(self.batch_size, shuffle=False):
-            probs = F.softmax(self.net(data.views.plain(data.x[idx])), dim=1)  # (B, C)
+        """conf <- p restricted to S and renormalised, for every sample, from one eval-mode pass on plain views."""
+        self.model.net.eval()
+        for idx in data.batches(self.model.batch_size, shuffle=False):
+            probs = F.softmax(self.model.net(data.views.plain(data.x[idx])), dim=1)  # (B, C)
             self.conf[idx] = restrict_to_candidates(probs, data.cand[idx])
 
-    def predict(self, x: Tensor) -> Tensor:
-        return self.model.predict(x)
-
-    def pseudo_labels(self) -> Tensor:
-        return self.conf.table.clone()
-
-    def clean_mask(self) -> Tensor | None:
-        return None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**self.model.state_dict(), **self.conf.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state)
-        self.conf.load_state_dict(state)
 
 
 SPEC = AlgorithmSpec(
     name="rc",
     params=RCParams,
     build=RC,
-    consumes="cand",
+    consumes=Target.CAND,
     description="RC (Feng et al. 2020): confidence-weighted CE, confidences re-estimated per epoch on S.",
 )

@@ -1,19 +1,36 @@
-"""The registry of algorithms: one entry per module, keyed by the name used everywhere."""
+"""The registry of algorithms, keyed by the name used everywhere.
+
+A module registers its ``SPECS`` tuple (several variants in one file, e.g. ALIM-Onehot and
+ALIM-Scale) or its single ``SPEC``.
+"""
 
 from __future__ import annotations
 
-from trainables import alim_onehot, alim_scale, cc, coreg, cr_dpll, irnet, lwc, lws, pico, pico_plus, proden, rc
-from trainables import dividemix, kd
+from types import ModuleType
+
+from trainables import alim, cc, coreg, cr_dpll, dividemix, irnet, kd, lw, pico, pico_plus, proden, rc
 from trainables.api import AlgorithmSpec
 
-ALGORITHMS: dict[str, AlgorithmSpec] = {
-    spec.name: spec
-    for spec in (
-        alim_onehot.SPEC, alim_scale.SPEC, cc.SPEC, coreg.SPEC, cr_dpll.SPEC, irnet.SPEC, lwc.SPEC, lws.SPEC,
-        pico.SPEC, pico_plus.SPEC, proden.SPEC, rc.SPEC,
-        dividemix.SPEC, kd.SPEC,
-    )
-}
+MODULES: tuple[ModuleType, ...] = (alim, cc, coreg, cr_dpll, irnet, lw, pico, pico_plus, proden, rc, dividemix, kd)
+
+
+def module_specs(module: ModuleType) -> tuple[AlgorithmSpec, ...]:
+    """The specs a module registers: its ``SPECS`` tuple, else its ``SPEC``."""
+    specs = getattr(module, "SPECS", None)
+    return tuple(specs) if specs is not None else (module.SPEC,)
+
+
+def _collect(modules: tuple[ModuleType, ...]) -> dict[str, AlgorithmSpec]:
+    algorithms: dict[str, AlgorithmSpec] = {}
+    for module in modules:
+        for spec in module_specs(module):
+            if spec.name in algorithms:
+                raise ValueError(f"algorithm {spec.name!r} is registered twice (again by {module.__name__})")
+            algorithms[spec.name] = spec
+    return algorithms
+
+
+ALGORITHMS: dict[str, AlgorithmSpec] = _collect(MODULES)
 
 
 def get(name: str) -> AlgorithmSpec:

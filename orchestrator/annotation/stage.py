@@ -28,10 +28,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,9 +38,20 @@ import numpy as np
 from orchestrator.annotation import candidates as cands
 from orchestrator.annotation.synthetic import flip_candidates
 from orchestrator.annotation.templates import templates_for
-from orchestrator.config import ClipAnnotatorSpec, GivenAnnotatorSpec, SyntheticAnnotatorSpec, signature
-from trainables.data.annotation import Annotation, load_cached, read_entry, renormalised, write_entry
+from orchestrator.config import (
+    ClipAnnotatorSpec,
+    GivenAnnotatorSpec,
+    SyntheticAnnotatorSpec,
+)
+from trainables.data.annotation import (
+    Annotation,
+    load_cached,
+    read_entry,
+    renormalised,
+    write_entry,
+)
 from trainables.data.datasets import Dataset
+from trainables.data.spec import signature
 
 CACHE_FORMAT = 2
 """Bump when what an entry holds or how it is computed changes (it is part of every key).
@@ -97,7 +104,11 @@ def clip_probs_key(dataset: Dataset, spec: ClipAnnotatorSpec) -> str:
     """Key of the per-template probabilities: everything that changes them, no candidate options."""
     import open_clip
 
-    from orchestrator.annotation.clip import PREPROCESS_VERSION, model_name_for, read_model_config
+    from orchestrator.annotation.clip import (
+        PREPROCESS_VERSION,
+        model_name_for,
+        read_model_config,
+    )
 
     return signature(
         {
@@ -240,13 +251,10 @@ def annotate(
     return _annotate_clip(dataset, spec, key, entry, cache_dir, progress)
 
 
-def _annotate_synthetic(
-    dataset: Dataset, spec: SyntheticAnnotatorSpec, q: float, eta: float, seed: int, key: str, entry: Path
+def _record(
+    dataset: Dataset, spec: SyntheticAnnotatorSpec | GivenAnnotatorSpec, key: str, entry: Path, cand: np.ndarray, start: float, **extra: Any
 ) -> Annotation:
-    start = time.time()
-    # q and eta enter the seed so that each grid cell draws independent sets.
-    rng = np.random.default_rng([seed, round(q * 1e6), round(eta * 1e6)])
-    cand = flip_candidates(dataset.train_y, dataset.num_classes, q, eta, rng)
+    """Write and return the record of an annotator that gives candidate sets only (synthetic, given)."""
     stats = {
         **candidate_stats(cand, dataset.train_y),
         "num_train": float(len(dataset.train_y)),
@@ -254,12 +262,10 @@ def _annotate_synthetic(
     }
     meta = {
         "key": key,
-        "kind": "synthetic",
+        "kind": spec.kind,
         "annotator": spec.model_dump(mode="json"),
         "dataset": dataset.identity,
-        "q": q,
-        "eta": eta,
-        "seed": seed,
+        **extra,
         "stats": stats,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "elapsed_s": time.time() - start,
@@ -269,26 +275,46 @@ def _annotate_synthetic(
     return Annotation(key=key, cached=False, cand_train=cand, stats=stats, meta=meta)
 
 
+def _annotate_synthetic(
+    dataset: Dataset, spec: SyntheticAnnotatorSpec, q: float, eta: float, seed: int, key: str, entry: Path
+) -> Annotation:
+    start = time.time()
+    # q and eta enter the seed so that each grid cell draws independent sets.
+    rng = np.random.default_rng([seed, round(q * 1e6), round(eta * 1e6)])
+    cand = flip_candidates(dataset.train_y, dataset.num_classes, q, eta, rng)
+    return _record(dataset, spec, key, entry, cand, start, q=q, eta=eta, seed=seed)
+
+
 def _annotate_given(dataset: Dataset, spec: GivenAnnotatorSpec, key: str, entry: Path) -> Annotation:
     if dataset.train_cand is None:
         raise ValueError(f"annotator {spec.name!r} (given): dataset {dataset.name} ships no candidate sets")
-    cand = dataset.train_cand.astype(bool)  # (N, C)
-    stats = {
-        **candidate_stats(cand, dataset.train_y),
-        "num_train": float(len(dataset.train_y)),
-        "num_test": float(len(dataset.test_y)),
-    }
-    meta = {
-        "key": key,
-        "kind": "given",
+    return _record(dataset, spec, key, entry, dataset.train_cand.astype(bool), time.time())  # (N, C)
+
+
+def _run_clip(
+    dataset: Dataset,
+    spec: ClipAnnotatorSpec,
+    class_names: list[str],
+    probs_entry: Path,
+    progress: Callable[[int, int], None] | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run the CLIP model (the expensive part) and cache its per-template probabilities."""
+    from orchestrator.annotation.clip import annotate_clip
+
+    start = time.time()
+    probs_train, probs_test = annotate_clip(dataset, spec, class_names, progress=progress)
+    probs_meta = {
+        "key": probs_entry.name,
         "annotator": spec.model_dump(mode="json"),
         "dataset": dataset.identity,
-        "stats": stats,
+        "templates": templates_for(spec.templates),
+        "class_names": class_names,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "elapsed_s": time.time() - start,
         "versions": _versions(),
     }
-    write_entry(entry, {"cand_train": cand}, meta)
-    return Annotation(key=key, cached=False, cand_train=cand, stats=stats, meta=meta)
+    write_entry(probs_entry, {"probs_train": probs_train, "probs_test": probs_test}, probs_meta)
+    return probs_train, probs_test
 
 
 def _annotate_clip(
@@ -315,21 +341,7 @@ def _annotate_clip(
     if found_probs is not None:
         probs_train, probs_test = found_probs[0]["probs_train"], found_probs[0]["probs_test"]
     else:
-        from orchestrator.annotation.clip import annotate_clip
-
-        probs_train, probs_test = annotate_clip(dataset, spec, class_names, progress=progress)
-        probs_meta = {
-            "key": probs_key,
-            "annotator": spec.model_dump(mode="json"),
-            "dataset": dataset.identity,
-            "templates": templates,
-            "class_names": class_names,
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "elapsed_s": time.time() - start,
-            "versions": _versions(),
-        }
-        write_entry(probs_entry, {"probs_train": probs_train, "probs_test": probs_test}, probs_meta)
-
+        probs_train, probs_test = _run_clip(dataset, spec, class_names, probs_entry, progress)
     arrays = {
         "cand_train": cands.candidates(probs_train, spec.candidate_mode, spec.top_k, spec.prob_ratio),
         "noisy_label": cands.single_labels(probs_train, spec.single_template),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Iterator
 
 import torch
@@ -32,3 +33,20 @@ def cycle_batches(data: TrainData, batch_size: int, indices: Tensor) -> Iterator
             yield empty
     while True:
         yield from train_batches(data, batch_size, indices)
+
+
+def split_batches(
+    data: TrainData, batch_size: int, labeled: Tensor, *, use_unlabeled: bool = True
+) -> Iterator[tuple[Tensor, Tensor, float]]:
+    """``(idx_x, idx_u, done)`` over one pass of the labeled split X = ``labeled`` (N,) bool.
+
+    Each shuffled batch of X comes with the next batch of the unlabeled split U = ~labeled (cycled,
+    empty when U has fewer than two samples or ``use_unlabeled`` is False) and the fraction of the
+    pass done before it, it / ceil(|X| / B) (the per-iteration ramps of DivideMix and Co-Reg).
+    """
+    x_idx = labeled.nonzero().flatten()
+    u_idx = (~labeled).nonzero().flatten() if use_unlabeled else x_idx[:0]
+    u_batches = cycle_batches(data, batch_size, u_idx)
+    num_iters = max(math.ceil(len(x_idx) / batch_size), 1)
+    for it, idx_x in enumerate(train_batches(data, batch_size, x_idx)):
+        yield idx_x, next(u_batches), it / num_iters

@@ -15,6 +15,33 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+class ConfidenceTableMethod:
+    """The Algorithm protocol's five bookkeeping methods of a method that is one network
+    (``self.model``: ``predict``, ``state_dict``) plus a confidence table over S (``self.conf``)
+    and trusts every candidate set (PRODEN, RC, CR-DPLL, PiCO): predictions of the network, the
+    table as pseudo-labels, no clean split, both in the checkpoint. No training logic: each method
+    lists it as a base and writes its own ``train_epoch``."""
+
+    model: Any
+    conf: "CandidateConfidence"
+
+    def predict(self, x: Tensor) -> Tensor:
+        return self.model.predict(x)
+
+    def pseudo_labels(self) -> Tensor:
+        return self.conf.table.clone()
+
+    def clean_mask(self) -> Tensor | None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.model.state_dict(), **self.conf.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state)
+        self.conf.load_state_dict(state)
+
+
 class CandidateConfidence:
     """The (N, C) confidence table, uniform over all classes until :meth:`start` makes it uniform on S.
 

@@ -102,26 +102,3 @@ def noisy_supcon_loss(
     positive = positive.float()
     mean_log_prob_pos = (positive * log_prob).sum(dim=1) / positive.sum(dim=1)
     return -mean_log_prob_pos.mean()
-
-
-LW_PSI = ("sigmoid", "logistic")
-
-
-def leveraged_weighted_loss(
-    logits: Tensor, cand: Tensor, weights: Tensor, *, beta: float, psi: str = "sigmoid"
-) -> Tensor:
-    """Leveraged weighted loss (Wen et al. 2021, Eq. 6).  # (B,)
-
-    L = sum_{j in S} w_j psi(f_j) + beta sum_{j not in S} w_j psi(-f_j) on the raw logits f, with
-    psi(z) = sigmoid(-z) (``sigmoid``, LWS) or psi(z) = log(1 + exp(-z)) = softplus(-z)
-    (``logistic``, LWC). ``weights`` (B, C) are treated as constants (the caller detaches them).
-    """
-    if psi == "sigmoid":
-        pos, neg = torch.sigmoid(-logits), torch.sigmoid(logits)  # psi(f), psi(-f)
-    elif psi == "logistic":
-        pos, neg = F.softplus(-logits), F.softplus(logits)
-    else:
-        raise ValueError(f"unknown psi {psi!r}; allowed: {', '.join(LW_PSI)}")
-    on_candidates = (weights * cand * pos).sum(dim=1)
-    off_candidates = (weights * (1.0 - cand) * neg).sum(dim=1)
-    return on_candidates + beta * off_candidates

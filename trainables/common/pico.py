@@ -1,4 +1,4 @@
-"""PiCO's pieces (Wang et al., ICLR 2022), shared by composition by ``pico``, ``pico_plus`` and ``alim_*``.
+"""PiCO's pieces (Wang et al., ICLR 2022), shared by composition by ``pico``, ``pico_plus`` and ``alim``.
 
 - :class:`ContrastiveClassifier`: a ``SingleNet`` with a projection head (network, optimiser,
   schedule), its momentum key copy, a MoCo queue of keys with pseudo-labels and the class

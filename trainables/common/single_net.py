@@ -2,17 +2,23 @@
 
 Methods hold a :class:`SingleNet` by composition and keep their own per-sample state and loss; the
 network, optimisation step, evaluation and the checkpoint keys ``net`` / ``optimizer`` /
-``scheduler`` are written once here.
+``scheduler`` are written once here. :func:`fit_epoch` is the epoch of a method whose batches are
+independent (USB's ``train_step`` shape): the method writes ``train_step(idx) -> losses`` in the
+order of its paper's equations, the epoch around it (shuffled batches, optimiser and schedule
+steps, the means of the reported losses) is written once. :func:`training_view` is the
+``augment`` switch of the baselines that the papers train on un-augmented inputs.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-from trainables.api import BuildContext
+from trainables.api import BuildContext, TrainData
+from trainables.common.batches import train_batches
+from trainables.common.metrics import MeanMeter
 from trainables.common.nets import Net, seeded
 from trainables.common.optim import make_optimizer
 
@@ -56,3 +62,27 @@ class SingleNet:
         self.net.load_state_dict(state["net"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+
+
+TrainStep = Callable[[Tensor], dict[str, Tensor]]
+"""``train_step(idx) -> {"loss": ..., <other reported terms>}`` for one batch of sample ids; ``loss``
+is the one optimised. Per-sample state it updates from the batch's (detached) predictions may be
+written before the optimiser step: the loss holds its own copy of the rows it read."""
+
+
+def fit_epoch(model: SingleNet, data: TrainData, train_step: TrainStep) -> dict[str, float]:
+    """One epoch of ``model`` in training mode: ``train_step`` then one optimiser step per shuffled
+    batch, then the schedule step. Returns the mean of every reported term (``train/<name>``) and
+    the learning rate the epoch used (``train/lr``)."""
+    model.net.train()
+    meter = MeanMeter()
+    for idx in train_batches(data, model.batch_size):
+        losses = train_step(idx)
+        model.step(losses["loss"])
+        meter.add(**losses)
+    return {**meter.means("train/"), "train/lr": model.end_epoch()}
+
+
+def training_view(data: TrainData, augment: bool) -> Callable[[Tensor], Tensor]:
+    """The weak view (shift + flip) when ``augment``, else the plain one (the papers' un-augmented inputs)."""
+    return data.views.weak if augment else data.views.plain

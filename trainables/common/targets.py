@@ -1,4 +1,4 @@
-"""Operations on label distributions: restriction to a candidate set, sharpening, alignment."""
+"""Operations on label distributions: restriction to a candidate set, sharpening, alignment, co-refinement."""
 
 from __future__ import annotations
 
@@ -33,3 +33,17 @@ def distribution_alignment(probs: Tensor, mean_probs: Tensor, prior: Tensor | No
     if prior is not None:
         aligned = aligned * prior
     return aligned / aligned.sum(dim=1, keepdim=True)
+
+
+def co_refine(w: Tensor, labels: Tensor, own_probs: Tensor, temperature: float) -> Tensor:
+    """sharpen(w y + (1 - w) p_own, T): DivideMix's co-refinement on X, Co-Reg Eq. 7-8 on P.  # (B, C)
+
+    ``w`` (B,) is the clean probability from the peer's division, ``labels`` (B, C) the label
+    distribution to trust that much (the noisy label; in Co-Reg the peer's prediction on S).
+    """
+    return sharpen(w[:, None] * labels + (1.0 - w[:, None]) * own_probs, temperature)
+
+
+def co_guess(probs_per_view: list[Tensor], temperature: float) -> Tensor:
+    """sharpen(mean of the given predictions, T): DivideMix's co-guessing on U, Co-Reg Eq. 6-8 on U.  # (B, C)"""
+    return sharpen(torch.stack(probs_per_view).mean(dim=0), temperature)

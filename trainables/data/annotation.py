@@ -57,6 +57,11 @@ class Target(str, enum.Enum):
     def is_soft(self) -> bool:
         return self in (Target.SOFT, Target.SOFT_SINGLE)
 
+    @property
+    def averaged(self) -> "Target":
+        """The template-average kind of a single-template kind (the starred rows: KD*, DivideMix*)."""
+        return {Target.NOISY_LABEL: Target.NOISY_LABEL_AVG, Target.SOFT_SINGLE: Target.SOFT}.get(self, self)
+
 
 @dataclass
 class Annotation:

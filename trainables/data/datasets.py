@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from orchestrator.config import DatasetSpec
+    from trainables.data.spec import DatasetSpec
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 """Where Debian's ``dataset-fashion-mnist`` package installs the four idx ``.gz`` files."""
@@ -515,6 +515,22 @@ def _check_arrays(spec: DatasetSpec, info: DatasetInfo, what: str, x: np.ndarray
         raise ValueError(f"{spec.name}: {what} labels span [{y.min()}, {y.max()}], expected [0, {info.num_classes - 1}]")
 
 
+def _subsample(
+    spec: DatasetSpec, info: DatasetInfo, what: str, x: np.ndarray, y: np.ndarray, cand: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The seeded, class-stratified subset ``spec.<what>`` of one part (all of it when unset)."""
+    n, purpose = (spec.subsample, 1) if what == "subsample" else (spec.test_subsample, 2)
+    if n is None:
+        return x, y, cand
+    if n > len(y):
+        raise ValueError(
+            f"{spec.name}: {what}={n} exceeds the {len(y)} available "
+            f"{'training' if purpose == 1 else 'test'} {'samples' if info.kind == 'features' else 'images'}"
+        )
+    keep = stratified_subset(y, n, _subset_rng(spec.subsample_seed, purpose))
+    return x[keep], y[keep], None if cand is None else cand[keep]
+
+
 def load_dataset(spec: DatasetSpec) -> Dataset:
     """Load a data set described by a grid.yaml ``datasets:`` entry.
 
@@ -537,22 +553,8 @@ def load_dataset(spec: DatasetSpec) -> Dataset:
     if info.kind == "image":
         mean, std = channel_stats(train_x)
 
-    for what, n, purpose in (("subsample", spec.subsample, 1), ("test_subsample", spec.test_subsample, 2)):
-        if n is None:
-            continue
-        x, y = (train_x, train_y) if purpose == 1 else (test_x, test_y)
-        if n > len(y):
-            raise ValueError(
-                f"{spec.name}: {what}={n} exceeds the {len(y)} available "
-                f"{'training' if purpose == 1 else 'test'} {'samples' if info.kind == 'features' else 'images'}"
-            )
-        keep = stratified_subset(y, n, _subset_rng(spec.subsample_seed, purpose))
-        if purpose == 1:
-            train_x, train_y = train_x[keep], train_y[keep]
-            train_cand = None if train_cand is None else train_cand[keep]
-        else:
-            test_x, test_y = test_x[keep], test_y[keep]
-
+    train_x, train_y, train_cand = _subsample(spec, info, "subsample", train_x, train_y, train_cand)
+    test_x, test_y, _ = _subsample(spec, info, "test_subsample", test_x, test_y, None)
     identity: dict[str, Any] = {
         "name": spec.name,
         "split": source["split"],

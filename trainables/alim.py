@@ -1,10 +1,55 @@
-"""ALIM's pieces (Xu et al., NeurIPS 2023; github zeroQiaoba/ALIM ``utils/utils_loss.py``, ``train_merge.py``).
+"""ALIM: adjusting label importance on top of PiCO; two variants, ALIM-Onehot and ALIM-Scale.
 
-The candidate set is softened to S~ = S + lambda (1 - S) and the pseudo-label target is
-w = Normalize(S~ * P) (poster Eq. 1-2), with ``onehot`` (the maximum set to 1, the rest 0) or
-``scale`` (z^(1/K), renormalised). lambda = 0 trusts S fully (PiCO / PRODEN); lambda = 1 ignores it.
-The adaptive lambda is the eta-quantile over the training set of the ratio
-max_{j in S} P_j / max_{j not in S} P_j (poster Eq. 6), capped at 1.
+Paper: M. Xu, Z. Lian, L. Feng, B. Liu, J. Tao, "ALIM: Adjusting Label Importance Mechanism for
+Noisy Partial Label Learning", NeurIPS 2023 (poster: ``alim-poster.txt``, Eq. 1-2 and 6).
+Reference code: github.com/zeroQiaoba/ALIM (``train_merge.py``, ``pll_model.py``,
+``utils/utils_loss.py: partial_loss.confidence_update``, ``example.sh``).
+
+PiCO (``pico.py``) where the candidate set is softened to S~ = S + lambda (1 - S): the pseudo
+class that moves the prototypes and labels the SupCon queue is argmax(S~ * p) of the classifier,
+and the pseudo-label moves towards w = Normalize(S~ * P), P the prototype similarity
+softmax(q . o / 0.07) (reference ``proto_type=cluster``): conf <- phi conf + (1 - phi) w (poster
+Eq. 2). ALIM-Onehot (``alim_onehot``, reference ``proto_case=Case1``): Normalize = one-hot of the
+argmax. ALIM-Scale (``alim_scale``, ``proto_case=Case3``): Scale(z)_i = z_i^(1/K) / sum_j z_j^(1/K),
+K the weight of the entropy term of the poster's objective (K = 0 gives Onehot). lambda = 0 until
+``lambda_start`` (e0); then, at the end of each epoch, lambda is either ``lam``
+(``lambda_mode="fixed"``) or the eta-quantile over the training set of the ratios
+max_{j in S} P_j / max_{j not in S} P_j seen during the epoch, capped at 1 (``lambda_mode="adaptive"``,
+poster Eq. 6, reference ``piror_auto=case1`` with ``--max1``). lambda = 0 trusts S fully (PiCO /
+PRODEN); lambda = 1 ignores it. Loss: CE(p, conf) + 0.5 SupCon + ``mixup_weight`` CE(p(mixed x), mixed conf).
+
+Implementation details / deviations:
+1. Composition, not a copy of PiCO's loop: each batch goes through PiCO's ``encode_batch`` and
+   ``contrastive_loss`` (``pico.py``) with ALIM's pseudo class argmax(S~ * p); ALIM's own parts are
+   the target w, the ratio record, the MixUp term and the end-of-epoch lambda.
+2. eta is estimated, not given: the reference uses the true noise rate (``--noise_rate``) unless
+   ``--noise_rate_estimate`` is set. Here eta_hat is the mass of the low component of a 2-GMM on
+   log(ratio) over the epoch (:func:`estimate_noise_rate`): a label outside S gives a prediction
+   outside S, i.e. a negative log-ratio. ``eta_scale`` multiplies the estimate (searched);
+   ``eta_hint`` replaces it with a user-given eta. The fraction of samples whose prediction leaves S
+   would not do: its quantile is always the smallest ratio >= 1, i.e. lambda = 1.
+3. ``lambda_start`` = 5 for the project's short runs (reference e0 = 80 of 1000 epochs; 140 for
+   CIFAR-10 q = 0.5). ``lam`` = 0.5 for the fixed mode is the middle of the range, not a paper value.
+4. ALIM-Scale's ``scale_k`` = 1: the reference's Case3 renormalises S~ * P without a power (K = 1);
+   K acts like a temperature on P (P^(1/K) = softmax(q . o / (0.07 K))) except for the
+   lambda^(1/K) factor. With lambda = 0 and K = 1 the target is P restricted to S (RC / PRODEN, as
+   the poster notes).
+5. No warm-up (``warmup_epochs`` = 0), as the reference (``--proto_start 1`` on 1-based epochs):
+   disambiguation and SupCon run from the first epoch. With ``warmup_epochs`` > 0 the first epochs
+   train as PiCO's warm-up (uniform conf, MoCo; MixUp stays on).
+6. MixUp is on (reference ``--loss_weight_mixup 1``, the paper's heart rows; 0 gives the diamond
+   rows): the query view mixed with a random permutation of its batch (the reference mixes with
+   a second, independently shuffled batch), lambda ~ Beta(4, 4), max(l, 1 - l).
+7. Few-shot trusted samples keep lambda = 0 (a revealed label is never left) and are left out of
+   the quantile and the eta estimate.
+8. The ratio uses the prototype P of each batch before its prototype update, as the reference's
+   ``margin``; its epsilon (1e-9) too. The quantile is sorted(ratio)[int(N eta)].
+9. As in ``pico.py``: query = weak view, key = strong view, phi 0.95 -> 0.8 linearly, empty initial
+   queue, the project's optimiser and schedule (reference: SGD lr 0.01, wd 1e-3).
+10. The reference reports the best test accuracy over epochs (test-set model selection); the loop
+    reports the last epoch and a label-free selected epoch instead.
+11. ``pseudo_labels()`` = conf; ``clean_mask()`` = samples whose ratio is >= lambda (S still wins,
+    the poster's clean/noisy boundary) plus trusted ones, None before lambda is first set.
 """
 
 from __future__ import annotations
@@ -16,16 +61,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainables.api import BuildContext, TrainData
+from trainables.api import AlgorithmSpec, BuildContext, Target, TrainData
 from trainables.common.batches import train_batches
 from trainables.common.confidence import CandidateConfidence
 from trainables.common.gmm import clean_probability
 from trainables.common.losses import soft_ce
 from trainables.common.metrics import MeanMeter
-from trainables.common.mixup import mixup, sample_mix_lambda
-from trainables.common.pico import (
-    ContrastiveClassifier, contrast_set, masked_supcon_loss, moco_loss, moving_average, phi_at, same_label_mask,
-)  # fmt: skip
+from trainables.common.mixup import mixup_ce
+from trainables.common.pico import ContrastiveClassifier, moving_average, phi_at
+from trainables.pico import contrastive_loss, encode_batch
 
 NORMALISATIONS = ("onehot", "scale")
 LAMBDA_MODES = ("adaptive", "fixed")
@@ -35,7 +79,8 @@ RATIO_EPS = 1e-9
 
 @dataclass(frozen=True)
 class ALIMParams:
-    """Settings shared by ALIM-Onehot and ALIM-Scale (their modules document the defaults)."""
+    """ALIM-Onehot's settings, shared by ALIM-Scale (the module docstring documents the defaults)."""
+
     lambda_mode: Literal["adaptive", "fixed"] = "adaptive"
     """``adaptive``: eta-quantile of the ratios (poster Eq. 6); ``fixed``: ``lam`` from ``lambda_start`` on."""
     lam: float = 0.5
@@ -72,6 +117,17 @@ class ALIMParams:
     """Length of the MoCo key queue."""
     temperature: float = 0.07
     """Temperature of the contrastive losses."""
+
+
+@dataclass(frozen=True)
+class ALIMScaleParams(ALIMParams):
+    """ALIM's settings and the power of the Scale normalisation."""
+
+    scale_k: float = 1.0
+    """K of Scale(z) = z^(1/K) / sum z^(1/K) (reference Case3: 1)."""
+
+
+# -- ALIM's pieces (poster Eq. 1-2 and 6) ---------------------------------------------------------
 
 
 def relaxed_candidates(cand: Tensor, lam: float | Tensor) -> Tensor:
@@ -121,11 +177,7 @@ def estimate_noise_rate(ratio: Tensor, seed: int = 0) -> float:
 
 
 class ALIM:
-    """ALIM on top of PiCO (the reference ``train_merge.py``): one contrastive classifier, softened S.
-
-    ``params`` is an ``ALIMParams`` (``ALIMOnehotParams`` / ``ALIMScaleParams``: their modules
-    document the method and its deviations); ``normalise`` and ``k`` pick the variant.
-    """
+    """ALIM on top of PiCO's pieces (the reference ``train_merge.py``); ``normalise`` and ``k`` pick the variant."""
 
     def __init__(self, params: ALIMParams, ctx: BuildContext, normalise: str, k: float = 1.0):
         if normalise not in NORMALISATIONS:
@@ -155,37 +207,25 @@ class ALIM:
         model.train_mode()
         meter = MeanMeter()
         for idx in train_batches(data, self.batch_size):
-            x, cand = data.x[idx], data.cand[idx]
             lam = torch.where(data.trusted[idx], 0.0, self.lam)[:, None]  # (B, 1): a revealed label stays
-            x_w = data.views.weak(x)
-            logits, q, k = model.forward(x_w, data.views.strong(x))
-            labels = (relaxed_candidates(cand, lam) * F.softmax(logits.detach(), dim=1)).argmax(dim=1)  # (B,)
-            scores = model.prototype_scores(q, p.proto_temperature)  # (B, C) P of the poster, before the update
-            self.ratio[idx] = candidate_ratio(scores, cand)
-            model.update_prototypes(q, labels, p.proto_momentum)
-            queue_keys, queue_labels, _ = model.queue.contents()
-
+            batch = encode_batch(
+                model, data, idx, temperature=p.proto_temperature, proto_momentum=p.proto_momentum,
+                pseudo_class=lambda probs, cand: (relaxed_candidates(cand, lam) * probs).argmax(dim=1),
+            )  # fmt: skip
+            self.ratio[idx] = candidate_ratio(batch.scores, batch.cand)  # poster Eq. 6, P before the update
             if updating:
-                target = alim_target(scores, cand, lam, self.normalise, self.k)  # (B, C) poster Eq. 2
+                target = alim_target(batch.scores, batch.cand, lam, self.normalise, self.k)  # poster Eq. 2
                 self.conf[idx] = moving_average(self.conf[idx], target, phi)
-                contrast, contrast_labels = contrast_set(q, k, labels, queue_keys, queue_labels)  # (2B + Q, D)
-                positive = same_label_mask(labels, contrast_labels)
-                loss_cont = masked_supcon_loss(q, contrast, positive, p.temperature).mean()
-            else:
-                loss_cont = moco_loss(q, k, queue_keys, p.temperature).mean()
-
+            loss_cont = contrastive_loss(model, batch, p.temperature, supervised=updating)
             targets = self.conf[idx]  # (B, C)
-            loss_cls = soft_ce(logits, targets).mean()
+            loss_cls = soft_ce(batch.logits, targets).mean()
             loss = loss_cls + p.cont_weight * loss_cont
             if p.mixup_weight > 0:
-                mix_lam = sample_mix_lambda(p.mix_alpha, data.generator)
-                perm = torch.randperm(len(idx), generator=data.generator).to(x_w.device)
-                x_mix, targets_mix = mixup(x_w, targets, mix_lam, perm)
-                loss_mix = soft_ce(model.net(x_mix), targets_mix).mean()
+                loss_mix = mixup_ce(model.net, batch.x_q, targets, p.mix_alpha, data.generator)
                 loss = loss + p.mixup_weight * loss_mix
                 meter.add(loss_mix=loss_mix)
             model.step(loss)
-            model.enqueue_all(k, labels)
+            model.enqueue_all(batch.k, batch.labels)
             meter.add(loss=loss, loss_cls=loss_cls, loss_cont=loss_cont)
         lr = model.end_epoch()
         metrics = {**meter.means("train/"), "train/lambda": self.lam, "train/lr": lr}
@@ -239,3 +279,32 @@ class ALIM:
         self.lam = float(state["lam"])
         self.adjusted = bool(state["adjusted"])
         self.eta_hat = float(state["eta_hat"])
+
+
+def build_onehot(params: ALIMParams, ctx: BuildContext) -> ALIM:
+    return ALIM(params, ctx, normalise="onehot")
+
+
+def build_scale(params: ALIMScaleParams, ctx: BuildContext) -> ALIM:
+    return ALIM(params, ctx, normalise="scale", k=params.scale_k)
+
+
+ABLATIONS = {"no_mixup": {"mixup_weight": 0.0}, "pico_targets": {"lambda_mode": "fixed", "lam": 0.0}}
+
+ONEHOT_SPEC = AlgorithmSpec(
+    name="alim_onehot",
+    params=ALIMParams,
+    build=build_onehot,
+    consumes=Target.CAND,
+    ablations=dict(ABLATIONS),
+    description="ALIM-Onehot (Xu et al. 2023): PiCO with S~ = S + lambda (1 - S), one-hot targets, adaptive lambda.",
+)
+SCALE_SPEC = AlgorithmSpec(
+    name="alim_scale",
+    params=ALIMScaleParams,
+    build=build_scale,
+    consumes=Target.CAND,
+    ablations=dict(ABLATIONS),
+    description="ALIM-Scale (Xu et al. 2023): PiCO with S~ = S + lambda (1 - S), scaled soft targets, adaptive lambda.",
+)
+SPECS = (ONEHOT_SPEC, SCALE_SPEC)

@@ -1,0 +1,158 @@
+"""Launching trials, shared by the sweep and reruns: join Ray, annotate the cells the trials need,
+set up the Tuner (searcher, scheduler, callbacks, run config, storage) and run it.
+
+The sweep (:mod:`orchestrator.sweep`) hands :func:`run_trials` its multi-study Optuna searcher and
+per-study scheduler; a rerun (:mod:`orchestrator.rerun`) a fixed list of trial specs. Both mirror
+their trials into MLflow with the same callback, which logs plots and students after each trial
+on a worker thread: :func:`run_trials` returns once they are all logged.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Callable
+
+from orchestrator import runs
+from orchestrator.config import Grid, GridError
+from orchestrator.plan import Cell
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (``kill``, a scheduler's preemption) stops the driver as Ctrl-C
+    does: Tune ends its trials, their MLflow runs and the sweep's end ``KILLED``, and running the
+    same command again resumes them."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(os.getpid(), signal.SIGINT))
+
+
+def exit_code(work: Callable[[], dict[str, Any] | None], interrupted: str) -> int:
+    """Run a driver's command (``work``) the command-line way: SIGTERM stops it like Ctrl-C, and
+    the exit code is 2 for a bad grid or argument, 130 when interrupted, 1 when trials failed."""
+    stop_on_sigterm()
+    try:
+        out = work() or {}
+    except GridError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        return 130
+    if out.get("interrupted"):
+        return 130
+    return 1 if out.get("failed") else 0
+
+
+def connect_ray(grid: Grid) -> None:
+    """Join the grid's cluster (``ray.address``), else the cluster this process was started in (a
+    Ray job: ``RAY_ADDRESS`` is set), else start a local Ray with ``ray.num_cpus``."""
+    import ray
+
+    # Small trials checkpoint often; Tune's advice to checkpoint less is noise for them.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if ray.is_initialized():
+        return
+    on_sigterm = signal.getsignal(signal.SIGTERM)
+    if grid.ray.address:
+        ray.init(address=grid.ray.address, log_to_driver=False)
+    elif os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=False)
+    else:
+        ray.init(num_cpus=grid.ray.num_cpus, include_dashboard=False, log_to_driver=False)
+    if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_sigterm)  # ray.init replaces it with an immediate exit
+
+
+def annotate_cells(
+    cells: Iterable[Cell], datasets: dict[Any, Any], cache_dir: Path, tracker=None, parent: str | None = None
+) -> dict[tuple, Any]:
+    """Annotate (or load from the cache) every distinct annotation the cells need, keyed by
+    :attr:`Cell.annotation_job`. ``datasets``: the loaded data sets by spec. With a ``tracker``,
+    each annotation gets its run under ``parent`` (once)."""
+    from orchestrator.annotation.stage import annotate
+
+    jobs: dict[tuple, Cell] = {}
+    for cell in cells:
+        jobs.setdefault(cell.annotation_job, cell)
+    annotations = {}
+    for n, (job, cell) in enumerate(jobs.items(), 1):
+        tic = time.perf_counter()
+        prefix = f"[annotate {n}/{len(jobs)}]"
+        ann = annotate(
+            datasets[cell.dataset],
+            cell.annotator,
+            q=cell.q,
+            eta=cell.eta,
+            seed=cell.seed,
+            cache_dir=cache_dir,
+            progress=_progress_printer(f"{prefix} {cell.dataset.name} {cell.annotator.name}"),
+        )
+        annotations[job] = ann
+        known = {runs.KIND: runs.ANNOTATION, runs.ANNOTATION_KEY: ann.key}
+        if tracker is not None and not tracker.find_runs(known, parent=parent, max_results=1):
+            tracker.log_annotation(parent, ann, cell.spec())
+        stats = ", ".join(f"{k}={v:.3f}" for k, v in ann.stats.items() if k in ("partial_acc", "mean_set_size", "zs_acc_test"))
+        source = "cache" if ann.cached else f"{time.perf_counter() - tic:.1f}s"
+        print(f"{prefix} {cell.label(with_seed=cell.annotator.kind == 'synthetic')}: {stats} ({source})", flush=True)
+    return annotations
+
+
+def _progress_printer(prefix: str, every_s: float = 5.0):
+    """``progress(done, total)`` callback that prints at most every ``every_s`` seconds."""
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done == total or now - last[0] >= every_s:
+            last[0] = now
+            print(f"{prefix}: {done}/{total} images", flush=True)
+
+    return progress
+
+
+def run_trials(
+    grid: Grid,
+    *,
+    name: str,
+    searcher: Any,
+    num_samples: int,
+    callback: Any,
+    scheduler: Any = None,
+    trainable: Callable[[dict[str, Any]], None] | None = None,
+) -> list[Any]:
+    """Run ``num_samples`` trials from ``searcher`` through Ray Tune with the grid's resources,
+    storage and retries; ``callback`` (an :class:`~orchestrator.tracking.MlflowTrialCallback`)
+    mirrors them into MLflow. Returns Tune's results once every trial's artifacts are logged."""
+    from ray import tune
+
+    from orchestrator.tracking import ConsoleProgress
+    from trainables.loop import train_trial
+
+    resources = grid.resources
+    tuner = tune.Tuner(
+        tune.with_resources(trainable or train_trial, {"cpu": resources.cpus_per_trial, "gpu": resources.gpus_per_trial}),
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=num_samples,
+            max_concurrent_trials=resources.max_concurrent_trials,
+            reuse_actors=True,  # no new process (and torch import) per trial
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=str(grid.storage_path / "ray_results"),
+            callbacks=[callback, ConsoleProgress(num_samples)],
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            failure_config=tune.FailureConfig(max_failures=grid.max_retries),
+            verbose=0,
+        ),
+    )
+    try:
+        return list(tuner.fit())
+    finally:
+        callback.finish()
