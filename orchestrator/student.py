@@ -82,7 +82,7 @@ class StudentModel(PythonModel):
             num_samples=info["num_samples"],
             device=self.device,
         )
-        state = torch.load(context.artifacts["algorithm"], map_location=self.device, weights_only=False)
+        state = torch.load(context.artifacts["algorithm"], map_location=self.device, weights_only=True)
         self.algo.load_state_dict(state)
         generator = torch.Generator().manual_seed(0)  # unused by the plain view
         self.view = make_views(pre["kind"], mean=pre["mean"], std=pre["std"], hflip=False, generator=generator).plain
@@ -159,13 +159,13 @@ def save_student(
     with tempfile.TemporaryDirectory() as tmp:
         state_file = Path(tmp) / "algorithm.pt"
         torch.save(algorithm_state, state_file)
-        config = info["config"]
+        trial = TrialSpec.from_config(info["config"])
         metadata = {  # copies: shared objects would become YAML aliases in the MLmodel file
             "class_names": list(info["class_names"]),
             "preprocessing": dict(info["preprocessing"]),
-            "method": config["method"],
-            "trial_signature": config.get("signature", ""),
-            "study": config.get("study", ""),
+            "method": trial.method,
+            "trial_signature": trial.signature,
+            "study": trial.study,
         }
         # No progress bar and no "validating input example" line per trial in the sweep's console.
         with _env(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"), _quiet("mlflow.pyfunc", "mlflow.models"):
@@ -186,9 +186,9 @@ def load_trained(checkpoint_dir: Path, dataset: Any) -> tuple[Any, dict[str, Any
     """(algorithm rebuilt from the checkpoint's config and loaded with its state on the CPU, that
     state, the student's model info)."""
     from orchestrator.plan import trial_spec
-    from trainables.loop import CHECKPOINT_FILE, build_from_info
+    from trainables.loop import build_from_info, load_checkpoint
 
-    state = torch.load(Path(checkpoint_dir) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    state = load_checkpoint(Path(checkpoint_dir))
     spec = trial_spec(state["config"])
     info = model_info(spec, dataset, state["num_samples"])
     algo = build_from_info(

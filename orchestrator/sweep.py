@@ -73,6 +73,20 @@ def check_inputs(grid: Grid) -> dict[str, Any]:
     return datasets
 
 
+def checked_checkpoint(tag: str | None, storage: Path) -> str | None:
+    """The checkpoint directory a trial run's ``checkpoint`` tag names, if it lies inside this
+    sweep's Tune results; None otherwise. Anyone who can write to the tracking server can set the
+    tag: a path elsewhere is ignored (the trial restarts from scratch), with a warning."""
+    if not tag:
+        return None
+    root = (storage / "ray_results").resolve()
+    path = Path(tag).resolve()
+    if not path.is_relative_to(root):
+        print(f"warning: ignoring the checkpoint {tag} of a trial run: it is outside {root}; the trial restarts", flush=True)
+        return None
+    return str(path)
+
+
 class SweepLockedError(GridError):
     """Another driver is running a sweep on the same storage directory."""
 
@@ -182,7 +196,8 @@ class Sweep:
             trial = {runs.KIND: runs.TRIAL, runs.STUDY: study.study_id, runs.OPTUNA_TRIAL: str(number)}
             earlier = self.tracker.find_runs(trial, max_results=1)
             if earlier:
-                extra.update(mlflow_run_id=earlier[0].info.run_id, resume_checkpoint=earlier[0].data.tags.get(runs.CHECKPOINT))
+                checkpoint = checked_checkpoint(earlier[0].data.tags.get(runs.CHECKPOINT), self.grid.storage_path)
+                extra.update(mlflow_run_id=earlier[0].info.run_id, resume_checkpoint=checkpoint)
         ann = self.annotations[study.cell.annotation_job]
         cpus = self.grid.resources.cpus_per_trial
         return study.trial_config(sampled, annotation_key=ann.key, cache_dir=str(self.cache_dir), cpus=cpus, **extra)

@@ -185,6 +185,10 @@ def test_clip_annotated_sweep_end_to_end(tmp_path, ray_session):
     assert trial.info.status == "FINISHED"
     assert (trial.data.tags["annotator"], trial.data.tags["q"], trial.data.tags["eta"]) == ("tiny_clip", "", "")
     assert len(client.get_metric_history(trial.info.run_id, "test/acc")) == 2
+    # the annotator's zero-shot accuracy is a row of the published table, from the annotation run
+    table = Path(client.download_artifacts(summary["parent_run_id"], "tables/results.md")).read_text()
+    zero_shot = f"{100 * stats['annotation/zs_acc_test']:.2f}"
+    assert any(line.startswith("| zero-shot |") and zero_shot in line for line in table.splitlines()), table
 
 
 def test_rerun_runs_an_ablation_on_more_seeds_nested_under_the_sweep(sweep, capsys):

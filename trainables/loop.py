@@ -231,25 +231,45 @@ def evaluate(algo: Algorithm, td: TrialData) -> dict[str, float]:
 
 
 def _rng_state(td: TrialData) -> dict[str, Any]:
+    """Every random state of the trial, as tensors and plain types only (the checkpoint is loaded
+    with ``weights_only=True``: nothing in it can run code)."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     return {
         "generator": td.data.generator.get_state(),
         "aug_generator": td.aug_generator.get_state(),
         "python_rng": random.getstate(),
-        "numpy_rng": np.random.get_state(),
+        "numpy_rng": {
+            "kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian),
+        },  # fmt: skip
         "torch_rng": torch.get_rng_state(),
     }
 
 
+def load_checkpoint(directory: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """A checkpoint written by :func:`_saver`, loaded with ``weights_only=True``: tensors and plain
+    types only, so a planted pickle (a checkpoint path is read from an MLflow tag on resume) is
+    refused instead of run."""
+    return torch.load(Path(directory) / CHECKPOINT_FILE, map_location=device, weights_only=True)
+
+
 def _restore(algo: Algorithm, td: TrialData, directory: Path, device: torch.device) -> tuple[int, dict[str, Any]]:
     """Load a checkpoint written by :func:`_saver`: the epoch reached and the best-so-far record."""
-    state = torch.load(directory / CHECKPOINT_FILE, map_location=device, weights_only=False)
+    state = load_checkpoint(directory, device)
     algo.load_state_dict(state["algorithm"])
     td.data.generator.set_state(state["generator"])
     td.aug_generator.set_state(state["aug_generator"])
-    random.setstate(state["python_rng"])
-    np.random.set_state(state["numpy_rng"])
+    random.setstate(_as_tuples(state["python_rng"]))
+    rng = state["numpy_rng"]
+    keys = rng["keys"].numpy().astype(np.uint32)
+    np.random.set_state((rng["kind"], keys, rng["pos"], rng["has_gauss"], rng["cached_gaussian"]))
     torch.set_rng_state(state["torch_rng"])
     return state["epoch"], state["best"]
+
+
+def _as_tuples(value: Any) -> Any:
+    """``random.setstate`` wants the tuples ``random.getstate`` gave (a round trip may give lists)."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def _saver(trial: TrialSpec, algo: Algorithm, td: TrialData, epoch: int, best: dict, last: bool) -> Callable[[Path], None]:
@@ -338,4 +358,4 @@ def train_trial(config: dict[str, Any]) -> None:
         run_trial(trial, report)
 
 
-__all__ = ["train_trial", "run_trial", "make_split", "prepare_data", "evaluate", "seed_everything"]
+__all__ = ["train_trial", "run_trial", "make_split", "prepare_data", "evaluate", "seed_everything", "load_checkpoint"]
