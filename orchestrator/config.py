@@ -11,18 +11,32 @@ methods that need an annotation the annotator cannot give.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Optional, Union
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import Field, TypeAdapter, ValidationError, ValidationInfo, create_model, field_validator, model_validator
+from pydantic import (
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from trainables.api import TrainSettings
 from trainables.data.datasets import DATASETS
 from trainables.data.spec import DatasetSpec, Strict
 
 OBJECTIVES = {"val/covering_rate": "max", "val/partial_loss": "min"}
+
+
+TRACKING_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks", "databricks-uc")
+"""URI schemes of MLflow tracking stores (a plain path, no scheme, is a local file store too)."""
 
 
 class GridError(ValueError):
@@ -61,6 +75,12 @@ class ClipAnnotatorSpec(Strict):
     cpus_per_actor: float = Field(default=1.0, gt=0.0)
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
 
+    @field_validator("templates", "class_names", mode="before")
+    @classmethod
+    def _list_as_tuple(cls, value: Any) -> Any:
+        """YAML and JSON give lists; the grid is validated strictly, which takes only tuples."""
+        return tuple(value) if isinstance(value, list) else value
+
     @field_validator("templates")
     @classmethod
     def _templates(cls, templates: Any) -> Any:
@@ -94,6 +114,7 @@ AXIS_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "eta": (lambda v: 0.0 <= v < 1.0, "is outside [0, 1)"),
     "shots": (lambda v: v >= 0, "is negative"),
     "unlabeled_fraction": (lambda v: 0.0 < v <= 1.0, "is outside (0, 1]"),
+    "seeds": (lambda v: v >= 0, "is negative"),
 }
 
 
@@ -108,7 +129,7 @@ class GridAxes(Strict):
     """Fraction of the unlabeled training pool kept (seeded)."""
     seeds: list[int] = [0]
 
-    @field_validator("q", "eta", "shots", "unlabeled_fraction")
+    @field_validator("q", "eta", "shots", "unlabeled_fraction", "seeds")
     @classmethod
     def _in_range(cls, values: list | None, info: ValidationInfo) -> list | None:
         inside, message = AXIS_RANGES[info.field_name]
@@ -254,6 +275,14 @@ class Grid(Strict):
                 raise ValueError(f"{what}: duplicate name(s) {dupes}; give each entry a distinct name (methods: a distinct label)")
         return self
 
+    @field_validator("tracking_uri")
+    @classmethod
+    def _known_scheme(cls, uri: str | None) -> str | None:
+        scheme = urlsplit(uri).scheme if uri is not None else ""
+        if uri is not None and scheme and scheme not in TRACKING_SCHEMES:
+            raise ValueError(f"tracking_uri scheme {scheme!r} is not one MLflow serves; allowed: {', '.join(TRACKING_SCHEMES)}, or a path")
+        return uri
+
     @property
     def storage_path(self) -> Path:
         return Path(self.storage).expanduser().resolve()
@@ -328,6 +357,32 @@ def _check_semantics(grid: Grid) -> list[str]:
     return problems + _check_methods(grid)
 
 
+def _space_problems(where: str, hint: Any, value: Any) -> list[str]:
+    """A search-space override (a fixed value, ``{low, high, log}`` or ``{choices}``) checked against
+    the parameter's declared type and range, as the grid's own values are."""
+    if isinstance(value, dict) and not set(value) <= {"low", "high", "log", "choices"}:
+        return [f"{where}: allowed keys are low, high, log, choices (got {sorted(value)})"]
+    if not isinstance(value, dict):
+        named = {"value": value}
+    elif "choices" in value:
+        if not isinstance(value["choices"], list) or not value["choices"]:
+            return [f"{where}.choices: a non-empty list of values"]
+        named = {f"choices[{i}]": v for i, v in enumerate(value["choices"])}
+    else:
+        named = {k: value[k] for k in ("low", "high") if k in value}
+    problems = []
+    for name, v in named.items():
+        try:
+            TypeAdapter(hint).validate_python(v, strict=isinstance(v, str) or None)
+        except ValidationError as err:
+            label = where if name == "value" else f"{where}.{name}"
+            problems.append(f"{label}: {err.errors()[0]['msg']} (got {v!r})")
+    low, high = named.get("low"), named.get("high")
+    if not problems and low is not None and high is not None and low > high:
+        problems.append(f"{where}: low {low!r} > high {high!r}")
+    return problems
+
+
 def _check_methods(grid: Grid) -> list[str]:
     """Each method: its name, params overrides, target kind against the annotators, search space."""
     from search_spaces import parameter_names
@@ -359,13 +414,14 @@ def _check_methods(grid: Grid) -> list[str]:
         except KeyError as err:
             problems.append(f"{where}.search: {err.args[0]}")
             continue
+        hints = {**_hints(TrainSettings), **_hints(spec.params)}
         for key, value in m.search.space.items():
             if key not in asked:
                 problems.append(
                     f"{where}.search.space.{key}: not a parameter of the {m.name} search space; allowed: {', '.join(asked)}"
                 )
-            elif isinstance(value, dict) and not set(value) <= {"low", "high", "log", "choices"}:
-                problems.append(f"{where}.search.space.{key}: allowed keys are low, high, log, choices (got {sorted(value)})")
+            elif key in hints:
+                problems += _space_problems(f"{where}.search.space.{key}", hints[key], value)
         for key in asked:
             if key not in fields and key not in train_fields:
                 problems.append(f"{where}.search: space parameter {key!r} is neither a {m.name} parameter nor a training setting")
@@ -377,7 +433,7 @@ def parse_grid(raw: Any, source: str = "grid") -> Grid:
     if not isinstance(raw, dict):
         raise GridError(f"{source}: the top level must be a mapping of keys, got {type(raw).__name__}")
     try:
-        grid = Grid.model_validate(raw)
+        grid = Grid.model_validate(raw, strict=True)  # never reads "0.05" as 0.05, or 2.0 as an int
     except ValidationError as err:
         raise GridError(f"{source} is invalid:\n  " + "\n  ".join(_format(err))) from None
     problems = _check_semantics(grid)
@@ -386,12 +442,62 @@ def parse_grid(raw: Any, source: str = "grid") -> Grid:
     return grid
 
 
+MAX_YAML_NODES = 100_000
+"""Nodes a grid file may expand to, aliases followed (a 2 KB "billion laughs" file would exhaust memory)."""
+MAX_YAML_DEPTH = 40
+
+
+class GridLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that also reads YAML 1.2 floats without a dot (``1e-3``; YAML 1.1 reads
+    them as strings)."""
+
+
+GridLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _check_size(node: yaml.Node, where: str) -> None:
+    """Refuse a document whose alias-expanded size or nesting passes the budgets, before it is built."""
+    count = 0
+    stack: list[tuple[yaml.Node, int]] = [(node, 1)]
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if count > MAX_YAML_NODES:
+            raise GridError(f"{where}: the document expands to more than {MAX_YAML_NODES} nodes (aliases included)")
+        if depth > MAX_YAML_DEPTH:
+            raise GridError(f"{where}: nested deeper than {MAX_YAML_DEPTH} levels")
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((child, depth + 1) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            stack.extend((part, depth + 1) for pair in node.value for part in pair)
+
+
+def read_yaml(path: Path) -> Any:
+    """The YAML document in ``path``: UTF-8, sizes bounded, YAML 1.2 floats; :class:`GridError` otherwise."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise GridError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    try:
+        loader = GridLoader(text)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            _check_size(node, str(path))
+            return loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as err:
+        raise GridError(f"{path}: not valid YAML: {err}") from None
+
+
 def load_grid(path: str | Path) -> Grid:
     path = Path(path)
     if not path.is_file():
         raise GridError(f"{path}: no such grid file")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise GridError(f"{path}: not valid YAML: {err}") from None
-    return parse_grid(raw, str(path))
+    return parse_grid(read_yaml(path), str(path))

@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from orchestrator import runs
-from orchestrator.config import GridError, check_method_settings, parse_grid
+from orchestrator.config import GridError, GridLoader, check_method_settings, parse_grid
 from orchestrator.launch import annotate_cells, connect_ray, exit_code, run_trials
 from orchestrator.plan import Cell, trial_spec
 from trainables.spec import TrialSpec
@@ -56,7 +56,7 @@ def parse_overrides(pairs: list[str], method: str, params: dict[str, Any]) -> di
         if not sep or not name or section not in ("", "params", "training"):
             problems.append(f"--set {pair!r}: expected params.<name>=<value>, training.<name>=<value> or <name>=<value>")
             continue
-        out[section or ("params" if name in param_names else "training")][name] = yaml.safe_load(raw)
+        out[section or ("params" if name in param_names else "training")][name] = yaml.load(raw, Loader=GridLoader)  # 1e-3 is a float
     problems += check_method_settings(method, out["params"], out["training"], "--set")
     if not problems:
         try:  # with the run's own params: a check across fields may involve a value the grid set
@@ -127,7 +127,7 @@ def rerun(
     try:
         run = client.get_run(run_id)
     except MlflowException as err:
-        raise RerunError(f"no run {run_id} in {tracking_uri}: {str(err).splitlines()[0]}") from None
+        raise RerunError(f"no run {run_id} in {runs.redact(tracking_uri)}: {str(err).splitlines()[0]}") from None
     kind = run.data.tags.get(runs.KIND)
     if kind != runs.TRIAL:
         raise RerunError(f"run {run_id} is a {kind or 'non-sweep'!r} run, not a trial run of a sweep")

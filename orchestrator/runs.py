@@ -15,6 +15,7 @@ Layout of a sweep (experiment = grid ``experiment``):
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Mapping
+from urllib.parse import urlsplit, urlunsplit
 
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
@@ -34,6 +35,8 @@ GRID_SIGNATURE, GRID_FILE, RESUMES = "grid_signature", "grid_file", "resumes"
 TRIALS_FAILED, TRIALS_RUN = "trials_failed", "trials_run"
 # Tags of a trial run (besides the cell's and :func:`trial_tags`)
 TUNE_TRIAL_ID, CHECKPOINT, RESUMED, RETRIES = "tune_trial_id", "checkpoint", "resumed", "retries"
+RESTARTED = "restarted"
+"""Why a resumed trial started again from its first epoch (its checkpoint was gone)."""
 ERROR, LAST_ERROR, ARTIFACTS_ERROR = "error", "last_error", "artifacts_error"
 FINAL_TEST_ACC, BEST_IN_CELL = "final_test_acc", "best_in_cell"
 METHOD, LABEL, VARIANT, RERUN_OF = "method", "label", "variant", "rerun_of"
@@ -155,11 +158,26 @@ def annotation_run_name(tags: Mapping[str, str]) -> str:
     return name + "".join(f" {axis}={tags[axis]}" for axis in ("q", "eta", SEED) if tags.get(axis))
 
 
+def redact(uri: str) -> str:
+    """``uri`` without the credentials of its user-info part (``http://user:token@host`` ->
+    ``http://host``): what is shown or logged anywhere. MLflow takes credentials from
+    ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` (or ``MLFLOW_TRACKING_TOKEN``), so the
+    redacted URI still works where they are set."""
+    parts = urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def describe_trial(spec: TrialSpec, run_id: str, tracking_uri: str) -> str:
     """Markdown for a trial run's description in the MLflow UI: copyable rerun and ablation commands."""
     from trainables.registry import ALGORITHMS
 
-    base = f"python -m orchestrator.rerun {run_id} --tracking-uri {tracking_uri}"
+    base = f"python -m orchestrator.rerun {run_id} --tracking-uri {redact(tracking_uri)}"
     lines = [
         f"**{spec.method}** on {cell_label(spec.cell, every_axis=True)} (signature `{spec.signature}`)",
         "",

@@ -17,60 +17,134 @@ import contextlib
 import os
 import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 from orchestrator import runs
 from orchestrator.config import ClipAnnotatorSpec, Grid, GridError, load_grid
 from orchestrator.launch import annotate_cells, connect_ray, exit_code, run_trials
 from orchestrator.plan import Study, expand, trial_spec
 from trainables.data.spec import signature
+from trainables.loop import CHECKPOINT_FILE
 from trainables.spec import TrialSpec
 
 DEFAULT_GRID = Path(__file__).with_name("default_grid.yaml")
 
 
+def storage_problems(storage: Path) -> list[str]:
+    """Why ``storage`` cannot hold a sweep's files (empty: it can, or can be created)."""
+    if storage.exists() and not storage.is_dir():
+        return [f"storage: {storage} exists and is not a directory"]
+    existing = next(p for p in (storage, *storage.parents) if p.exists())
+    if not existing.is_dir():
+        return [f"storage: {existing} is not a directory, so {storage} cannot be created"]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return [f"storage: {existing} is not writable by this user, so {storage} cannot be written"]
+    return []
+
+
 def check_inputs(grid: Grid) -> dict[str, Any]:
-    """Load every data set and check every annotator's model files before Ray starts.
+    """Load every data set, check that the grid's sizes fit them, that every annotator's model
+    files are there and that ``storage`` can be written, before Ray starts.
 
     Returns the loaded data sets by spec (the annotation stage reuses them; one data set can be
     listed once per predefined split)."""
     from trainables.data.datasets import load_dataset
 
-    problems, datasets = [], {}
+    problems, datasets = storage_problems(grid.storage_path), {}
     for i, spec in enumerate(grid.datasets):
         try:
             datasets[spec] = load_dataset(spec)
         except (FileNotFoundError, RuntimeError, OSError, ValueError) as err:
             problems.append(f"datasets[{i}] ({spec.name}): {err}")
     for i, ann in enumerate(grid.annotators):
-        if not isinstance(ann, ClipAnnotatorSpec):
-            continue
-        if ann.model_config_path is not None and not Path(ann.model_config_path).is_file():
-            problems.append(f"annotators[{i}].model_config_path: no such file {ann.model_config_path}")
-        elif ann.model_config_path is None:
-            import open_clip
-
-            if ann.model not in open_clip.list_models():
-                problems.append(
-                    f"annotators[{i}].model: open_clip has no model {ann.model!r} "
-                    "(see open_clip.list_models(), or give model_config_path)"
-                )
-        pretrained = ann.pretrained or ""
-        if ("/" in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors"))) and not (
-            Path(pretrained).exists() or pretrained.startswith("hf-hub:")
-        ):
-            problems.append(f"annotators[{i}].pretrained: no such checkpoint file {pretrained}")
-        for ds in datasets.values():
-            if ann.class_names is not None and len(ann.class_names) != len(ds.class_names):
-                problems.append(
-                    f"annotators[{i}].class_names: {len(ann.class_names)} names but {ds.name} has "
-                    f"{len(ds.class_names)} classes"
-                )
+        if isinstance(ann, ClipAnnotatorSpec):
+            problems += _clip_problems(f"annotators[{i}]", ann, datasets.values())
+    problems += _size_problems(grid, datasets) + service_problems(grid)
     if problems:
         raise GridError("inputs are not usable:\n  " + "\n  ".join(problems))
     return datasets
+
+
+def _clip_problems(where: str, ann: ClipAnnotatorSpec, datasets: Any) -> list[str]:
+    """The CLIP annotator's model config, model name, checkpoint file and class names."""
+    problems = []
+    if ann.model_config_path is not None and not Path(ann.model_config_path).is_file():
+        problems.append(f"{where}.model_config_path: no such file {ann.model_config_path}")
+    elif ann.model_config_path is None:
+        import open_clip
+
+        if ann.model not in open_clip.list_models():
+            problems.append(
+                f"{where}.model: open_clip has no model {ann.model!r} (see open_clip.list_models(), or give model_config_path)"
+            )
+    pretrained = ann.pretrained or ""
+    if ("/" in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors"))) and not (
+        Path(pretrained).exists() or pretrained.startswith("hf-hub:")
+    ):
+        problems.append(f"{where}.pretrained: no such checkpoint file {pretrained}")
+    for ds in datasets:
+        if ann.class_names is not None and len(ann.class_names) != len(ds.class_names):
+            problems.append(f"{where}.class_names: {len(ann.class_names)} names but {ds.name} has {len(ds.class_names)} classes")
+    return problems
+
+
+PROBE_TIMEOUT_S = 5.0
+
+
+def _unreachable(host: str, port: int) -> str | None:
+    """Why nothing answers a TCP connection to ``host:port`` within the probe's timeout (None: it does)."""
+    try:
+        socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S).close()
+    except OSError as err:
+        return f"nothing answers at {host}:{port} within {PROBE_TIMEOUT_S:g} s ({type(err).__name__}: {err})"
+    return None
+
+
+def service_problems(grid: Grid) -> list[str]:
+    """The tracking server and the Ray cluster the grid names, probed with a short timeout (a
+    client would otherwise retry for minutes before failing with a misleading message)."""
+    problems = []
+    uri = urlsplit(grid.tracking_uri or "")
+    if uri.scheme in ("http", "https") and uri.hostname:
+        reason = _unreachable(uri.hostname, uri.port or (443 if uri.scheme == "https" else 80))
+        if reason:
+            problems.append(f"tracking_uri: {reason}; start the MLflow server, or fix the address")
+    address = grid.ray.address
+    if address and address != "auto":
+        hostport = urlsplit(address if "://" in address else f"ray://{address}")
+        if hostport.hostname and hostport.port:
+            reason = _unreachable(hostport.hostname, hostport.port)
+            if reason:
+                problems.append(f"ray.address: {reason}; start the cluster (ray up / ray start --head), or use auto")
+    return problems
+
+
+def _size_problems(grid: Grid, datasets: dict[Any, Any]) -> list[str]:
+    """Sizes the data cannot meet: more revealed shots than a class has, a batch larger than the
+    training pool (a method that drops the last partial batch would never take a step)."""
+    import numpy as np
+
+    problems = []
+    studies = expand(grid)
+    for spec, ds in datasets.items():
+        name = ds.name if spec.split is None else f"{ds.name} (split {spec.split})"
+        fewest = int(np.bincount(ds.train_y, minlength=len(ds.class_names)).min())
+        for shots in grid.grid.shots:
+            if shots > fewest:
+                problems.append(f"grid.shots: {shots} exceeds the {fewest} training samples of {name}'s smallest class")
+        for i, method in enumerate(grid.methods):
+            training = next(s.training for s in studies if s.method is method)
+            pool = int(len(ds.train_y) * (1 - training.val_fraction))
+            if training.batch_size > pool:
+                problems.append(
+                    f"methods[{i}] ({method.label or method.name}): training.batch_size {training.batch_size} exceeds "
+                    f"the {pool} training samples of {name} (after the {training.val_fraction:g} validation split)"
+                )
+    return problems
 
 
 def checked_checkpoint(tag: str | None, storage: Path) -> str | None:
@@ -123,6 +197,18 @@ def find_sweep_run(tracker, grid_sig: str):
     return found[0] if found else None
 
 
+def log_grid_file(tracker, parent: str, grid_path: Path, tracking_uri: str | None) -> None:
+    """The grid file as an artifact of the sweep run, with the tracking URI's credentials removed."""
+    text = grid_path.read_text()
+    if tracking_uri is None or runs.redact(tracking_uri) == tracking_uri or tracking_uri not in text:
+        tracker.log_file(parent, grid_path)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / grid_path.name
+        copy.write_text(text.replace(tracking_uri, runs.redact(tracking_uri)))
+        tracker.log_file(parent, copy)
+
+
 def open_sweep_run(tracker, grid: Grid, grid_path: Path | None, grid_sig: str, resume: bool) -> tuple[str, bool]:
     """Reuse the parent run of an earlier sweep of this grid (so a resumed sweep adds no duplicate
     runs) or start a new one. Returns (run id, resumed)."""
@@ -131,16 +217,19 @@ def open_sweep_run(tracker, grid: Grid, grid_path: Path | None, grid_sig: str, r
         if resume:
             raise GridError(
                 f"--resume: no earlier sweep of experiment {grid.experiment!r} with this grid (signature "
-                f"{grid_sig}) in {grid.resolved_tracking_uri}; run without --resume to start one"
+                f"{grid_sig}) in {runs.redact(grid.resolved_tracking_uri)}; run without --resume to start one"
             )
         parent = tracker.start_run(
             runs.sweep_run_name(grid.experiment, time.strftime("%Y-%m-%d %H:%M:%S")),
             runs.sweep_tags(grid_sig, str(grid_path or "")),
         )
         # Absolute storage: a rerun launched from another directory (a Ray job) finds the same files.
-        tracker.log_dict(parent, {**grid.model_dump(mode="json"), "storage": str(grid.storage_path)}, runs.GRID_RESOLVED)
+        resolved = {**grid.model_dump(mode="json"), "storage": str(grid.storage_path)}
+        if grid.tracking_uri is not None:
+            resolved["tracking_uri"] = runs.redact(grid.tracking_uri)
+        tracker.log_dict(parent, resolved, runs.GRID_RESOLVED)
         if grid_path is not None:
-            tracker.log_file(parent, grid_path)
+            log_grid_file(tracker, parent, grid_path, grid.tracking_uri)
         tracker.log_params(parent, {runs.GRID_SIGNATURE: grid_sig})
         return parent, False
     parent = earlier.info.run_id
@@ -167,19 +256,50 @@ def run(
 ) -> dict[str, Any]:
     """Run (or resume) the whole sweep. Returns a dict with the tracking URI, parent run id, summary
     rows and the Tune results. ``trainable`` replaces the Tune function (tests inject faults)."""
+    datasets = check_inputs(grid)  # before the lock: a bad input writes nothing
     with storage_lock(grid.storage_path):
-        return Sweep(grid, grid_path, resume).run(trainable)
+        connect_ray(grid)
+        check_resources(grid)  # before the sweep's MLflow run: a request Ray can never meet would hang
+        return Sweep(grid, grid_path, resume, datasets).run(trainable)
+
+
+def resource_problems(grid: Grid, total: dict[str, float]) -> list[str]:
+    """Requests of the grid that ``total`` (the cluster's resources) can never meet."""
+    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    asks = [("resources.cpus_per_trial", grid.resources.cpus_per_trial, cpus, "CPUs"),
+            ("resources.gpus_per_trial", grid.resources.gpus_per_trial, gpus, "GPUs")]  # fmt: skip
+    for i, ann in enumerate(grid.annotators):
+        if isinstance(ann, ClipAnnotatorSpec):
+            asks += [(f"annotators[{i}].cpus_per_actor", ann.cpus_per_actor, cpus, "CPUs"),
+                     (f"annotators[{i}].gpus_per_actor", ann.gpus_per_actor, gpus, "GPUs")]  # fmt: skip
+    return [
+        f"{key}: {asked:g} {unit} asked, the Ray cluster has {have:g}"
+        for key, asked, have, unit in asks
+        if asked > have
+    ]
+
+
+def check_resources(grid: Grid) -> None:
+    """Refuse what the Ray cluster can never schedule (Tune would wait forever, silently). A local
+    Ray is all there is: refused; a cluster may still grow (autoscaling): warned."""
+    import ray
+
+    problems = resource_problems(grid, ray.cluster_resources())
+    if problems and not grid.ray.address and not os.environ.get("RAY_ADDRESS"):
+        raise GridError("resources the local Ray cannot provide:\n  " + "\n  ".join(problems))
+    for line in problems:
+        print(f"warning: {line} now (an autoscaling cluster may add nodes; else the trials wait)", flush=True)
 
 
 class Sweep:
     """One driver's pass over a grid: its studies, its MLflow parent run and its annotations."""
 
-    def __init__(self, grid: Grid, grid_path: Path | None, resume: bool):
+    def __init__(self, grid: Grid, grid_path: Path | None, resume: bool, datasets: dict[Any, Any]):
         from orchestrator.tracking import Tracker
 
         self.grid = grid
         self.studies = expand(grid)
-        self.datasets = check_inputs(grid)
+        self.datasets = datasets
         self.grid_sig = signature(grid.model_dump())
         self.tracker = Tracker(grid.resolved_tracking_uri, grid.experiment, artifact_location=grid.artifact_location)
         self.parent, self.resumed = open_sweep_run(self.tracker, grid, grid_path, self.grid_sig, resume)
@@ -196,8 +316,14 @@ class Sweep:
             trial = {runs.KIND: runs.TRIAL, runs.STUDY: study.study_id, runs.OPTUNA_TRIAL: str(number)}
             earlier = self.tracker.find_runs(trial, max_results=1)
             if earlier:
+                run_id = earlier[0].info.run_id
                 checkpoint = checked_checkpoint(earlier[0].data.tags.get(runs.CHECKPOINT), self.grid.storage_path)
-                extra.update(mlflow_run_id=earlier[0].info.run_id, resume_checkpoint=checkpoint)
+                if checkpoint is not None and not (Path(checkpoint) / CHECKPOINT_FILE).is_file():
+                    note = f"checkpoint {checkpoint} is gone; the trial restarts from its first epoch"
+                    print(f"warning: {study.study_id} trial {number}: {note}", flush=True)
+                    self.tracker.set_tags(run_id, {runs.RESTARTED: note})
+                    checkpoint = None
+                extra.update(mlflow_run_id=run_id, resume_checkpoint=checkpoint)
         ann = self.annotations[study.cell.annotation_job]
         cpus = self.grid.resources.cpus_per_trial
         return study.trial_config(sampled, annotation_key=ann.key, cache_dir=str(self.cache_dir), cpus=cpus, **extra)
@@ -238,7 +364,7 @@ class Sweep:
             f"experiment {grid.experiment!r}: {len({s.cell for s in studies})} cells x {len(grid.methods)} methods = "
             f"{len(studies)} studies, {trials} trials"
             + (f" ({to_resume} interrupted trials resume from their checkpoints, {to_ask} still to run)" if self.resumed else "")
-            + f"\n  storage:  {grid.storage_path}\n  tracking: {grid.resolved_tracking_uri}",
+            + f"\n  storage:  {grid.storage_path}\n  tracking: {runs.redact(grid.resolved_tracking_uri)}",
             flush=True,
         )
         self.tracker.log_params(self.parent, {"num_studies": str(len(studies)), "num_trials": str(trials)})
@@ -274,7 +400,7 @@ class Sweep:
         print(
             f"\nresults: MLflow experiment {self.grid.experiment!r} (parent run {self.parent}, status {self.status}"
             + (f", {closed} unfinished trial runs marked KILLED; run the same command again to resume them" if closed else "")
-            + f")\n  mlflow ui --backend-store-uri {self.grid.resolved_tracking_uri}\n"
+            + f")\n  mlflow ui --backend-store-uri {runs.redact(self.grid.resolved_tracking_uri)}\n"
             f"  optuna-dashboard {self.optuna_storage}\n  ray results: {self.grid.storage_path / 'ray_results'}",
             flush=True,
         )

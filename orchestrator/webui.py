@@ -19,8 +19,10 @@ Standard library only (plus the MLflow client and Ray's job SDK): one file, no f
 from __future__ import annotations
 
 import argparse
+import hmac
 import html
 import os
+import secrets
 import shlex
 import subprocess
 import sys
@@ -28,6 +30,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from html.parser import HTMLParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -45,6 +48,11 @@ STYLE = (
 def rerun_command(run_id: str, tracking_uri: str, ablation: str | None = None) -> list[str]:
     argv = [sys.executable, "-m", "orchestrator.rerun", run_id, "--tracking-uri", tracking_uri]
     return argv + (["--ablation", ablation] if ablation else [])
+
+
+def shown_command(argv: list[str]) -> str:
+    """The command line as the jobs page shows it: ``python ...`` with credentials taken out of URIs."""
+    return shlex.join(["python", *(runs.redact(arg) for arg in argv[1:])])
 
 
 @dataclass
@@ -73,7 +81,7 @@ class LocalLauncher:
         log_path = self.log_dir / f"{job_id}.log"
         with open(log_path, "w") as log:
             process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self._jobs[job_id] = (Job(job_id, shlex.join(["python", *argv[1:]])), process, log_path)
+        self._jobs[job_id] = (Job(job_id, shown_command(argv)), process, log_path)
         return job_id
 
     def jobs(self) -> list[Job]:
@@ -137,7 +145,7 @@ class RayJobLauncher:
                 continue
             job_id = info.submission_id or info.job_id
             out.append(
-                Job(job_id, info.entrypoint, (info.start_time or 0) / 1000, str(info.status.value), self.client.get_job_logs(job_id))
+                Job(job_id, shown_command(shlex.split(info.entrypoint)), (info.start_time or 0) / 1000, str(info.status.value), self.client.get_job_logs(job_id))
             )
         return out
 
@@ -150,7 +158,48 @@ def _enable_token_auth_if_token_present() -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
+SAFE_TAGS = frozenset({"table", "thead", "tbody", "tr", "th", "td", "caption", "h2", "h3", "h4", "p", "b", "strong", "em", "code", "br"})
+
+
+class _TableSanitiser(HTMLParser):
+    """Rebuilds stored results HTML from its text and a few table tags, without attributes: a
+    results artifact is written by whoever can write to the tracking server, so nothing in it
+    (scripts, handlers, links, styles) reaches the page."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.out: list[str] = []
+        self.skipping = 0  # inside <script> / <style> / <title>: their text is dropped too
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        if tag in ("script", "style", "title"):
+            self.skipping += 1
+        elif tag in SAFE_TAGS and not self.skipping:
+            self.out.append(f"<{tag}>")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("script", "style", "title"):
+            self.skipping = max(self.skipping - 1, 0)
+        elif tag in SAFE_TAGS and not self.skipping and tag != "br":
+            self.out.append(f"</{tag}>")
+
+    def handle_data(self, data: str) -> None:
+        if not self.skipping:
+            self.out.append(html.escape(data))
+
+
+def sanitised_tables(text: str) -> str:
+    """The results tables of a stored ``results.html``, with every tag but :data:`SAFE_TAGS` removed."""
+    parser = _TableSanitiser()
+    parser.feed(text)
+    parser.close()
+    return "".join(parser.out)
+
+
 class App:
+    """The pages. ``token`` (random per start) is in every launch form and required by
+    ``POST /launch``: another site can make a browser send a POST, but cannot read the token."""
+
     def __init__(self, tracking_uri: str, launcher: Any):
         from mlflow.tracking import MlflowClient
 
@@ -158,6 +207,7 @@ class App:
         self.client = MlflowClient(tracking_uri)
         self.launcher = launcher
         self.lock = threading.Lock()
+        self.token = secrets.token_urlsafe(24)
 
     # Pages -------------------------------------------------------------------------------------
 
@@ -166,8 +216,8 @@ class App:
         for exp in self.client.search_experiments():
             for run in self.client.search_runs([exp.experiment_id], runs.sweeps_filter(), order_by=runs.NEWEST_FIRST):
                 rows.append(
-                    f"<tr><td>{html.escape(exp.name)}</td><td><a href='/sweep/{run.info.run_id}'>{html.escape(run.info.run_name or run.info.run_id)}</a></td>"
-                    f"<td>{run.info.status}</td><td>{run.data.params.get('num_trials', '')}</td></tr>"
+                    f"<tr><td>{html.escape(exp.name)}</td><td><a href='/sweep/{html.escape(run.info.run_id)}'>{html.escape(run.info.run_name or run.info.run_id)}</a></td>"
+                    f"<td>{html.escape(run.info.status)}</td><td>{html.escape(run.data.params.get('num_trials', ''))}</td></tr>"
                 )
         body = "<table><tr><th>experiment</th><th>sweep</th><th>status</th><th>trials</th></tr>" + "".join(rows) + "</table>"
         return self._page("Sweeps", body if rows else "<p>No sweeps in this tracking store yet.</p>")
@@ -181,8 +231,7 @@ class App:
         )
         table = ""
         try:
-            table = Path(self.client.download_artifacts(parent, runs.RESULTS_HTML)).read_text()
-            table = table[table.find("<body>") + 6 : table.rfind("</body>")]
+            table = sanitised_tables(Path(self.client.download_artifacts(parent, runs.RESULTS_HTML)).read_text())
         except Exception:  # a sweep without tables yet: the runs list is still useful
             table = "<p>(no results table yet)</p>"
         lines = []
@@ -190,14 +239,14 @@ class App:
             tags, metrics = t.data.tags, t.data.metrics
             run_id = t.info.run_id
             spec = ALGORITHMS.get(tags.get(runs.METHOD, ""))
-            buttons = [self._button(run_id, None, "Rerun")]
-            buttons += [self._button(run_id, name, name) for name in (spec.ablations if spec else {})]
+            buttons = [self._button(run_id, None, "Rerun", self.token)]
+            buttons += [self._button(run_id, name, name, self.token) for name in (spec.ablations if spec else {})]
             variant = f" [{html.escape(tags[runs.VARIANT])}]" if tags.get(runs.VARIANT) else ""
             best = tags.get(runs.BEST_IN_CELL) == "true"
             lines.append(
-                f"<tr class='{'best' if best else ''}' data-run='{run_id}'>"
+                f"<tr class='{'best' if best else ''}' data-run='{html.escape(run_id)}'>"
                 f"<td>{html.escape(tags.get(runs.METHOD, ''))}{variant}</td><td>{html.escape(tags.get(runs.CELL, ''))}</td>"
-                f"<td>{t.info.status}</td><td>{100 * metrics.get(runs.TEST_ACC, float('nan')):.2f}</td>"
+                f"<td>{html.escape(t.info.status)}</td><td>{100 * metrics.get(runs.TEST_ACC, float('nan')):.2f}</td>"
                 f"<td>{metrics.get(tags.get(runs.OBJECTIVE, ''), float('nan')):.4f}</td>"
                 f"<td>{'yes' if best else ''}</td><td>{''.join(buttons)}</td></tr>"
             )
@@ -234,11 +283,11 @@ class App:
     # Helpers -----------------------------------------------------------------------------------
 
     @staticmethod
-    def _button(run_id: str, ablation: str | None, label: str) -> str:
+    def _button(run_id: str, ablation: str | None, label: str, token: str) -> str:
         hidden = f"<input type='hidden' name='ablation' value='{html.escape(ablation)}'>" if ablation else ""
         return (
-            f"<form method='post' action='/launch' style='display:inline'><input type='hidden' name='run_id' value='{run_id}'>"
-            f"{hidden}<button type='submit' data-ablation='{html.escape(ablation or '')}'>{html.escape(label)}</button></form>"
+            f"<form method='post' action='/launch' style='display:inline'><input type='hidden' name='run_id' value='{html.escape(run_id)}'>"
+            f"<input type='hidden' name='token' value='{token}'>{hidden}<button type='submit' data-ablation='{html.escape(ablation or '')}'>{html.escape(label)}</button></form>"
         )
 
     @staticmethod
@@ -249,6 +298,30 @@ class App:
         )
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def allowed_hosts(host: str, port: int) -> set[str] | None:
+    """The ``Host`` headers the page answers: its own address (and, on loopback, the loopback
+    names), so that a page from another site that rebinds its DNS name to this address gets
+    nothing. None (any host) only when bound to every interface, where the launch token guards."""
+    if host in ("0.0.0.0", "::", ""):
+        return None
+    names = set(LOOPBACK) if host in LOOPBACK else {host}
+    return {f"[{n}]:{port}" if ":" in n else f"{n}:{port}" for n in names}
+
+
+def refusal(headers: Any, hosts: set[str] | None, post: bool) -> str | None:
+    """Why a request is refused (None: served): a foreign ``Host``, or a POST from another origin."""
+    host = headers.get("Host", "")
+    if hosts is not None and host not in hosts:
+        return f"unexpected Host header {host!r}"
+    origin = headers.get("Origin")
+    if post and origin is not None and origin != f"http://{host}":
+        return f"cross-origin request from {origin!r}"
+    return None
+
+
 def make_server(app: App, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
     class Handler(BaseHTTPRequestHandler):
         def _send(self, code: int, text: str, location: str | None = None) -> None:
@@ -256,12 +329,22 @@ def make_server(app: App, host: str = "127.0.0.1", port: int = 0) -> ThreadingHT
             self.send_response(code)
             self.send_header("Content-Type", "text/html; charset=utf-8")
             self.send_header("Content-Length", str(len(data)))
+            self.send_header("X-Frame-Options", "DENY")
+            self.send_header("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'")
             if location:
                 self.send_header("Location", location)
             self.end_headers()
             self.wfile.write(data)
 
+        def _refused(self, post: bool) -> bool:
+            reason = refusal(self.headers, allowed_hosts(host, self.server.server_port), post)
+            if reason is not None:
+                self._send(403, App._page("Refused", f"<p>{html.escape(reason)}</p>"))
+            return reason is not None
+
         def do_GET(self) -> None:  # noqa: N802
+            if self._refused(post=False):
+                return
             path = urlparse(self.path).path
             try:
                 if path == "/":
@@ -276,11 +359,16 @@ def make_server(app: App, host: str = "127.0.0.1", port: int = 0) -> ThreadingHT
                 self._send(500, App._page("Error", f"<pre>{html.escape(repr(err))}</pre>"))
 
         def do_POST(self) -> None:  # noqa: N802
+            if self._refused(post=True):
+                return
             if urlparse(self.path).path != "/launch":
                 self._send(404, App._page("Not found", ""))
                 return
-            length = int(self.headers.get("Content-Length", "0"))
-            form = parse_qs(self.rfile.read(length).decode())
+            length = min(int(self.headers.get("Content-Length", "0") or 0), 1 << 16)
+            form = parse_qs(self.rfile.read(length).decode(errors="replace"))
+            if not hmac.compare_digest(form.get("token", [""])[0], app.token):
+                self._send(403, App._page("Refused", "<p>missing or wrong launch token: reload the page</p>"))
+                return
             try:
                 app.launch(form["run_id"][0], form.get("ablation", [None])[0])
             except Exception as err:
@@ -307,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     server = make_server(App(args.tracking_uri, launcher), args.host, args.port)
-    print(f"rerun page on http://{args.host}:{server.server_port} (tracking {args.tracking_uri}; reruns as {launcher.kind})", flush=True)
+    print(f"rerun page on http://{args.host}:{server.server_port} (tracking {runs.redact(args.tracking_uri)}; reruns as {launcher.kind})", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

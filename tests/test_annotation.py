@@ -13,7 +13,7 @@ from orchestrator.annotation.stage import annotate, annotation_key, clip_probs_k
 from orchestrator.annotation.synthetic import flip_candidates
 from orchestrator.annotation.templates import OPENAI_TEMPLATES, PAPER_TEMPLATES, templates_for
 from orchestrator.config import ClipAnnotatorSpec, DatasetSpec, SyntheticAnnotatorSpec
-from trainables.data.annotation import Annotation, load_cached, write_entry
+from trainables.data.annotation import Annotation, CorruptEntryError, checksum, load_cached, write_entry
 from trainables.data.datasets import load_dataset
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -233,7 +233,8 @@ def test_concurrent_writer_keeps_the_first_entry(tmp_path):
     final = tmp_path / "key"
     write_entry(final, {"a": np.arange(3)}, {"who": "first"})
     write_entry(final, {"a": np.arange(4)}, {"who": "second"})  # lost the race: no error
-    assert json.loads((final / "meta.json").read_text()) == {"who": "first"}
+    meta = json.loads((final / "meta.json").read_text())
+    assert meta["who"] == "first" and meta["checksums"] == {"a": checksum(np.arange(3))}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["key"]
 
 
@@ -310,3 +311,53 @@ def test_clip_key_depends_on_what_determines_the_probabilities(digits, tmp_path)
 def test_clip_class_names_must_match_the_classes(digits):
     with pytest.raises(ValueError, match="class_names has 3 entries but digits has 10 classes"):
         clip_probs_key(digits, TINY.model_copy(update={"class_names": ["a", "b", "c"]}))
+
+
+# -- cache integrity ----------------------------------------------------------------------------
+
+
+def _tamper(entry: Path, how: str) -> None:
+    arrays = dict(np.load(entry / "arrays.npz"))
+    if how == "altered":  # every label a candidate: the best possible label-free objective, no information
+        arrays["cand_train"] = np.ones_like(arrays["cand_train"])
+        np.savez(entry / "arrays.npz", **arrays)
+    elif how == "truncated":
+        data = (entry / "arrays.npz").read_bytes()
+        (entry / "arrays.npz").write_bytes(data[: len(data) // 2])
+    else:
+        (entry / "meta.json").write_text("{not json")
+
+
+@pytest.mark.parametrize("how", ["altered", "truncated", "meta"])
+def test_a_corrupt_cache_entry_is_refused_moved_aside_and_rebuilt(digits, tmp_path, how):
+    spec = SyntheticAnnotatorSpec(kind="synthetic")
+    first = annotate(digits, spec, q=0.3, eta=0.3, seed=0, cache_dir=tmp_path)
+    entry = tmp_path / first.key
+    _tamper(entry, how)
+    with pytest.raises(CorruptEntryError, match=first.key):
+        load_cached(tmp_path, first.key)  # what a trial reads: refused, never used
+    with pytest.warns(UserWarning, match="moved aside"):
+        again = annotate(digits, spec, q=0.3, eta=0.3, seed=0, cache_dir=tmp_path)
+    assert not again.cached and np.array_equal(again.cand_train, first.cand_train)
+    assert again.stats == first.stats
+    assert len(list(tmp_path.glob(f"{first.key}.corrupt-*"))) == 1  # kept for inspection
+    assert load_cached(tmp_path, first.key).cached  # the rebuilt entry reads back
+
+
+def test_corrupt_vlm_probabilities_are_computed_again(digits, tmp_path, monkeypatch):
+    from orchestrator.annotation import clip as clip_mod
+
+    calls = []
+
+    def fake_model(ds, spec, names, progress=None):  # stands in for the CLIP actors
+        calls.append(1)
+        rng = np.random.default_rng(0)
+        return tuple(rng.dirichlet(np.ones(10), (len(y), 27)).astype(np.float16) for y in (ds.train_y, ds.test_y))
+
+    monkeypatch.setattr(clip_mod, "annotate_clip", fake_model)
+    first = annotate(digits, TINY, cache_dir=tmp_path)
+    probs_entry = tmp_path / "clip_probs" / first.meta["probs_key"]
+    _tamper(probs_entry, "truncated")
+    with pytest.warns(UserWarning, match="moved aside"):
+        again = annotate(digits, TINY, cache_dir=tmp_path)
+    assert len(calls) == 2 and np.array_equal(again.probs_train, first.probs_train)

@@ -204,3 +204,122 @@ def test_method_settings_are_checked_one_way_for_the_grid_and_reruns(params, tra
     problems = check_method_settings("coreg", params, training, "--set")
     assert len(problems) == 1 and problems[0].startswith(expected), problems
     assert check_method_settings("coreg", {"warmup_epochs": 2}, {"lr": 0.01, "epochs": 3}, "--set") == []
+
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcdefgh", "bcdefghi")
+)
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (BOMB.encode(), "expands to more than 100000 nodes"),  # 10^9 leaves from a 300-byte file
+        (("x: " + "[" * 60 + "]" * 60 + "\n").encode(), "nested deeper than 40 levels"),
+        (b"experiment: caf\xe9\n", "not UTF-8 text"),
+    ],
+)
+def test_hostile_yaml_is_refused_before_it_is_built(tmp_path, capsys, content, expected):
+    bad = tmp_path / "g.yaml"
+    bad.write_bytes(content)
+    with pytest.raises(GridError, match=expected):
+        load_grid(bad)
+    assert main([str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+
+
+def test_floats_without_a_dot_are_floats(tmp_path):
+    good = tmp_path / "g.yaml"
+    good.write_text(yaml.safe_dump(base()).replace("methods:", "training: {lr: 1e-3, weight_decay: 5E-4}\nmethods:"))
+    grid = load_grid(good)
+    assert grid.training.lr == 0.001 and grid.training.weight_decay == 0.0005
+
+
+@pytest.mark.parametrize(
+    "path, value, expected",
+    [
+        ("grid.seeds", [-1], "grid.seeds: seeds = -1 is negative"),
+        ("training.epochs", 10**9, "training.epochs: Input should be less than or equal to 100000"),
+        ("tracking_uri", "htp://host:5000", "tracking_uri: tracking_uri scheme 'htp' is not one MLflow serves"),
+    ],
+)
+def test_values_past_validation_before_are_refused(path, value, expected):
+    assert expected in error_of(with_(path, value))
+
+
+def test_rerun_overrides_read_values_as_the_grid_does():
+    from orchestrator.rerun import RerunError, parse_overrides
+
+    assert parse_overrides(["lr=1e-3", "params.warmup_epochs=2"], "coreg", {}) == {
+        "params": {"warmup_epochs": 2},
+        "training": {"lr": 0.001},
+    }
+    with pytest.raises(RerunError, match="--set.training.momentum: Input should be less than 1"):
+        parse_overrides(["momentum=1.5"], "coreg", {})
+
+
+def test_a_storage_path_that_is_a_file_is_refused_before_anything_is_written(tmp_path, capsys):
+    blocker = tmp_path / "results"
+    blocker.write_text("not a directory")
+    raw = {**base(), "storage": str(blocker / "sweep")}
+    good = tmp_path / "g.yaml"
+    good.write_text(yaml.safe_dump(raw))
+    assert main([str(good)]) == 2
+    assert f"storage: {blocker} is not a directory" in capsys.readouterr().err
+    raw["storage"] = str(blocker)
+    good.write_text(yaml.safe_dump(raw))
+    assert main([str(good), "--dry-run"]) == 2
+    assert f"storage: {blocker} exists and is not a directory" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.yaml", "results"]  # nothing written
+
+
+@pytest.mark.parametrize(
+    "space, expected",
+    [
+        ({"lr": {"low": "0.01", "high": 0.1}}, "search.space.lr.low: Input should be a valid number"),
+        ({"lr": {"low": 0.1, "high": 0.01}}, "search.space.lr: low 0.1 > high 0.01"),
+        ({"lr": {"low": -1.0, "high": 0.1}}, "search.space.lr.low: Input should be greater than 0"),
+        ({"lr": "fast"}, "search.space.lr: Input should be a valid number"),
+        ({"lr": {"choices": []}}, "search.space.lr.choices: a non-empty list"),
+        ({"lr": {"choices": [0.1, "x"]}}, "search.space.lr.choices[1]: Input should be a valid number"),
+        ({"lr": {"step": 2}}, "search.space.lr: allowed keys are low, high, log, choices"),
+    ],
+)
+def test_search_space_overrides_are_checked_against_the_declared_ranges(space, expected):
+    raw = base()
+    raw["methods"] = [{"name": "cc", "search": {"space": space}}]
+    assert expected in error_of(raw)
+
+
+def test_sizes_the_data_cannot_meet_are_refused_before_ray_starts(tmp_path, capsys):
+    raw = {**base(), "storage": str(tmp_path / "results")}
+    raw["grid"] = {**raw["grid"], "shots": [0, 500]}
+    raw["methods"] = [{"name": "cc", "training": {"batch_size": 5000}}, {"name": "proden"}]
+    bad = tmp_path / "g.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    assert main([str(bad), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "grid.shots: 500 exceeds the" in err and "smallest class" in err
+    assert "methods[0] (cc): training.batch_size 5000 exceeds the" in err and "methods[1]" not in err
+    assert not (tmp_path / "results").exists()
+
+
+def test_unreachable_services_are_refused_quickly_before_ray_starts(tmp_path, capsys):
+    import socket
+    import time
+
+    with socket.socket() as probe:  # a free port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    raw = {**base(), "storage": str(tmp_path / "results"), "tracking_uri": f"http://127.0.0.1:{port}",
+           "ray": {"address": f"127.0.0.1:{port}"}}  # fmt: skip
+    bad = tmp_path / "g.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    tic = time.monotonic()
+    assert main([str(bad)]) == 2
+    assert time.monotonic() - tic < 30
+    err = capsys.readouterr().err
+    assert f"tracking_uri: nothing answers at 127.0.0.1:{port}" in err
+    assert f"ray.address: nothing answers at 127.0.0.1:{port}" in err
+    assert not (tmp_path / "results").exists()

@@ -228,3 +228,18 @@ def test_registry_get():
     with pytest.raises(KeyError) as err:
         get("dividemix_typo")
     assert ", ".join(sorted(ALGORITHMS)) in str(err.value)  # every allowed name, sorted
+
+
+def test_params_declare_their_ranges_and_the_defaults_lie_inside(trained):
+    """The params dataclass is the one source of the allowed values (grid, search space, --set)."""
+    import typing
+
+    from pydantic import TypeAdapter
+
+    spec, *_ = trained
+    hints = typing.get_type_hints(spec.params, include_extras=True)
+    for name, hint in hints.items():
+        TypeAdapter(hint).validate_python(getattr(spec.params(), name))  # raises on a default outside
+        for override in spec.ablations.values():
+            if name in override:
+                TypeAdapter(hint).validate_python(override[name])

@@ -187,6 +187,7 @@ def grid(datasets, annotators=({"kind": "given"},), **extra) -> dict:
         "datasets": list(datasets),
         "annotators": list(annotators),
         "methods": [{"name": "cc"}],
+        "training": {"batch_size": 16},  # the fake files hold 60 samples: a batch of 64 is refused
         **extra,
     }
 

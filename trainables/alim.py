@@ -55,10 +55,11 @@ Implementation details / deviations:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor
 
 from trainables.api import AlgorithmSpec, BuildContext, Target, TrainData
@@ -83,39 +84,39 @@ class ALIMParams:
 
     lambda_mode: Literal["adaptive", "fixed"] = "adaptive"
     """``adaptive``: eta-quantile of the ratios (poster Eq. 6); ``fixed``: ``lam`` from ``lambda_start`` on."""
-    lam: float = 0.5
+    lam: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
     """lambda of the fixed mode (0 trusts S, 1 ignores it)."""
-    lambda_start: int = 5
+    lambda_start: Annotated[int, Field(ge=0)] = 5
     """e0: epoch from which lambda is adjusted (reference ``--piror_start``)."""
-    eta_hint: float | None = None
+    eta_hint: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     """A user-given noise rate for the adaptive mode; None estimates it by a GMM on the log-ratios."""
-    eta_scale: float = 1.0
+    eta_scale: Annotated[float, Field(ge=0.0)] = 1.0
     """Multiplies the estimated eta (adaptive mode without ``eta_hint``)."""
     cap_lambda: bool = True
     """Cap the adaptive lambda at 1 (reference ``--max1``, set in every published run)."""
-    warmup_epochs: int = 0
+    warmup_epochs: Annotated[int, Field(ge=0)] = 0
     """PiCO-style warm-up epochs (uniform conf, MoCo); the reference has none."""
-    mixup_weight: float = 1.0
+    mixup_weight: Annotated[float, Field(ge=0.0)] = 1.0
     """Weight of the MixUp loss (reference ``--loss_weight_mixup``; 0 turns it off)."""
-    mix_alpha: float = 4.0
+    mix_alpha: Annotated[float, Field(gt=0.0)] = 4.0
     """MixUp lambda ~ Beta(alpha, alpha) (reference ``--alpha``)."""
-    cont_weight: float = 0.5
+    cont_weight: Annotated[float, Field(ge=0.0)] = 0.5
     """Weight of the SupCon loss (reference ``--loss_weight``)."""
-    phi_start: float = 0.95
+    phi_start: Annotated[float, Field(ge=0.0, le=1.0)] = 0.95
     """Moving-average coefficient of the pseudo-labels at the first epoch."""
-    phi_end: float = 0.8
+    phi_end: Annotated[float, Field(ge=0.0, le=1.0)] = 0.8
     """... ramped linearly to this value at the last epoch."""
-    proto_momentum: float = 0.99
+    proto_momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.99
     """EMA momentum of the prototypes."""
-    proto_temperature: float = 0.07
+    proto_temperature: Annotated[float, Field(gt=0.0)] = 0.07
     """Temperature of the prototype similarity P (reference ``--vMF``)."""
-    proj_dim: int = 128
+    proj_dim: Annotated[int, Field(ge=1)] = 128
     """Dimension of the L2-normalised projection."""
-    moco_momentum: float = 0.999
+    moco_momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.999
     """Momentum of the key network."""
-    queue_size: int = 8192
+    queue_size: Annotated[int, Field(ge=1)] = 8192
     """Length of the MoCo key queue."""
-    temperature: float = 0.07
+    temperature: Annotated[float, Field(gt=0.0)] = 0.07
     """Temperature of the contrastive losses."""
 
 
@@ -123,7 +124,7 @@ class ALIMParams:
 class ALIMScaleParams(ALIMParams):
     """ALIM's settings and the power of the Scale normalisation."""
 
-    scale_k: float = 1.0
+    scale_k: Annotated[float, Field(gt=0.0)] = 1.0
     """K of Scale(z) = z^(1/K) / sum z^(1/K) (reference Case3: 1)."""
 
 

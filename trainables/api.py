@@ -35,9 +35,9 @@ class TrainSettings:
     ``--set`` are both derived from them (``orchestrator/config.py``), so a value is checked the same
     way wherever it enters."""
 
-    epochs: Annotated[int, Field(ge=1)] = 30
+    epochs: Annotated[int, Field(ge=1, le=100_000)] = 30
     """Total training epochs (warm-up included)."""
-    batch_size: Annotated[int, Field(ge=2)] = 64
+    batch_size: Annotated[int, Field(ge=2, le=1_000_000)] = 64
     """Mini-batch size (the papers use 256 on CIFAR)."""
     lr: Annotated[float, Field(gt=0.0)] = 0.05
     """Initial learning rate of SGD."""

@@ -65,10 +65,11 @@ Implementation details / deviations:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor
 
 from trainables.api import AlgorithmSpec, BuildContext, Target, TrainData
@@ -87,44 +88,44 @@ from trainables.common.two_net import CoTrainedPair, TwoNets, labeled_fraction, 
 
 @dataclass(frozen=True)
 class CoRegParams:
-    warmup_epochs: int = 10
+    warmup_epochs: Annotated[int, Field(ge=0)] = 10
     """Warm-up epochs (Eq. 1-3). The paper uses 20-100 of 100-800; grids set it relative to ``training.epochs``."""
-    neg_entropy_weight: float = 1.0
+    neg_entropy_weight: Annotated[float, Field(ge=0.0)] = 1.0
     """Weight of the negative-entropy term in the warm-up loss (Eq. 3 uses 1). Partial CE plus a
     weight-1 entropy bonus is minimised by predictions spread evenly over S, so with large candidate
     sets (synthetic q = 0.3: |S| ~ 3.7) and short warm-ups the nets leave warm-up barely better than
     a uniform guess within S; a smaller weight lets them disambiguate."""
-    tau_div: float = 0.5
+    tau_div: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
     """Clean-probability threshold: P = {w > tau_div} (reference ``--p_threshold``)."""
-    T: float = 0.5
+    T: Annotated[float, Field(gt=0.0)] = 0.5
     """Sharpening temperature (Eq. 8)."""
-    num_weak_views: int = 2
+    num_weak_views: Annotated[int, Field(ge=1)] = 2
     """K, weak views averaged for the pseudo-labels (Eq. 6-7)."""
-    lambda_u: float = 1.0
+    lambda_u: Annotated[float, Field(ge=0.0)] = 1.0
     """Weight of the MSE on U (Eq. 9, after the ramp; Eq. 10 without it)."""
-    rampup_epochs: int = 16
+    rampup_epochs: Annotated[int, Field(ge=0)] = 16
     """Epochs after warm-up over which the Eq. 9 U weight ramps linearly from 0 to ``lambda_u``."""
-    mix_alpha: float = 4.0
+    mix_alpha: Annotated[float, Field(gt=0.0)] = 4.0
     """MixUp lambda ~ Beta(alpha, alpha) (Eq. 14)."""
-    beta1: float = 0.1
+    beta1: Annotated[float, Field(ge=0.0)] = 0.1
     """Weight of the prototypical similarity alignment (Eq. 13)."""
-    beta2: float = 0.1
+    beta2: Annotated[float, Field(ge=0.0)] = 0.1
     """Weight of the noisy supervised contrastive loss (Eq. 13)."""
-    proj_dim: int = 128
+    proj_dim: Annotated[int, Field(ge=1)] = 128
     """Dimension of the L2-normalised projection (prototypes and contrastive keys)."""
-    proto_momentum: float = 0.999
+    proto_momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.999
     """gamma, EMA momentum of the prototypes (Eq. 11)."""
-    proto_temperature: float = 0.3
+    proto_temperature: Annotated[float, Field(gt=0.0)] = 0.3
     """Temperature of the prototype similarity softmax (reference ``--tau_proto``)."""
-    moco_momentum: float = 0.999
+    moco_momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.999
     """Momentum of the key networks."""
-    queue_size: int = 8192
+    queue_size: Annotated[int, Field(ge=1)] = 8192
     """Length of each net's MoCo queue (may exceed the number of samples)."""
-    cont_temperature: float = 0.07
+    cont_temperature: Annotated[float, Field(gt=0.0)] = 0.07
     """T'', temperature of the contrastive loss (Eq. 12)."""
-    contrastive_start: int = 10
+    contrastive_start: Annotated[int, Field(ge=0)] = 10
     """Epochs after warm-up before the beta1 and beta2 terms enter the loss."""
-    loss_history: int = 5
+    loss_history: Annotated[int, Field(ge=1)] = 5
     """Epochs of division losses averaged before the GMM."""
     distribution_alignment: bool = True
     """Align predictions to a uniform prior before the division loss (reference ``--perform_da``)."""
@@ -140,7 +141,7 @@ class CoRegParams:
     """Warm up on strong views with twice the batch size, as the reference code does."""
     reset_key_each_epoch: bool = False
     """Re-copy each key net from its net at every epoch start, as the reference code does."""
-    cosine_period: int | None = None
+    cosine_period: Annotated[int, Field(ge=1)] | None = None
     """Cosine period in epochs with floor lr * 1e-3 (reference: 800); None: ``training.epochs``, floor 0."""
 
 

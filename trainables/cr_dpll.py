@@ -43,9 +43,11 @@ Implementation details / deviations:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor
 
 from trainables.api import AlgorithmSpec, BuildContext, Target, TrainData
@@ -66,9 +68,9 @@ def non_candidate_nll(logits: Tensor, cand: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class CRDPLLParams:
-    lam: float = 1.0
+    lam: Annotated[float, Field(ge=0.0)] = 1.0
     """Weight of the consistency term after the ramp (the reference's ``--lam``, default 1)."""
-    rampup_fraction: float = 0.5
+    rampup_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
     """T' as a fraction of ``training.epochs``: the weight grows linearly from 0 over these epochs."""
 
 

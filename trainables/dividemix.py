@@ -48,10 +48,11 @@ Implementation details / deviations:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor
 
 from trainables.api import AlgorithmSpec, BuildContext, Target, TrainData, starred_variant
@@ -69,23 +70,23 @@ from trainables.common.two_net import CoTrainedPair, TwoNets, labeled_fraction
 class DivideMixParams:
     starred: bool = False
     """DivideMix*: learn from the template-average argmax instead of template ``single_template``."""
-    warmup_epochs: int = 10
+    warmup_epochs: Annotated[int, Field(ge=0)] = 10
     """CE warm-up epochs (reference: 10 of 300 on CIFAR-10, 30 on CIFAR-100)."""
-    p_threshold: float = 0.5
+    p_threshold: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
     """Clean-probability threshold tau: X = {w > p_threshold}."""
-    T: float = 0.5
+    T: Annotated[float, Field(gt=0.0)] = 0.5
     """Sharpening temperature."""
-    lambda_u: float = 25.0
+    lambda_u: Annotated[float, Field(ge=0.0)] = 25.0
     """Weight of the unlabeled MSE after the ramp (paper: 0, 25, 50 or 150 by noise level)."""
-    rampup_epochs: int = 16
+    rampup_epochs: Annotated[int, Field(ge=0)] = 16
     """Epochs after warm-up over which the unlabeled weight ramps linearly from 0 to ``lambda_u``."""
-    mix_alpha: float = 4.0
+    mix_alpha: Annotated[float, Field(gt=0.0)] = 4.0
     """MixUp l ~ Beta(alpha, alpha)."""
     conf_penalty: bool = False
     """Add the negative-entropy confidence penalty during warm-up (reference: asymmetric noise)."""
-    loss_history: int = 1
+    loss_history: Annotated[int, Field(ge=1)] = 1
     """Epochs of normalised division losses averaged before the GMM (reference: 5 at 90% noise)."""
-    warmup_batch_factor: int = 2
+    warmup_batch_factor: Annotated[int, Field(ge=1)] = 2
     """Warm-up batch size = factor x batch size (reference: 2)."""
 
 

@@ -52,10 +52,11 @@ Implementation details / deviations:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor
 
 from trainables.api import AlgorithmSpec, BuildContext, Target, TrainData
@@ -87,29 +88,29 @@ def detect_noisy(probs: Tensor, cand: Tensor, margin: float) -> tuple[Tensor, Te
 class IRNetParams:
     correct: bool = True
     """Run detection and correction; False leaves the base PLL learner (the reference's PiCO baseline)."""
-    margin: float = 0.2
+    margin: Annotated[float, Field(ge=0.0, le=1.0)] = 0.2
     """Detection margin delta on probabilities (reference ``--correct_threshold_range`` default)."""
-    warmup_epochs: int = 10
+    warmup_epochs: Annotated[int, Field(ge=0)] = 10
     """No correction before this epoch (0-based); the earliest start with ``start="plateau"``."""
     start: Literal["epoch", "plateau"] = "epoch"
     """Start correcting at ``warmup_epochs`` or, from then on, once the training loss plateaus."""
-    plateau_window: int = 3
+    plateau_window: Annotated[int, Field(ge=1)] = 3
     """Epochs per window of the plateau test."""
-    plateau_tol: float = 0.02
+    plateau_tol: Annotated[float, Field(ge=0.0)] = 0.02
     """Relative drop of the windowed mean training loss below which it counts as a plateau."""
-    detect_views: int = 2
+    detect_views: Annotated[int, Field(ge=1)] = 2
     """K views that must all agree (the training view plus K - 1 extra views)."""
     extra_view: Literal["weak", "strong"] = "weak"
     """Augmentation of the extra detection views (reference ``case3``: weak)."""
     remove_least: bool = False
     """Also drop the least likely candidate of a corrected sample (reference ``--correct_deletion``)."""
-    ce_weight: float = 1.0
+    ce_weight: Annotated[float, Field(ge=0.0)] = 1.0
     """Weight of CE(conf, p) in the symmetric cross-entropy."""
-    rce_weight: float = 1.0 / 6.0
+    rce_weight: Annotated[float, Field(ge=0.0)] = 1.0 / 6.0
     """Weight of the reverse CE(p, conf) (reference SCE beta / alpha = 1 / 6)."""
-    conf_ema_start: float = 0.95
+    conf_ema_start: Annotated[float, Field(ge=0.0, le=1.0)] = 0.95
     """Confidence moving-average momentum at the first epoch (PiCO's phi range, reference default)."""
-    conf_ema_end: float = 0.8
+    conf_ema_end: Annotated[float, Field(ge=0.0, le=1.0)] = 0.8
     """Momentum at the last epoch (linear in between)."""
 
 

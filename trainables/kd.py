@@ -27,10 +27,11 @@ Implementation details / deviations:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor
 
 from trainables.api import AlgorithmSpec, BuildContext, Target, TrainData, starred_variant
@@ -43,7 +44,7 @@ from trainables.common.targets import sharpen
 class KDParams:
     starred: bool = False
     """KD*: distil the template-average probabilities instead of template ``single_template``."""
-    temperature: float = 1.0
+    temperature: Annotated[float, Field(gt=0.0)] = 1.0
     """Distillation temperature T (Hinton et al.); 1 distils the probabilities as they are."""
     augment: bool = True
     """Train on weak views (shift + flip); False trains on plain views."""

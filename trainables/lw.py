@@ -34,10 +34,11 @@ Implementation details / deviations:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor
 
 from trainables.api import AlgorithmSpec, BuildContext, Target, TrainData
@@ -52,7 +53,7 @@ PSI = ("sigmoid", "logistic")
 class LWParams:
     """The settings of LWS and LWC."""
 
-    beta: float = 1.0
+    beta: Annotated[float, Field(ge=0.0)] = 1.0
     """Weight of the non-candidate term (the paper's beta; 0 drops it)."""
     augment: bool = True
     """Train on weak views (shift + flip); False trains on plain views as the reference does."""

@@ -42,9 +42,10 @@ Implementation details / deviations:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Annotated, Callable
 
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor
 
 from trainables.api import AlgorithmSpec, BuildContext, Target, TrainData
@@ -60,23 +61,23 @@ from trainables.common.pico import (
 
 @dataclass(frozen=True)
 class PiCOParams:
-    warmup_epochs: int = 1
+    warmup_epochs: Annotated[int, Field(ge=0)] = 1
     """Epochs before prototype-based disambiguation and SupCon start (reference ``--prot_start``)."""
-    cont_weight: float = 0.5
+    cont_weight: Annotated[float, Field(ge=0.0)] = 0.5
     """Weight of the contrastive loss (reference ``--loss_weight``)."""
-    phi_start: float = 0.95
+    phi_start: Annotated[float, Field(ge=0.0, le=1.0)] = 0.95
     """Moving-average coefficient of the pseudo-labels at the first epoch (Eq. 7)."""
-    phi_end: float = 0.8
+    phi_end: Annotated[float, Field(ge=0.0, le=1.0)] = 0.8
     """... ramped linearly to this value at the last epoch."""
-    proto_momentum: float = 0.99
+    proto_momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.99
     """gamma, EMA momentum of the prototypes (Eq. 8)."""
-    proj_dim: int = 128
+    proj_dim: Annotated[int, Field(ge=1)] = 128
     """Dimension of the L2-normalised projection."""
-    moco_momentum: float = 0.999
+    moco_momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.999
     """Momentum of the key network."""
-    queue_size: int = 8192
+    queue_size: Annotated[int, Field(ge=1)] = 8192
     """Length of the MoCo key queue."""
-    temperature: float = 0.07
+    temperature: Annotated[float, Field(gt=0.0)] = 0.07
     """Temperature of the contrastive losses."""
 
 

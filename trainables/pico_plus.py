@@ -49,10 +49,11 @@ Implementation details / deviations:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor
 
 from trainables.api import AlgorithmSpec, BuildContext, Target, TrainData
@@ -69,37 +70,37 @@ from trainables.common.pico import (
 
 @dataclass(frozen=True)
 class PiCOPlusParams:
-    warmup_epochs: int = 1
+    warmup_epochs: Annotated[int, Field(ge=0)] = 1
     """Epochs of PiCO warm-up before selection and disambiguation (reference ``--prot_start``, 5 of 800)."""
-    pure_ratio: float = 0.6
+    pure_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.6
     """Fraction of samples selected as reliable, by distance to their prototype (``--pure_ratio``)."""
-    knn_start: int = 10
+    knn_start: Annotated[int, Field(ge=0)] = 10
     """Epoch from which unreliable anchors take kNN positives (``--knn_start``, 100 of 800 there)."""
-    num_neighbors: int = 16
+    num_neighbors: Annotated[int, Field(ge=1)] = 16
     """k of the kNN positives (``--chosen_neighbors``; 5 for CIFAR-100 in the README)."""
-    guess_temperature: float = 0.07
+    guess_temperature: Annotated[float, Field(gt=0.0)] = 0.07
     """Temperature of the prototype-based label guess (``--temperature_guess``)."""
-    ur_weight: float = 0.1
+    ur_weight: Annotated[float, Field(ge=0.0)] = 0.1
     """Weight of the unreliable losses and of the all-sample SupCon (``--ur_weight``)."""
-    cls_weight: float = 2.0
+    cls_weight: Annotated[float, Field(ge=0.0)] = 2.0
     """Weight of the CE on reliable samples next to the MixUp loss (``--cls_weight``)."""
-    mix_alpha: float = 4.0
+    mix_alpha: Annotated[float, Field(gt=0.0)] = 4.0
     """MixUp lambda ~ Beta(alpha, alpha)."""
-    cont_weight: float = 0.5
+    cont_weight: Annotated[float, Field(ge=0.0)] = 0.5
     """Contrastive weight of reliable anchors and during warm-up (``--loss_weight``)."""
-    phi_start: float = 0.95
+    phi_start: Annotated[float, Field(ge=0.0, le=1.0)] = 0.95
     """PiCO's phi at the first epoch (``--conf_ema_range`` start), for every sample's conf."""
-    phi_end: float = 0.8
+    phi_end: Annotated[float, Field(ge=0.0, le=1.0)] = 0.8
     """PiCO's phi at the last epoch (``--conf_ema_range`` end), linear in between."""
-    proto_momentum: float = 0.99
+    proto_momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.99
     """EMA momentum of the prototypes, moved by reliable samples only (``--proto_m``)."""
-    proj_dim: int = 128
+    proj_dim: Annotated[int, Field(ge=1)] = 128
     """Dimension of the L2-normalised projection (``--low-dim``)."""
-    moco_momentum: float = 0.999
+    moco_momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.999
     """Momentum of the key network (``--moco_m``)."""
-    queue_size: int = 8192
+    queue_size: Annotated[int, Field(ge=1)] = 8192
     """Length of the MoCo key queue, keys stored with their reliable flags (``--moco_queue``)."""
-    temperature: float = 0.07
+    temperature: Annotated[float, Field(gt=0.0)] = 0.07
     """Temperature of the SupCon and MoCo losses."""
 
 

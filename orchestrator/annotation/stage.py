@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,9 @@ from orchestrator.config import (
 )
 from trainables.data.annotation import (
     Annotation,
+    CorruptEntryError,
     load_cached,
+    move_aside,
     read_entry,
     renormalised,
     write_entry,
@@ -53,9 +56,9 @@ from trainables.data.annotation import (
 from trainables.data.datasets import Dataset
 from trainables.data.spec import signature
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 """Bump when what an entry holds or how it is computed changes (it is part of every key).
-2: CLIP entries also hold ``soft_single_train``."""
+2: CLIP entries also hold ``soft_single_train``. 3: every entry records its arrays' checksums."""
 
 PROBS_FORMAT = 1
 """The same for the CLIP probabilities entries (part of :func:`clip_probs_key`); kept apart so that
@@ -240,6 +243,25 @@ def annotate(
     cache_dir = Path(cache_dir)
     key = annotation_key(dataset, spec, q=q, eta=eta, seed=seed)
     entry = cache_dir / key
+    try:
+        return _annotate_or_load(dataset, spec, q, eta, seed, key, entry, cache_dir, progress)
+    except CorruptEntryError as err:  # rebuilt once; a second failure is not the cache's fault
+        aside = move_aside(err.entry)
+        warnings.warn(f"{err}; moved aside to {aside.name}, computing it again", stacklevel=2)
+        return _annotate_or_load(dataset, spec, q, eta, seed, key, entry, cache_dir, progress)
+
+
+def _annotate_or_load(
+    dataset: Dataset,
+    spec: Spec,
+    q: float | None,
+    eta: float | None,
+    seed: int,
+    key: str,
+    entry: Path,
+    cache_dir: Path,
+    progress: Callable[[int, int], None] | None,
+) -> Annotation:
     if isinstance(spec, SyntheticAnnotatorSpec):
         if (entry / "meta.json").is_file():
             return load_cached(cache_dir, key)

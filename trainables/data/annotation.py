@@ -16,10 +16,13 @@ writers of one key are safe: the first rename wins and both hold identical conte
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 import os
 import shutil
 import tempfile
+import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,9 +147,27 @@ def renormalised(probs: np.ndarray) -> np.ndarray:
     return probs / probs.sum(axis=1, keepdims=True)
 
 
+class CorruptEntryError(ValueError):
+    """A cache entry that cannot be trusted: unreadable, truncated, or its arrays do not match the
+    checksums written with them. The annotation stage moves it aside and computes it again."""
+
+    def __init__(self, entry: Path, reason: str):
+        super().__init__(f"annotation cache entry {entry} is corrupt ({reason})")
+        self.entry = entry
+
+
+def checksum(array: np.ndarray) -> str:
+    """sha256 of an array's dtype, shape and bytes."""
+    h = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
+    h.update(np.ascontiguousarray(array).tobytes())
+    return h.hexdigest()
+
+
 def write_entry(final: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-    """Write arrays.npz + meta.json into a temporary sibling directory, then rename it into place."""
+    """Write arrays.npz + meta.json (with every array's checksum) into a temporary sibling
+    directory, then rename it into place."""
     final.parent.mkdir(parents=True, exist_ok=True)
+    meta = {**meta, "checksums": {name: checksum(np.asarray(a)) for name, a in arrays.items()}}
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         np.savez(tmp / "arrays.npz", **arrays)
@@ -163,12 +184,32 @@ def write_entry(final: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]
 
 
 def read_entry(final: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
-    """The arrays and meta of an entry, or None when it is not there."""
+    """The arrays and meta of an entry, or None when it is not there. Raises
+    :class:`CorruptEntryError` when it is there but unreadable or its arrays fail their checksums
+    (entries written before checksums existed are read unchecked)."""
     if not (final / "meta.json").is_file():
         return None
-    with np.load(final / "arrays.npz", allow_pickle=False) as z:
-        arrays = {name: z[name] for name in z.files}
-    return arrays, json.loads((final / "meta.json").read_text())
+    try:
+        meta = json.loads((final / "meta.json").read_text())
+        with np.load(final / "arrays.npz", allow_pickle=False) as z:
+            arrays = {name: z[name] for name in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise CorruptEntryError(final, f"{type(err).__name__}: {err}") from None
+    expected = meta.get("checksums") if isinstance(meta, dict) else None
+    if expected is not None:
+        if set(expected) != set(arrays):
+            raise CorruptEntryError(final, f"arrays {sorted(arrays)} != recorded {sorted(expected)}")
+        bad = [name for name, a in arrays.items() if checksum(a) != expected[name]]
+        if bad:
+            raise CorruptEntryError(final, f"checksum mismatch of {', '.join(bad)}")
+    return arrays, meta
+
+
+def move_aside(entry: Path) -> Path:
+    """Rename a corrupt entry to ``<name>.corrupt-<time>`` (kept for inspection, never read again)."""
+    aside = entry.with_name(f"{entry.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+    os.rename(entry, aside)
+    return aside
 
 
 def load_cached(cache_dir: Path, key: str, *, with_probs: bool = True) -> Annotation:

@@ -1,0 +1,54 @@
+"""A corpus of malformed grid files (tests/malformed_grids/), each with exactly one thing wrong.
+
+Every file starts with ``# expect: <substring>``: the refusal must be a :class:`GridError` (never a
+traceback) whose message contains it, naming the key. Files with a ``# via: sweep --dry-run`` line
+go through ``python -m orchestrator.sweep <file> --dry-run``, which must exit 2 with the expectation
+on stderr (the checks of data sets, model files and storage happen only there).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import GridError, load_grid
+from orchestrator.sweep import main
+
+CORPUS = Path(__file__).with_name("malformed_grids")
+FILES = sorted(CORPUS.glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def header(path: Path) -> tuple[str, bool]:
+    """The ``# expect:`` substring and whether the file goes through ``--dry-run`` (headers are ASCII)."""
+    lines = path.read_bytes().split(b"\n")
+    first = lines[0].decode("ascii")
+    assert first.startswith("# expect: "), f"{path.name}: the first line must be '# expect: <substring>'"
+    via = any(line.decode("ascii", "replace").strip() == "# via: sweep --dry-run" for line in lines[1:3])
+    return first.removeprefix("# expect: ").strip(), via
+
+
+def test_corpus_is_large_and_well_formed():
+    assert len(FILES) >= 60
+    names = [p.name for p in FILES]
+    assert len({n.split("_", 1)[0] for n in names}) == len(names), "file numbers must be distinct"
+    for path in FILES:
+        expect, _ = header(path)
+        assert expect, f"{path.name}: empty expectation"
+
+
+@pytest.mark.parametrize("path", FILES, ids=[p.name for p in FILES])
+def test_malformed_grid_is_refused(path: Path, capsys, monkeypatch):
+    expect, via_sweep = header(path)
+    if via_sweep:
+        monkeypatch.chdir(ROOT)  # files name fixtures relative to the repository root
+        assert load_grid(path)  # valid as a grid: only the dry run's input checks refuse it
+        assert main([str(path), "--dry-run"]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        assert expect in err, err
+        return
+    with pytest.raises(GridError) as info:
+        load_grid(path)
+    assert expect in str(info.value), str(info.value)
