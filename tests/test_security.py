@@ -240,3 +240,17 @@ def test_a_resumed_trial_whose_checkpoint_is_gone_restarts_and_says_so(tmp_path,
     assert spec.resume_checkpoint is None and spec.mlflow_run_id == "run1"
     assert "is gone; the trial restarts from its first epoch" in tags["run1"][runs.RESTARTED]
     assert "restarts from its first epoch" in capsys.readouterr().out
+
+
+def test_a_second_driver_on_the_same_storage_is_refused(tmp_path):
+    from orchestrator.config import parse_grid
+    from orchestrator.sweep import SweepLockedError, run, storage_lock
+
+    grid = parse_grid({
+        "experiment": "x", "storage": str(tmp_path), "datasets": [{"name": "digits"}],
+        "annotators": [{"kind": "synthetic"}], "grid": {"q": [0.3], "eta": [0.1]}, "methods": [{"name": "cc"}],
+    })  # fmt: skip
+    with storage_lock(grid.storage_path):  # the first driver
+        with pytest.raises(SweepLockedError, match="another sweep is running on storage"):
+            run(grid)
+    assert not (tmp_path / "mlflow.db").exists()

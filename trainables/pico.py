@@ -54,31 +54,15 @@ from trainables.common.confidence import CandidateConfidence, ConfidenceTableMet
 from trainables.common.losses import soft_ce
 from trainables.common.metrics import MeanMeter
 from trainables.common.pico import (
-    ContrastiveClassifier, candidate_argmax, contrast_set, disambiguate, masked_supcon_loss, moco_loss, phi_at,
+    ContrastParams, ContrastiveClassifier, candidate_argmax, contrast_set, disambiguate, masked_supcon_loss, moco_loss, phi_at,
     same_label_mask,
 )  # fmt: skip
 
 
 @dataclass(frozen=True)
-class PiCOParams:
+class PiCOParams(ContrastParams):
     warmup_epochs: Annotated[int, Field(ge=0)] = 1
     """Epochs before prototype-based disambiguation and SupCon start (reference ``--prot_start``)."""
-    cont_weight: Annotated[float, Field(ge=0.0)] = 0.5
-    """Weight of the contrastive loss (reference ``--loss_weight``)."""
-    phi_start: Annotated[float, Field(ge=0.0, le=1.0)] = 0.95
-    """Moving-average coefficient of the pseudo-labels at the first epoch (Eq. 7)."""
-    phi_end: Annotated[float, Field(ge=0.0, le=1.0)] = 0.8
-    """... ramped linearly to this value at the last epoch."""
-    proto_momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.99
-    """gamma, EMA momentum of the prototypes (Eq. 8)."""
-    proj_dim: Annotated[int, Field(ge=1)] = 128
-    """Dimension of the L2-normalised projection."""
-    moco_momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.999
-    """Momentum of the key network."""
-    queue_size: Annotated[int, Field(ge=1)] = 8192
-    """Length of the MoCo key queue."""
-    temperature: Annotated[float, Field(gt=0.0)] = 0.07
-    """Temperature of the contrastive losses."""
 
 
 @dataclass

@@ -63,13 +63,13 @@ from trainables.common.losses import mean_or_zero, soft_ce
 from trainables.common.metrics import MeanMeter
 from trainables.common.mixup import mixup_ce
 from trainables.common.pico import (
-    ContrastiveClassifier, candidate_argmax, contrast_set, disambiguate, masked_supcon_loss, moco_loss, own_key_mask,
+    ContrastParams, ContrastiveClassifier, candidate_argmax, contrast_set, disambiguate, masked_supcon_loss, moco_loss, own_key_mask,
     phi_at, same_label_mask,
 )  # fmt: skip
 
 
 @dataclass(frozen=True)
-class PiCOPlusParams:
+class PiCOPlusParams(ContrastParams):
     warmup_epochs: Annotated[int, Field(ge=0)] = 1
     """Epochs of PiCO warm-up before selection and disambiguation (reference ``--prot_start``, 5 of 800)."""
     pure_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.6
@@ -86,22 +86,6 @@ class PiCOPlusParams:
     """Weight of the CE on reliable samples next to the MixUp loss (``--cls_weight``)."""
     mix_alpha: Annotated[float, Field(gt=0.0)] = 4.0
     """MixUp lambda ~ Beta(alpha, alpha)."""
-    cont_weight: Annotated[float, Field(ge=0.0)] = 0.5
-    """Contrastive weight of reliable anchors and during warm-up (``--loss_weight``)."""
-    phi_start: Annotated[float, Field(ge=0.0, le=1.0)] = 0.95
-    """PiCO's phi at the first epoch (``--conf_ema_range`` start), for every sample's conf."""
-    phi_end: Annotated[float, Field(ge=0.0, le=1.0)] = 0.8
-    """PiCO's phi at the last epoch (``--conf_ema_range`` end), linear in between."""
-    proto_momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.99
-    """EMA momentum of the prototypes, moved by reliable samples only (``--proto_m``)."""
-    proj_dim: Annotated[int, Field(ge=1)] = 128
-    """Dimension of the L2-normalised projection (``--low-dim``)."""
-    moco_momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.999
-    """Momentum of the key network (``--moco_m``)."""
-    queue_size: Annotated[int, Field(ge=1)] = 8192
-    """Length of the MoCo key queue, keys stored with their reliable flags (``--moco_queue``)."""
-    temperature: Annotated[float, Field(gt=0.0)] = 0.07
-    """Temperature of the SupCon and MoCo losses."""
 
 
 def select_reliable(distance: Tensor, pure_ratio: float) -> Tensor:
