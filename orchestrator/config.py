@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
+    BaseModel,
     Field,
     TypeAdapter,
     ValidationError,
@@ -30,7 +31,7 @@ from pydantic import (
 
 from trainables.api import TrainSettings
 from trainables.data.datasets import DATASETS
-from trainables.data.spec import DatasetSpec, Strict
+from trainables.data.spec import DatasetSpec, Strict, did_you_mean
 
 OBJECTIVES = {"val/covering_rate": "max", "val/partial_loss": "min"}
 
@@ -177,7 +178,8 @@ def check_method_settings(method: str, params: dict[str, Any], training: dict[st
             if key not in hints:
                 allowed = ", ".join(sorted(hints)) or "(none)"
                 what = "parameter" if section == "params" else "training setting"
-                problems.append(f"{where}.{section}.{key}: unknown {what} of {method}; allowed: {allowed}")
+                hint = did_you_mean(key, hints)
+                problems.append(f"{where}.{section}.{key}: unknown {what} of {method}{hint}; allowed: {allowed}")
                 continue
             try:
                 TypeAdapter(hints[key]).validate_python(value, strict=isinstance(value, str) or None)
@@ -311,12 +313,42 @@ def _loc(loc: tuple) -> str:
     return out
 
 
+ANNOTATOR_KINDS = {"synthetic": SyntheticAnnotatorSpec, "clip": ClipAnnotatorSpec, "given": GivenAnnotatorSpec}
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside a field's type (``list[X]``, ``X | None``, ``Annotated[X, ...]``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _keys_at(loc: tuple) -> list[str]:
+    """The keys allowed in the mapping that holds the key at ``loc`` (for "did you mean")."""
+    model: type[BaseModel] | None = Grid
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        if part in ANNOTATOR_KINDS:
+            model = ANNOTATOR_KINDS[part]
+            continue
+        field = model.model_fields.get(part) if model is not None else None
+        model = _model_in(field.annotation) if field is not None else None
+        if model is None:
+            return []
+    return list(model.model_fields) if model is not None else []
+
+
 def _format(err: ValidationError) -> list[str]:
     lines = []
     for e in err.errors():
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = "unknown key" + did_you_mean(str(e["loc"][-1]), _keys_at(e["loc"]))
         elif e["type"] == "union_tag_invalid":
             msg = f"unknown annotator kind {e['input'].get('kind')!r}; allowed: synthetic, clip, given" if isinstance(e["input"], dict) else msg
         elif e["type"] == "union_tag_not_found":
@@ -396,7 +428,8 @@ def _check_methods(grid: Grid) -> list[str]:
             problems.append(f"{where}.name: zero_shot is not a method; every VLM-annotated column of the tables has its zero-shot rows, from the annotation")
             continue
         if m.name not in ALGORITHMS:
-            problems.append(f"{where}.name: unknown method {m.name!r}; allowed: {', '.join(sorted(ALGORITHMS))}")
+            hint = did_you_mean(m.name, ALGORITHMS)
+            problems.append(f"{where}.name: unknown method {m.name!r}{hint}; allowed: {', '.join(sorted(ALGORITHMS))}")
             continue
         spec = ALGORITHMS[m.name]
         fields = {f.name for f in dataclasses.fields(spec.params)}
@@ -418,7 +451,8 @@ def _check_methods(grid: Grid) -> list[str]:
         for key, value in m.search.space.items():
             if key not in asked:
                 problems.append(
-                    f"{where}.search.space.{key}: not a parameter of the {m.name} search space; allowed: {', '.join(asked)}"
+                    f"{where}.search.space.{key}: not a parameter of the {m.name} search space{did_you_mean(key, asked)}; "
+                    f"allowed: {', '.join(asked)}"
                 )
             elif key in hints:
                 problems += _space_problems(f"{where}.search.space.{key}", hints[key], value)

@@ -123,6 +123,9 @@ def rerun(
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    local = tracking_uri.removeprefix("sqlite:///") if tracking_uri.startswith("sqlite:///") else None
+    if local is not None and not Path(local).is_file():  # MLflow would create an empty store there
+        raise RerunError(f"no MLflow store at {local}; give the sweep's --tracking-uri (or set MLFLOW_TRACKING_URI)")
     client = MlflowClient(tracking_uri)
     try:
         run = client.get_run(run_id)
@@ -193,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{Path('results/mlflow.db').resolve()}"),
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./results/mlflow.db)",
     )
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="change a setting: params.<name>=<value>, training.<name>=<value> or <name>=<value> "
+                        "(repeatable; checked against the method's params dataclass and TrainSettings)")
     parser.add_argument("--ablation", dest="ablations", action="append", default=[], metavar="NAME",
                         help="an ablation switch of the method (repeatable; each is its own variant)")
     parser.add_argument("--seeds", type=int, nargs="+", help="run on these seeds instead of the run's own")

@@ -14,6 +14,7 @@ are never shared across cells or methods) and runs everything else to the end.
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any, Callable
 
 import optuna
@@ -83,6 +84,9 @@ class MultiStudySearcher(Searcher):
                 sampler=_sampler(plan.method.search.sampler, int(signature(study_id, 8), 16)),
                 load_if_exists=True,
             )
+            with warnings.catch_warnings():  # experimental since Optuna 3.2, stable in use
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names([plan.objective])  # optuna-dashboard shows it, not "Objective 0"
             study.set_user_attr("objective", plan.objective)
             study.set_user_attr("method", plan.method.name)
             study.set_user_attr("cell", plan.cell.label())

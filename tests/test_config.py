@@ -67,7 +67,7 @@ def test_base_grid_is_valid_and_expands():
         ("grid.unlabeled_fraction", [0.0], "outside (0, 1]"),
         ("grid.seeds", [], "at least one value"),
         ("grid.seeds", "zero", "grid.seeds"),
-        ("datasets.0.name", "cifar11", "unknown dataset 'cifar11'; allowed: "),
+        ("datasets.0.name", "cifar11", "unknown dataset 'cifar11' (did you mean 'cifar10'?); allowed: "),
         ("datasets.0.subsample", -5, "datasets[0].subsample"),
         ("annotators.0.kind", "gpt", "unknown annotator kind 'gpt'"),
         ("methods.0.name", "nope", "methods[0].name: unknown method 'nope'; allowed: "),
@@ -323,3 +323,28 @@ def test_unreachable_services_are_refused_quickly_before_ray_starts(tmp_path, ca
     assert f"tracking_uri: nothing answers at 127.0.0.1:{port}" in err
     assert f"ray.address: nothing answers at 127.0.0.1:{port}" in err
     assert not (tmp_path / "results").exists()
+
+
+def test_misspelt_names_get_a_did_you_mean():
+    raw = base()
+    raw["trainig"] = {}
+    raw["datasets"] = [{"name": "digit", "subsampel": 3}]
+    message = error_of(raw)
+    assert "trainig: unknown key (did you mean 'training'?)" in message
+    assert "datasets[0].subsampel: unknown key (did you mean 'subsample'?)" in message
+    assert "datasets[0].name: unknown dataset 'digit' (did you mean 'digits'?)" in message
+    raw = base()
+    raw["methods"] = [{"name": "corgg"}, {"name": "coreg", "params": {"tau_dvi": 1}}, {"name": "cc", "search": {"space": {"lrr": 1}}}]
+    message = error_of(raw)
+    assert "methods[0].name: unknown method 'corgg' (did you mean 'coreg'?)" in message
+    assert "methods[1].params.tau_dvi: unknown parameter of coreg (did you mean 'tau_div'?)" in message
+    assert "methods[2].search.space.lrr: not a parameter of the cc search space (did you mean 'lr'?)" in message
+
+
+def test_rerun_never_creates_a_store_it_did_not_find(tmp_path, capsys):
+    from orchestrator.rerun import main as rerun_main
+
+    missing = tmp_path / "results" / "mlflow.db"
+    assert rerun_main(["0123abcd", "--tracking-uri", f"sqlite:///{missing}"]) == 2
+    assert f"no MLflow store at {missing}" in capsys.readouterr().err
+    assert not missing.exists() and not missing.parent.exists()

@@ -72,6 +72,7 @@ def test_round_robin_first_trial_is_the_resolved_config_and_budgets_hold(tmp_pat
     cc = optuna.load_study(study_name=plans[0].study_id, storage=storage)
     completed = [t for t in cc.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(completed) == 1 and completed[0].user_attrs["metrics"]["test/acc"] == 0.4
+    assert cc.metric_names == [plans[0].objective]  # optuna-dashboard names the objective
 
 
 def test_interrupted_trials_are_handed_out_again_with_their_parameters(tmp_path):
@@ -138,3 +139,29 @@ def test_asha_stops_bad_trials_within_a_study_only(tmp_path):
     worse = trial("worse", coreg)
     scheduler.on_trial_add(None, worse)
     assert scheduler.on_trial_result(None, worse, {"epoch": 1, "val/covering_rate": 0.0}) == TrialScheduler.CONTINUE
+
+
+def test_optuna_dashboard_serves_the_studies_with_their_objective(tmp_path):
+    """The sweep's last lines tell the user to run ``optuna-dashboard <storage>``: it is installed
+    and shows each study's objective by name."""
+    import json
+    import sys
+    import urllib.request
+    from pathlib import Path
+
+    from servers import free_port, serving
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    plans = studies()
+    s = searcher(plans, storage)
+    s.suggest("t0")
+    port = free_port()
+    dashboard = str(Path(sys.executable).parent / "optuna-dashboard")
+    argv = [dashboard, storage, "--host", "127.0.0.1", "--port", str(port)]
+    with serving(argv, f"http://127.0.0.1:{port}/api/studies", tmp_path / "dashboard.log", timeout_s=60):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=10) as response:
+            listed = {study["study_name"]: study["study_id"] for study in json.load(response)["study_summaries"]}
+        assert plans[0].study_id in listed
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{listed[plans[0].study_id]}", timeout=10) as response:
+            detail = json.load(response)
+    assert detail["objective_names"] == [plans[0].objective]

@@ -5,8 +5,10 @@ It lives on the learning side because the loaders read it; the orchestrator's gr
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +21,12 @@ class Strict(BaseModel):
     """A frozen pydantic model that refuses unknown keys (every grid section derives from it)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def did_you_mean(name: str, allowed: Iterable[str]) -> str:
+    """`` (did you mean 'tau_div'?)`` for a misspelt ``name`` close to one of ``allowed``, else ``""``."""
+    close = difflib.get_close_matches(name, list(allowed), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def signature(obj: Any, length: int = 12) -> str:
@@ -79,5 +87,5 @@ class DatasetSpec(Strict):
     @classmethod
     def _known(cls, name: str) -> str:
         if name not in DATASETS:
-            raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(sorted(DATASETS))}")
+            raise ValueError(f"unknown dataset {name!r}{did_you_mean(name, DATASETS)}; allowed: {', '.join(sorted(DATASETS))}")
         return name
