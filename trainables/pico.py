@@ -28,7 +28,7 @@ Implementation details / deviations:
 2. Query view = weak augmentation, key view = strong (reference loaders: ``images_w`` to the
    query, ``images_s`` to the key); the classifier sees the query view only.
 3. ``warmup_epochs`` = 1 (``run.sh`` CIFAR setting; parser default 80 of 800 epochs). In a short
-   run set it to 0: on digits (30 epochs, batch 128) the one warm-up epoch costs about 22 points
+   run set it to 0: on digits (30 epochs, batch 128) the one warm-up epoch costs about 23 points
    (README, "The PiCO family's warm-up in a short run"). The queue starts empty (the reference
    fills it with random keys whose random float labels never match).
 4. The CE target is conf after this batch's update, as in the reference (update, then loss).
