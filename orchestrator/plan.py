@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from pydantic import TypeAdapter
 
@@ -101,15 +101,6 @@ class Study:
         )
 
 
-def trial_spec(config: Mapping[str, Any]) -> TrialSpec:
-    """A trial's spec from its config (Tune's, or a run's ``resolved_config.json``), also one
-    written before ``label`` existed."""
-    config = dict(config)
-    config.setdefault("label", config.get("method"))
-    config.setdefault("sampled", {})
-    return TrialSpec.from_config(config)
-
-
 class TrialSpecs:
     """The spec of each Tune trial, read once from its config (callbacks see a trial many times)."""
 
@@ -119,7 +110,7 @@ class TrialSpecs:
     def __call__(self, trial: Any) -> TrialSpec:
         spec = self._specs.get(trial.trial_id)
         if spec is None:
-            spec = self._specs[trial.trial_id] = trial_spec(trial.config)
+            spec = self._specs[trial.trial_id] = TrialSpec.from_config(trial.config)
         return spec
 
 
@@ -137,15 +128,19 @@ def expand_cells(grid: Grid) -> list[Cell]:
     return cells
 
 
+def method_training(grid: Grid, method: MethodSpec) -> TrainSettings:
+    """A method's training settings: the defaults, then the grid's ``training:``, then the method's."""
+    return method.training.apply(grid.training.apply(TrainSettings()))
+
+
 def expand(grid: Grid) -> list[Study]:
     """Every (cell, method) study, ordered so that a round-robin over them keeps cells concurrent."""
-    base = grid.training.apply(TrainSettings())
     studies = []
     for cell in expand_cells(grid):
         for method in grid.methods:
             spec = ALGORITHMS[method.name]
             params = {**dataclasses.asdict(spec.params()), **method.params}
-            training = method.training.apply(base)
+            training = method_training(grid, method)
             study_key = signature({"cell": cell.as_config(), "method": method.model_dump(exclude={"label"} if method.label is None else None), "training": dataclasses.asdict(training)}, 10)
             study_id = f"{grid.experiment}.{method.label or method.name}.{study_key}"
             studies.append(Study(study_id, cell, method, training, params))

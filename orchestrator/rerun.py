@@ -33,7 +33,7 @@ import yaml
 from orchestrator import runs
 from orchestrator.config import GridError, GridLoader, check_method_settings, parse_grid
 from orchestrator.launch import annotate_cells, connect_ray, exit_code, run_trials
-from orchestrator.plan import Cell, trial_spec
+from orchestrator.plan import Cell
 from trainables.spec import TrialSpec
 
 
@@ -135,7 +135,7 @@ def rerun(
     if kind != runs.TRIAL:
         raise RerunError(f"run {run_id} is a {kind or 'non-sweep'!r} run, not a trial run of a sweep")
     parent = run.data.tags.get(runs.PARENT_TAG)
-    spec = trial_spec(_load_json(client, run_id, runs.RESOLVED_CONFIG))
+    spec = TrialSpec.from_config(_load_json(client, run_id, runs.RESOLVED_CONFIG))
     grid = parse_grid(_load_json(client, parent, runs.GRID_RESOLVED), source=f"sweep run {parent}")
     specs = plan_configs(spec, run_id, overrides=list(overrides), ablations=list(ablations), seeds=seeds)
     for s in specs:

@@ -185,11 +185,10 @@ def save_student(
 def load_trained(checkpoint_dir: Path, dataset: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """(algorithm rebuilt from the checkpoint's config and loaded with its state on the CPU, that
     state, the student's model info)."""
-    from orchestrator.plan import trial_spec
     from trainables.loop import build_from_info, load_checkpoint
 
     state = load_checkpoint(Path(checkpoint_dir))
-    spec = trial_spec(state["config"])
+    spec = TrialSpec.from_config(state["config"])
     info = model_info(spec, dataset, state["num_samples"])
     algo = build_from_info(
         spec,

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 from orchestrator import runs
 from orchestrator.config import ClipAnnotatorSpec, Grid, GridError, load_grid
 from orchestrator.launch import annotate_cells, connect_ray, exit_code, run_trials
-from orchestrator.plan import Study, expand, trial_spec
+from orchestrator.plan import Study, expand, method_training
 from trainables.data.spec import signature
 from trainables.loop import CHECKPOINT_FILE
 from trainables.spec import TrialSpec
@@ -129,7 +129,6 @@ def _size_problems(grid: Grid, datasets: dict[Any, Any]) -> list[str]:
     import numpy as np
 
     problems = []
-    studies = expand(grid)
     for spec, ds in datasets.items():
         name = ds.name if spec.split is None else f"{ds.name} (split {spec.split})"
         fewest = int(np.bincount(ds.train_y, minlength=len(ds.class_names)).min())
@@ -137,7 +136,7 @@ def _size_problems(grid: Grid, datasets: dict[Any, Any]) -> list[str]:
             if shots > fewest:
                 problems.append(f"grid.shots: {shots} exceeds the {fewest} training samples of {name}'s smallest class")
         for i, method in enumerate(grid.methods):
-            training = next(s.training for s in studies if s.method is method)
+            training = method_training(grid, method)
             pool = int(len(ds.train_y) * (1 - training.val_fraction))
             if training.batch_size > pool:
                 problems.append(
@@ -339,7 +338,6 @@ class Sweep:
         self._announce(to_resume, to_ask)
         callback = MlflowTrialCallback(self.tracker, self.parent)
         try:
-            connect_ray(self.grid)
             cells = [s.cell for s in self.studies]
             self.annotations.update(annotate_cells(cells, self.datasets, self.cache_dir, self.tracker, self.parent))
             results = []
@@ -377,7 +375,7 @@ class Sweep:
         self.tracker.set_tags(self.parent, {runs.TRIALS_FAILED: str(len(failed)), runs.TRIALS_RUN: str(len(results))})
         print("\n" + tables.console(), flush=True)
         for r in failed:
-            study = trial_spec(r.config).study if r.config else "?"
+            study = TrialSpec.from_config(r.config).study if r.config else "?"
             print(f"trial {study} failed: {str(r.error).splitlines()[0][:300]}", file=sys.stderr)
         self.status = "KILLED" if callback.open_runs() else "FINISHED"
         return {

@@ -102,11 +102,11 @@ def test_sweep_lands_on_the_server_with_statuses_and_artifacts(server, sweep, tm
     # the student, downloaded from the server, predicts the test set as well as the trial reported
     local = client.download_artifacts(trial.info.run_id, "student", str(tmp_path))
     model = mlflow.pyfunc.load_model(local)
-    from orchestrator.plan import trial_spec
+    from trainables.spec import TrialSpec
     from orchestrator.student import driver_dataset
 
     config_file = client.download_artifacts(trial.info.run_id, "resolved_config.json", str(tmp_path))
-    dataset = driver_dataset(trial_spec(json.loads(Path(config_file).read_text())))
+    dataset = driver_dataset(TrialSpec.from_config(json.loads(Path(config_file).read_text())))
     acc = (model.predict(dataset.test_x)["class_id"].to_numpy() == dataset.test_y).mean()
     assert acc == pytest.approx(trial.data.metrics["test/acc"], abs=1e-6)
 

@@ -120,9 +120,9 @@ def test_the_sweep_run_records_its_storage_as_an_absolute_path(tmp_path, monkeyp
 def test_a_resolved_config_of_an_earlier_version_reads_back_with_its_signature():
     """``resolved_config.json`` as earlier drivers wrote it (a plain dict, ``signature`` included;
     the oldest without ``label``): reruns and students read it as a TrialSpec."""
-    from orchestrator.plan import trial_spec
+    from trainables.spec import TrialSpec
 
     spec = trial_specs()[0].replace(optuna_trial=3)
     old = {k: v for k, v in spec.to_config().items() if v is not None and k not in ("label", "device")}
-    read = trial_spec(old)
+    read = TrialSpec.from_config(old)
     assert read == spec and read.signature == spec.signature == old["signature"]

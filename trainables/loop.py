@@ -259,17 +259,12 @@ def _restore(algo: Algorithm, td: TrialData, directory: Path, device: torch.devi
     algo.load_state_dict(state["algorithm"])
     td.data.generator.set_state(state["generator"])
     td.aug_generator.set_state(state["aug_generator"])
-    random.setstate(_as_tuples(state["python_rng"]))
+    random.setstate(state["python_rng"])
     rng = state["numpy_rng"]
     keys = rng["keys"].numpy().astype(np.uint32)
     np.random.set_state((rng["kind"], keys, rng["pos"], rng["has_gauss"], rng["cached_gaussian"]))
     torch.set_rng_state(state["torch_rng"])
     return state["epoch"], state["best"]
-
-
-def _as_tuples(value: Any) -> Any:
-    """``random.setstate`` wants the tuples ``random.getstate`` gave (a round trip may give lists)."""
-    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def _saver(trial: TrialSpec, algo: Algorithm, td: TrialData, epoch: int, best: dict, last: bool) -> Callable[[Path], None]:

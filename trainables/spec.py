@@ -118,7 +118,9 @@ class TrialSpec:
 
     @classmethod
     def from_config(cls, raw: Mapping[str, Any]) -> "TrialSpec":
-        """Read back :meth:`to_config` (unknown keys are refused, the signature is recomputed)."""
+        """Read back :meth:`to_config` (unknown keys are refused, the signature is recomputed),
+        also a config written before ``label`` and ``sampled`` existed."""
+        raw = {"label": raw.get("method"), "sampled": {}, **raw}
         names = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = set(raw) - names - {"signature"}
         if unknown:
