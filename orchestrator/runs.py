@@ -39,6 +39,8 @@ RESTARTED = "restarted"
 """Why a resumed trial started again from its first epoch (its checkpoint was gone)."""
 ERROR, LAST_ERROR, ARTIFACTS_ERROR = "error", "last_error", "artifacts_error"
 FINAL_TEST_ACC, BEST_IN_CELL = "final_test_acc", "best_in_cell"
+COLLAPSE = "collapse"
+"""Label-free collapse found at the last epoch: ``none``, ``predictions``, ``embedding`` (``trainables/common/diagnostics.py``)."""
 METHOD, LABEL, VARIANT, RERUN_OF = "method", "label", "variant", "rerun_of"
 STUDY, OPTUNA_TRIAL, OBJECTIVE, SIGNATURE, CELL = "study", "optuna_trial", "objective", "signature", "cell"
 # Tags of an annotation run
@@ -49,7 +51,7 @@ CELL_AXES = ("dataset", "annotator", "q", "eta", "shots", "fraction")
 SEED, SPLIT = "seed", "split"
 
 # Metrics
-REPORTED_PREFIXES = ("train/", "test/", "val/", "pl/", "split/", "time/")
+REPORTED_PREFIXES = ("train/", "test/", "val/", "pl/", "split/", "time/", "diag/")
 """Prefixes of the trial metrics mirrored into MLflow (everything else Tune reports is not)."""
 EPOCH = "epoch"
 TEST_ACC, TEST_ACC_SELECTED = "test/acc", "test/acc_selected"

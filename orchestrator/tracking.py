@@ -34,6 +34,7 @@ from orchestrator import runs
 from orchestrator.plan import TrialSpecs
 from orchestrator.student import log_trial_artifacts
 from trainables.spec import CellSpec, TrialSpec
+from trainables.common.diagnostics import collapse_reason
 
 MAX_PARAM_LEN = 6000
 
@@ -206,6 +207,8 @@ class MlflowTrialCallback(Callback):
         last = trial.last_result or {}
         if runs.TEST_ACC in last:
             self.tracker.set_tags(run_id, {runs.FINAL_TEST_ACC: f"{last[runs.TEST_ACC]:.4f}"})
+        if "diag/collapsed" in last:
+            self.tracker.set_tags(run_id, {runs.COLLAPSE: collapse_reason(last)})
         self.tracker.end_run(run_id, "FINISHED")
         self.artifacts.submit(run_id, self.spec(trial), self.history.pop(trial.trial_id, []), trial.checkpoint)
 

@@ -505,3 +505,45 @@ def test_mixmatch_mixes_the_views_of_both_splits_and_splits_its_losses():
     loss_x, loss_u = mixmatch_losses(logits, mixed_t, 4)
     torch.testing.assert_close(loss_x, soft_ce(logits[:4], mixed_t[:4]).mean())
     torch.testing.assert_close(loss_u, squared_error(F.softmax(logits[4:], dim=1), mixed_t[4:]).mean())
+
+
+# -- collapse diagnostics ------------------------------------------------------------------------
+
+
+def test_collapse_diagnostics_on_crafted_embeddings_and_labels():
+    from trainables.common.diagnostics import class_entropy, collapse_reason, mean_pairwise_cosine, prototype_cosine
+
+    eye = torch.eye(4)
+    assert mean_pairwise_cosine(eye) == pytest.approx(0.0)
+    assert mean_pairwise_cosine(torch.ones(5, 3) * torch.arange(1, 6.0)[:, None]) == pytest.approx(1.0)
+    assert mean_pairwise_cosine(torch.tensor([[1.0, 0.0], [-1.0, 0.0]])) == pytest.approx(-1.0)
+    assert class_entropy(torch.arange(10), 10) == pytest.approx(1.0)
+    assert class_entropy(torch.zeros(7, dtype=torch.long), 10) == pytest.approx(0.0)
+    assert class_entropy(torch.tensor([0, 1] * 50), 10) == pytest.approx(math.log(2) / math.log(10))
+    protos = torch.zeros(3, 2)
+    assert math.isnan(prototype_cosine(protos))  # none set yet
+    protos[0], protos[2] = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    assert prototype_cosine(protos) == pytest.approx(0.0)  # the unset row is left out
+    assert collapse_reason({"diag/prediction_entropy": 0.9, "diag/embedding_cosine": 0.3}) == "none"
+    assert collapse_reason({"diag/prediction_entropy": 0.3}) == "predictions"
+    assert collapse_reason({"diag/prediction_entropy": 0.3, "diag/embedding_cosine_b": 0.99}) == "predictions+embedding"
+
+
+def test_embedding_diagnostics_see_a_collapsed_projector():
+    from trainables.common.diagnostics import embedding_diagnostics
+    from trainables.common.moco import make_key_net
+    from trainables.common.nets import Net
+
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8))
+    encoder.out_dim = 8
+    net = Net(encoder, 3, proj_dim=4)
+    probe = torch.randn(32, 1, 4, 4)
+    healthy = embedding_diagnostics(net, probe, make_key_net(net))
+    assert healthy["key_query_distance"] == pytest.approx(0.0, abs=1e-6)  # the key net is a copy
+    with torch.no_grad():  # every output on one direction, large: the PiCO-switch collapse
+        net.projector[-1].weight.zero_()
+        net.projector[-1].bias.copy_(torch.tensor([30.0, 40.0, 0.0, 0.0]))
+    collapsed = embedding_diagnostics(net, probe)
+    assert collapsed["embedding_cosine"] == pytest.approx(1.0) and collapsed["embedding_norm"] == pytest.approx(50.0)
+    assert healthy["embedding_cosine"] < 0.9

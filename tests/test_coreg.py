@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -228,3 +229,44 @@ def test_reference_cosine_period_and_warmup_options():
     assert _build().pair.schedulers[0].T_max == 4  # training.epochs
     metrics = algo.train_epoch(_data()[0], 0)  # strong views, batch 32: still a finite warm-up
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+
+
+def _params_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.parametrize("restart", [True, False])
+def test_key_nets_start_from_the_warmed_up_nets_when_the_warmup_ends(restart, monkeypatch):
+    algo = _build(restart_keys_after_warmup=restart)
+    built = [copy.deepcopy(k) for k in algo.key_nets]  # the nets' random initialisation
+    _run(algo, epochs=1)  # warm-up: the key nets are not used
+
+    def divide(i, data):
+        for key_net, net, init in zip(algo.key_nets, algo.pair.nets, built):
+            assert _params_equal(key_net, net) == restart
+            assert _params_equal(key_net, init) == (not restart)
+        raise _Stop
+
+    monkeypatch.setattr(algo, "_divide", divide)
+    with pytest.raises(_Stop):
+        algo.train_epoch(_data()[0], 1)
+
+
+def _param_distance(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    return sum((x - y).pow(2).sum() for x, y in zip(a.parameters(), b.parameters())).sqrt().item()
+
+
+def test_key_nets_follow_their_nets_and_the_contrastive_signals_are_logged():
+    probe = _data()[0].views.plain(_data()[0].x[:32])
+    lag = {}
+    for restart in (True, False):
+        algo = _build(restart_keys_after_warmup=restart, warmup_epochs=3)
+        _run(algo, epochs=4)  # 3 warm-up epochs move the nets away from their initialisation
+        lag[restart] = [_param_distance(k, q) for k, q in zip(algo.key_nets, algo.pair.nets)]
+    # from the warmed-up nets, the key nets stay close behind; from the build-time copy they are far
+    assert all(with_restart < 0.2 * without for with_restart, without in zip(lag[True], lag[False]))
+    signals = algo.diagnostics(probe)
+    assert set(signals) == {"prototype_cosine"} | {
+        f"{k}_{n}" for k in ("embedding_norm", "embedding_cosine", "key_query_distance", "queue_label_entropy") for n in "ab"
+    }
+    assert all(0.0 < signals[f"key_query_distance_{n}"] < 2.0 and 0.0 < signals[f"queue_label_entropy_{n}"] <= 1.0 for n in "ab")

@@ -100,3 +100,39 @@ def test_resume_from_checkpoint_continues_the_same_run(tmp_path):
     for a, b in zip(full[2:], resumed):
         assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5)
         assert a["test/acc"] == pytest.approx(b["test/acc"], abs=1e-6)
+
+
+@pytest.mark.parametrize("method", ["cc", "pico", "coreg"])
+def test_every_epoch_logs_label_free_collapse_diagnostics(tmp_path, method):
+    params = {"warmup_epochs": 1, "contrastive_start": 0} if method == "coreg" else {}
+    history = collect(tiny_config(tmp_path, method, **params), max_epochs=2)
+    diag = {k for k in history[-1] if k.startswith("diag/")}
+    expected = {"diag/prediction_entropy", "diag/prediction_confidence", "diag/collapsed"}
+    if method == "pico":
+        expected |= {f"diag/{k}" for k in ("embedding_norm", "embedding_cosine", "key_query_distance", "prototype_cosine", "queue_label_entropy")}
+    if method == "coreg":
+        expected |= {"diag/prototype_cosine", "diag/embedding_cosine_a", "diag/key_query_distance_b", "diag/queue_label_entropy_a"}
+    assert expected <= diag and (method != "cc" or diag == expected)
+    for epoch in history:
+        assert 0.0 < epoch["diag/prediction_entropy"] <= 1.0 and epoch["diag/collapsed"] in (0.0, 1.0)
+        assert 0.1 <= epoch["diag/prediction_confidence"] <= 1.0  # 10 classes: at least 1 / C
+
+
+def test_two_network_methods_run_the_test_set_once_through_each_net(tmp_path, monkeypatch):
+    from trainables import loop
+    from trainables.common.two_net import TwoNets
+
+    calls = {"predict": 0, "predict_nets": 0}
+    for name in calls:
+        original = getattr(TwoNets, name)
+        monkeypatch.setattr(TwoNets, name, lambda self, x, _o=original, _n=name: calls.__setitem__(_n, calls[_n] + 1) or _o(self, x))
+    config = tiny_config(tmp_path, "coreg", warmup_epochs=1)
+    td = prepare_data(config, torch.device("cpu"))
+    algo = loop.build_algorithm(config, td, torch.device("cpu"))
+    metrics = loop.evaluate(algo, td)
+    test_batches, val_batches = (-(-len(x) // loop.EVAL_BATCH) for x in (td.test_x, td.val_x))
+    # the test set once through both nets; predict() (itself through predict_nets) for the validation split only
+    assert calls["predict"] == val_batches and calls["predict_nets"] == test_batches + val_batches
+    logits_a, logits_b = algo.predict_nets(td.data.views.plain(td.test_x))
+    ensemble = ((logits_a + logits_b).argmax(1) == td.test_y).float().mean().item()
+    assert metrics["test/acc"] == pytest.approx(ensemble)

@@ -221,3 +221,46 @@ def test_alim_resumes_exactly_with_an_adaptive_lambda():
 def test_own_key_mask_marks_column_b_plus_i():
     mask = own_key_mask(2, 6, torch.device("cpu"))
     assert mask.nonzero().tolist() == [[0, 2], [1, 3]]
+
+
+# -- the warm-up -> SupCon switch --------------------------------------------------------------
+
+
+def _state_at_first_forward_of(algo, data: TrainData, epoch: int) -> dict[str, object]:
+    """Key net == query net, queue fill and prototype norm as the first batch of ``epoch`` sees them."""
+    model, seen = algo.model, {}
+    forward = model.forward
+
+    def spy(x_q, x_k):
+        if not seen:
+            same = all(torch.equal(k, q) for k, q in zip(model.key_net.parameters(), model.net.parameters()))
+            seen.update(key_is_query=same, queued=int(model.queue.filled), prototypes=model.prototypes.norm().item())
+        return forward(x_q, x_k)
+
+    model.forward = spy
+    algo.train_epoch(data, epoch)
+    model.forward = forward
+    return seen
+
+
+@pytest.mark.parametrize("spec", [pico.SPEC, pico_plus.SPEC, alim.ONEHOT_SPEC], ids=lambda s: s.name)
+@pytest.mark.parametrize("restart", [True, False])
+def test_the_switch_restarts_key_net_queue_and_prototypes_from_the_query_net(spec, restart):
+    data = _data()
+    algo = _build(spec, warmup_epochs=1, restart_at_switch=restart, queue_size=1000)
+    after_warmup = _state_at_first_forward_of(algo, data, 0)
+    assert after_warmup == {"key_is_query": True, "queued": 0, "prototypes": 0.0}  # the build-time copy
+    at_switch = _state_at_first_forward_of(algo, data, 1)
+    if restart:
+        assert at_switch == {"key_is_query": True, "queued": 0, "prototypes": 0.0}
+    else:  # the reference: the warm-up's key net, its N queued keys and prototypes carry over
+        assert at_switch["key_is_query"] is False and at_switch["queued"] == N and at_switch["prototypes"] > 0
+    later = _state_at_first_forward_of(algo, data, 2)  # only once: the next epoch carries on
+    assert later["key_is_query"] is False and later["queued"] == (N if restart else 2 * N)
+
+
+def test_no_restart_without_a_warmup():
+    data = _data()
+    algo = _build(pico.SPEC, warmup_epochs=0, queue_size=1000)
+    algo.train_epoch(data, 0)
+    assert _state_at_first_forward_of(algo, data, 1)["queued"] == N  # epoch 0's keys are kept

@@ -36,7 +36,8 @@ Implementation details / deviations:
    the poster notes).
 5. No warm-up (``warmup_epochs`` = 0), as the reference (``--proto_start 1`` on 1-based epochs):
    disambiguation and SupCon run from the first epoch. With ``warmup_epochs`` > 0 the first epochs
-   train as PiCO's warm-up (uniform conf, MoCo; MixUp stays on).
+   train as PiCO's warm-up (uniform conf, MoCo; MixUp stays on) and the contrast set restarts
+   from the query net when it ends (``restart_at_switch``, as PiCO's deviation 6).
 6. MixUp is on (reference ``--loss_weight_mixup 1``, the paper's heart rows; 0 gives the diamond
    rows): the query view mixed with a random permutation of its batch (the reference mixes with
    a second, independently shuffled batch), lambda ~ Beta(4, 4), max(l, 1 - l).
@@ -69,7 +70,7 @@ from trainables.common.gmm import clean_probability
 from trainables.common.losses import soft_ce
 from trainables.common.metrics import MeanMeter
 from trainables.common.mixup import mixup_ce
-from trainables.common.pico import ContrastiveClassifier, moving_average, phi_at
+from trainables.common.pico import ContrastiveClassifier, at_switch, moving_average, phi_at
 from trainables.pico import contrastive_loss, encode_batch
 
 NORMALISATIONS = ("onehot", "scale")
@@ -118,6 +119,9 @@ class ALIMParams:
     """Length of the MoCo key queue."""
     temperature: Annotated[float, Field(gt=0.0)] = 0.07
     """Temperature of the contrastive losses."""
+    restart_at_switch: bool = True
+    """With a warm-up: restart key net, queue and prototypes from the query net when it ends, as PiCO
+    (``pico.py``, deviation 6); False carries them over."""
 
 
 @dataclass(frozen=True)
@@ -204,6 +208,8 @@ class ALIM:
         if self.conf.start(data.cand):
             self.trusted.copy_(data.trusted)
         updating = epoch >= p.warmup_epochs
+        if at_switch(epoch, p.warmup_epochs, p.restart_at_switch):
+            model.restart_contrast()
         phi = phi_at(epoch, self.epochs, p.phi_start, p.phi_end)
         model.train_mode()
         meter = MeanMeter()
@@ -248,6 +254,9 @@ class ALIM:
         self.eta_hat = estimate_noise_rate(ratio, seed=self.seed)
         eta = p.eta_hint if p.eta_hint is not None else min(max(p.eta_scale * self.eta_hat, 0.0), 1.0)
         self.lam = adaptive_lambda(ratio, eta, cap=p.cap_lambda)
+
+    def diagnostics(self, probe: Tensor) -> dict[str, float]:
+        return self.model.diagnostics(probe)
 
     def predict(self, x: Tensor) -> Tensor:
         return self.model.predict(x)

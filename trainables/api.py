@@ -169,11 +169,24 @@ class Algorithm(Protocol):
 @runtime_checkable
 class TwoNetwork(Protocol):
     """Optional, for a method that trains two networks and predicts with their ensemble (Co-Reg,
-    DivideMix): the loop also reports each network's own test accuracy (``test/acc_net_a``, ``_b``)."""
+    DivideMix): the loop also reports each network's own test accuracy (``test/acc_net_a``, ``_b``).
+    ``predict(x)`` must equal ``logits_a + logits_b`` of :meth:`predict_nets`: the loop evaluates
+    each test batch once through both nets and sums."""
 
     @torch.no_grad()
     def predict_nets(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Logits (B, C) of net A and of net B for plain-view inputs."""
+        ...
+
+
+@runtime_checkable
+class Diagnosed(Protocol):
+    """Optional, for a method with an embedding or a queue: label-free collapse signals of its
+    representation (``common/diagnostics.py``), logged per epoch as ``diag/<name>``."""
+
+    @torch.no_grad()
+    def diagnostics(self, probe: Tensor) -> dict[str, float]:
+        """Signals on ``probe`` (B, ...), a fixed batch of plain-view training inputs (no labels)."""
         ...
 
 

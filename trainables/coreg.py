@@ -51,8 +51,12 @@ Implementation details / deviations:
 9. beta1 and beta2 terms enter the loss from ``contrastive_start`` epochs after warm-up (reference:
    ``epoch > start_cont + warm_up``, one epoch later than here); prototypes, key nets and queues are
    updated from the first epoch after warm-up on, as in the reference.
-10. Reference quirks, off by default: ``reset_key_each_epoch`` (``init_key_encoder`` at every epoch
-    start) and ``cosine_period=800`` (hard-coded cosine period with floor lr * 1e-3).
+10. Key nets are copied from their nets when the warm-up ends (``restart_keys_after_warmup``): not
+    updated during it, they would enter the Co-Reg epochs as random nets and, at momentum 0.999,
+    stay near that in a short run (keys' pairwise cosine 0.85 -> 0.83 over 30 digits epochs), with
+    Eq. 12 stuck near its maximum. The reference re-copies them at every epoch start
+    (``init_key_encoder``: ``reset_key_each_epoch``). Reference quirk, off by default:
+    ``cosine_period=800`` (hard-coded cosine period with floor lr * 1e-3).
 11. Ablations (paper Table IV): ``co_pseudo_label=False`` (each net labels for itself: own split,
     own prediction for P, own views only for U), ``contrastive="supcon"``, ``prototypes=False``,
     ``use_unlabeled=False`` (U dropped from every loss), ``contrastive="off"``.
@@ -74,7 +78,8 @@ from torch import Tensor
 
 from trainables.api import AlgorithmSpec, BuildContext, Target, TrainData
 from trainables.common.batches import split_batches
-from trainables.common.gmm import clean_set, divide, division_pass
+from trainables.common.diagnostics import contrastive_diagnostics, prototype_cosine
+from trainables.common.gmm import class_balanced_clean_set, clean_set, divide, division_pass
 from trainables.common.losses import kl_div, max_candidate_nll, mean_or_zero, neg_entropy, noisy_supcon_loss
 from trainables.common.losses import partial_ce, squared_error
 from trainables.common.metrics import MeanMeter
@@ -83,7 +88,7 @@ from trainables.common.moco import KeyQueue, copy_into_key_net, make_key_net, mo
 from trainables.common.prototypes import ema_update_prototypes, prototype_logits
 from trainables.common.schedules import linear_ramp
 from trainables.common.targets import co_guess, co_refine, distribution_alignment, restrict_to_candidates
-from trainables.common.two_net import CoTrainedPair, TwoNets, labeled_fraction, load_per_net, per_net_state
+from trainables.common.two_net import NET_NAMES, CoTrainedPair, TwoNets, labeled_fraction, load_per_net, per_net_state
 
 
 @dataclass(frozen=True)
@@ -129,6 +134,10 @@ class CoRegParams:
     """Epochs of division losses averaged before the GMM."""
     distribution_alignment: bool = True
     """Align predictions to a uniform prior before the division loss (reference ``--perform_da``)."""
+    balanced_division: bool = False
+    """Take P class by class (``gmm.class_balanced_clean_set``): each guessed class keeps its share."""
+    align_targets: bool = False
+    """Also align the predictions the P and U targets are built from (Eq. 6-7) to a uniform prior."""
     co_pseudo_label: bool = True
     """Each net trains on its peer's split and predictions; False: on its own (ablation)."""
     contrastive: Literal["noisy", "supcon", "off"] = "noisy"
@@ -139,6 +148,9 @@ class CoRegParams:
     """Train on the unlabeled split U; False drops it from every loss (ablation)."""
     reference_warmup: bool = False
     """Warm up on strong views with twice the batch size, as the reference code does."""
+    restart_keys_after_warmup: bool = True
+    """Copy each key net from its net when the warm-up ends (deviation 10); False: the key nets
+    start from the nets' random initialisation at build time, as without the reference's reset."""
     reset_key_each_epoch: bool = False
     """Re-copy each key net from its net at every epoch start, as the reference code does."""
     cosine_period: Annotated[int, Field(ge=1)] | None = None
@@ -164,6 +176,8 @@ class CoReg(CoTrainedPair):
         self.div_history = torch.zeros(2, p.loss_history, n, device=device)  # normalised L_div, ring buffer
         self.div_epochs = 0  # division passes so far
         self.w = torch.zeros(2, n, device=device)  # clean probability from each net's division
+        self.mean_probs = torch.full((2, c), 1.0 / c, device=device)  # each net's mean prediction at its last division
+        self.in_p = torch.zeros(2, n, dtype=torch.bool, device=device)  # P of each net's division
         self.targets = torch.full((2, n, c), 1.0 / c, device=device)  # latest training target per net
 
     # -- the Algorithm protocol ---------------------------------------------------------------
@@ -173,7 +187,7 @@ class CoReg(CoTrainedPair):
         if epoch < p.warmup_epochs:
             meter = self._warmup_epoch(data)
         else:
-            if p.reset_key_each_epoch:
+            if p.reset_key_each_epoch or (p.restart_keys_after_warmup and epoch == p.warmup_epochs):
                 for key_net, net in zip(self.key_nets, self.pair.nets):
                     copy_into_key_net(key_net, net)
             aligned = [self._divide(i, data) for i in (0, 1)]
@@ -181,12 +195,30 @@ class CoReg(CoTrainedPair):
             meter = MeanMeter()
             for me in (0, 1):  # net A learns from B's split, then B from A's
                 src = 1 - me if p.co_pseudo_label else me
-                in_p = clean_set(self.w[src], data.trusted, p.tau_div)  # P
+                in_p = self._partial_set(src, data, aligned[src])  # P
                 meter.update(self._train_net(me, data, epoch, in_p=in_p, w=self.w[src], split_probs=aligned[src]))
         return {**meter.means("train/"), "train/lr": self.pair.end_epoch()}
 
     def clean_mask(self) -> Tensor | None:
-        return (self.w > self.params.tau_div).any(dim=0) if self.div_epochs else None
+        return self.in_p.any(dim=0) if self.div_epochs else None
+
+    def _partial_set(self, src: int, data: TrainData, split_probs: Tensor) -> Tensor:
+        """P of net ``src``'s division: {w > tau_div}, or as many taken class by class (``balanced_division``)."""
+        p, w = self.params, self.w[src]
+        if p.balanced_division:
+            guess = restrict_to_candidates(split_probs, data.cand).argmax(dim=1)  # (N,) label-free
+            self.in_p[src] = class_balanced_clean_set(w, data.trusted, p.tau_div, guess, data.cand.shape[1])
+        else:
+            self.in_p[src] = clean_set(w, data.trusted, p.tau_div)
+        return self.in_p[src]
+
+    @torch.no_grad()
+    def diagnostics(self, probe: Tensor) -> dict[str, float]:
+        """``api.Diagnosed``: each net's embedding and key-query signals and queue entropy, the shared prototypes."""
+        out, c = {"prototype_cosine": prototype_cosine(self.prototypes)}, self.prototypes.shape[0]
+        for net, key_net, queue, name in zip(self.pair.nets, self.key_nets, self.queues, NET_NAMES):
+            out.update(contrastive_diagnostics(net, key_net, queue.contents()[1], probe, c, prefix=f"_{name}"))
+        return out
 
     # -- one epoch ------------------------------------------------------------------------------
 
@@ -210,8 +242,9 @@ class CoReg(CoTrainedPair):
     def _divide(self, i: int, data: TrainData) -> Tensor:
         """Division loss of net i (Eq. 4), GMM -> clean probability self.w[i]. Returns its predictions (N, C)."""
         probs = division_pass(self.pair.nets[i], data, data.views.weak, lambda logits, idx: F.softmax(logits, dim=1))
+        self.mean_probs[i] = probs.mean(dim=0)
         if self.params.distribution_alignment:
-            probs = distribution_alignment(probs, probs.mean(dim=0))  # (N, C)
+            probs = distribution_alignment(probs, self.mean_probs[i])  # (N, C)
         losses = max_candidate_nll(probs, data.cand)  # (N,) Eq. 4
         self.w[i] = divide(self.div_history[i], self.div_epochs, losses, data.trusted, seed=self.seed)
         return probs
@@ -236,12 +269,17 @@ class CoReg(CoTrainedPair):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Targets for P (Eq. 5, 7, 8) and U (Eq. 6-8), and the weak-view embeddings of P (for Eq. 11)."""
         p, net = self.params, self.pair.nets[me]
-        label_nets = (net, self.pair.nets[1 - me]) if p.co_pseudo_label else (net,)
+        label_nets = (me, 1 - me) if p.co_pseudo_label else (me,)
+
+        def probs(i: int, logits: Tensor) -> Tensor:  # net i's prediction, aligned to a uniform class prior
+            out = F.softmax(logits, dim=1)
+            return distribution_alignment(out, self.mean_probs[i]) if p.align_targets else out
+
         weak_x = [net.forward_with_embedding(data.views.weak(data.x[idx_x])) for _ in range(p.num_weak_views)]
-        own_x = torch.stack([F.softmax(logits, dim=1) for logits, _ in weak_x]).mean(dim=0)  # (Bx, C)
+        own_x = torch.stack([probs(me, logits) for logits, _ in weak_x]).mean(dim=0)  # (Bx, C)
         targets_x = partial_set_targets(w_x, split_probs_x, data.cand[idx_x], own_x, p.T)
         views_u = [data.views.weak(data.x[idx_u]) for _ in range(p.num_weak_views)]
-        targets_u = co_guess([F.softmax(m(v), dim=1) for m in label_nets for v in views_u], p.T)
+        targets_u = co_guess([probs(i, self.pair.nets[i](v)) for i in label_nets for v in views_u], p.T)
         return targets_x, targets_u, weak_x[0][1]
 
     def _train_step(
@@ -315,6 +353,8 @@ class CoReg(CoTrainedPair):
             "div_epochs": self.div_epochs,
             "seed": self.seed,
             "w": self.w.clone(),
+            "mean_probs": self.mean_probs.clone(),
+            "in_p": self.in_p.clone(),
             "targets": self.targets.clone(),
         }
 
@@ -327,6 +367,11 @@ class CoReg(CoTrainedPair):
         self.div_epochs = int(state["div_epochs"])
         self.seed = int(state["seed"])
         self.w.copy_(state["w"])
+        if "mean_probs" in state:  # checkpoints before them: uniform / w > tau_div until the next division
+            self.mean_probs.copy_(state["mean_probs"])
+            self.in_p.copy_(state["in_p"])
+        else:
+            self.in_p.copy_(self.w > self.params.tau_div)
         self.targets.copy_(state["targets"])
 
 

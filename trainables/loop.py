@@ -22,9 +22,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from trainables.api import Algorithm, BuildContext, TrainData, TwoNetwork
+from trainables.api import Algorithm, BuildContext, Diagnosed, TrainData, TwoNetwork
 from trainables.common.augment import make_views
 from trainables.common.backbones import make_encoder
+from trainables.common.diagnostics import PROBE_SIZE, class_entropy, collapse_reason
 from trainables.data.annotation import load_cached
 from trainables.data.datasets import Dataset, load_dataset
 from trainables.registry import ALGORITHMS
@@ -94,6 +95,8 @@ class TrialData:
     split: Split
     aug_generator: torch.Generator
     """Draws every augmentation; its state is checkpointed so a resumed run sees the same views."""
+    probe: torch.Tensor
+    """A fixed batch of plain-view training inputs for the label-free collapse diagnostics."""
 
 
 def prepare_data(trial: TrialSpec, device: torch.device) -> TrialData:
@@ -133,7 +136,9 @@ def prepare_data(trial: TrialSpec, device: torch.device) -> TrialData:
     )
     train_cand = cand[split.train].copy()
     train_cand[split.trusted] = revealed
+    probe_idx = torch.randperm(data.num_samples, generator=torch.Generator().manual_seed(cell.seed + 3))[:PROBE_SIZE]
     return TrialData(
+        probe=views.plain(data.x[probe_idx.to(data.x.device)]),
         dataset=dataset,
         data=data,
         train_y=to(dataset.train_y[split.train]),
@@ -207,11 +212,14 @@ def evaluate(algo: Algorithm, td: TrialData) -> dict[str, float]:
     """Metrics shared by every method. Test and training labels are used here, for reporting only."""
     plain = td.data.views.plain
     metrics: dict[str, float] = {}
-    logits = predict(algo, td.test_x, plain)
-    metrics["test/acc"] = (logits.argmax(1) == td.test_y).float().mean().item()
-    if isinstance(algo, TwoNetwork):
-        for name, net_logits in zip(("a", "b"), predict(algo, td.test_x, plain, "predict_nets")):
+    if isinstance(algo, TwoNetwork):  # one pass through both nets: predict() is their sum
+        per_net = predict(algo, td.test_x, plain, "predict_nets")
+        for name, net_logits in zip(("a", "b"), per_net):
             metrics[f"test/acc_net_{name}"] = (net_logits.argmax(1) == td.test_y).float().mean().item()
+        logits = per_net[0] + per_net[1]
+    else:
+        logits = predict(algo, td.test_x, plain)
+    metrics["test/acc"] = (logits.argmax(1) == td.test_y).float().mean().item()
     if len(td.val_x):
         val_probs = predict(algo, td.val_x, plain).softmax(1)
         hit = td.val_cand.gather(1, val_probs.argmax(1, keepdim=True)).squeeze(1)
@@ -227,6 +235,22 @@ def evaluate(algo: Algorithm, td: TrialData) -> dict[str, float]:
         metrics["split/fraction"] = clean.float().mean().item()
         metrics["split/precision"] = in_cand[clean].float().mean().item() if clean.any() else 0.0
         metrics["split/recall"] = clean[in_cand].float().mean().item() if in_cand.any() else 0.0
+    return metrics
+
+
+@torch.no_grad()
+def diagnose(algo: Algorithm, td: TrialData) -> dict[str, float]:
+    """Label-free collapse signals on the fixed probe batch (``common/diagnostics.py``): the
+    predicted-class entropy and the mean top probability for every method, the method's own ``diagnostics`` where it has an
+    embedding or a queue, and ``diag/collapsed`` (1 when :func:`collapse_reason` finds one)."""
+    probs = algo.predict(td.probe).softmax(1)
+    metrics = {
+        "diag/prediction_entropy": class_entropy(probs.argmax(1), len(td.dataset.class_names)),
+        "diag/prediction_confidence": probs.max(1).values.mean().item(),
+    }
+    if isinstance(algo, Diagnosed):
+        metrics.update({f"diag/{k}": float(v) for k, v in algo.diagnostics(td.probe).items()})
+    metrics["diag/collapsed"] = float(collapse_reason(metrics) != "none")
     return metrics
 
 
@@ -318,6 +342,7 @@ def run_trial(
         metrics = dict(algo.train_epoch(td.data, epoch))
         metrics["time/epoch_s"] = time.perf_counter() - tic
         metrics.update(evaluate(algo, td))
+        metrics.update(diagnose(algo, td))
         best = _track_best(best, metrics, trial, epoch)
         metrics.update({"test/acc_selected": best["test_acc"], "val/best_epoch": best["epoch"], "epoch": epoch + 1})
         last = epoch + 1 == stop

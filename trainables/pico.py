@@ -35,7 +35,17 @@ Implementation details / deviations:
 5. Optimiser and schedule are the project's (``TrainSettings``: SGD + cosine); the reference uses
    SGD lr 0.01, wd 1e-3, cosine over 800 epochs. No DDP batch shuffle (single device; it only
    changes BatchNorm statistics across GPUs).
-6. ``pseudo_labels()`` = conf; ``clean_mask()`` is None (PiCO trusts S). The reference also logs
+6. At the warm-up -> SupCon switch the key net is re-copied from the query net, the queue
+   emptied and the prototypes zeroed, once (``restart_at_switch``, on by default; False is the
+   reference, which carries all three over). After a short warm-up the key net is still ~90% its
+   random initialisation and the queue holds its keys; the first SupCon gradients against them
+   are ~20x larger and far more coherent than the warm-up's, the shared projector steps past the
+   embeddings' norm, the queries collapse onto one direction, the loss sits at log(queue size),
+   the prototypes become identical and disambiguation turns to noise. Measured on digits (q 0.3,
+   eta 0.3, 30 epochs; README "The PiCO family's warm-up in a short run"); the reference code does
+   the same in that setting and is cured by the same reset. Only the queue, or only the key net,
+   is not enough. :meth:`ContrastiveClassifier.restart_contrast`.
+7. ``pseudo_labels()`` = conf; ``clean_mask()`` is None (PiCO trusts S). The reference also logs
    the best test accuracy over epochs; the loop reports the last epoch and a label-free selection.
 """
 
@@ -54,7 +64,7 @@ from trainables.common.confidence import CandidateConfidence, ConfidenceTableMet
 from trainables.common.losses import soft_ce
 from trainables.common.metrics import MeanMeter
 from trainables.common.pico import (
-    ContrastParams, ContrastiveClassifier, candidate_argmax, contrast_set, disambiguate, masked_supcon_loss, moco_loss, phi_at,
+    ContrastParams, ContrastiveClassifier, at_switch, candidate_argmax, contrast_set, disambiguate, masked_supcon_loss, moco_loss, phi_at,
     same_label_mask,
 )  # fmt: skip
 
@@ -120,6 +130,8 @@ class PiCO(ConfidenceTableMethod):
         p, model = self.params, self.model
         self.conf.start(data.cand)
         disambiguating = epoch >= p.warmup_epochs
+        if at_switch(epoch, p.warmup_epochs, p.restart_at_switch):
+            model.restart_contrast()
         phi = phi_at(epoch, self.epochs, p.phi_start, p.phi_end)
         model.train_mode()
         meter = MeanMeter()
@@ -135,6 +147,9 @@ class PiCO(ConfidenceTableMethod):
             meter.add(loss=loss, loss_cls=loss_cls, loss_cont=loss_cont)
         lr = model.end_epoch()
         return {**meter.means("train/"), "train/phi": phi if disambiguating else 1.0, "train/lr": lr}
+
+    def diagnostics(self, probe: Tensor) -> dict[str, float]:
+        return self.model.diagnostics(probe)
 
 
 

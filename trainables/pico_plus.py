@@ -40,7 +40,11 @@ Implementation details / deviations:
    The reference lr is 0.01; the README's tables run every method at 0.05. On digits and
    Fashion-MNIST PiCO+ is the outlier of those tables: its test accuracy stops changing after a few
    epochs, and so does the accuracy of its pseudo-labels (``pl/acc``).
-7. ``clean_mask()`` = the reliable set (None before the first selection; its share is
+7. At the end of the warm-up the key net, queue and prototypes restart from the query net, once
+   (``restart_at_switch``, default; False: the reference), as in ``pico.py`` (deviation 6). The
+   reliable set of the first epoch after the switch is still chosen from the distances of the
+   last warm-up epoch.
+8. ``clean_mask()`` = the reliable set (None before the first selection; its share is
    ``train/labeled_fraction``, as Co-Reg's and DivideMix's ``train/labeled_fraction_a``);
    ``pseudo_labels()`` = conf on reliable samples and the latest guess on unreliable ones (the
    targets trained on).
@@ -63,7 +67,7 @@ from trainables.common.losses import mean_or_zero, soft_ce
 from trainables.common.metrics import MeanMeter
 from trainables.common.mixup import mixup_ce
 from trainables.common.pico import (
-    ContrastParams, ContrastiveClassifier, candidate_argmax, contrast_set, disambiguate, masked_supcon_loss, moco_loss, own_key_mask,
+    ContrastParams, ContrastiveClassifier, at_switch, candidate_argmax, contrast_set, disambiguate, masked_supcon_loss, moco_loss, own_key_mask,
     phi_at, same_label_mask,
 )  # fmt: skip
 
@@ -124,6 +128,8 @@ class PiCOPlus:
         p, model = self.params, self.model
         self.conf.start(data.cand)
         main = epoch >= p.warmup_epochs
+        if at_switch(epoch, p.warmup_epochs, p.restart_at_switch):
+            model.restart_contrast()  # as PiCO (pico.py, deviation 6)
         if main:
             self.reliable = select_reliable(self.distance, p.pure_ratio) | data.trusted
             self.selected = True
@@ -173,6 +179,9 @@ class PiCOPlus:
             meter.add(loss=loss, loss_cls=loss_cls, loss_cont=loss_cont)
         lr = model.end_epoch()
         return {**meter.means("train/"), "train/lr": lr}
+
+    def diagnostics(self, probe: Tensor) -> dict[str, float]:
+        return self.model.diagnostics(probe)
 
     def predict(self, x: Tensor) -> Tensor:
         return self.model.predict(x)

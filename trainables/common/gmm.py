@@ -87,3 +87,21 @@ def divide(history: Tensor, passes: int, losses: Tensor, trusted: Tensor, *, see
 def clean_set(w: Tensor, trusted: Tensor, threshold: float) -> Tensor:
     """{w > threshold} plus every trusted few-shot sample (DivideMix's X, Co-Reg's P).  # (N,) bool"""
     return (w > threshold) | trusted
+
+
+def class_balanced_clean_set(w: Tensor, trusted: Tensor, threshold: float, labels: Tensor, num_classes: int) -> Tensor:
+    """A clean set of the size of :func:`clean_set`'s, taken class by class: for each class c of
+    ``labels`` (N,) (label-free guesses), the share |{w > threshold}| / N of its samples with the
+    highest w; plus every trusted sample.  # (N,) bool
+
+    A global threshold fills the clean set with the classes the networks already find easy; this
+    keeps each guessed class's share of it equal to its share of the data (UNICON's uniform
+    selection, Karim et al. 2022, with shares instead of equal counts)."""
+    rate = (w > threshold).float().mean()
+    keep = torch.zeros_like(trusted)
+    for c in range(num_classes):
+        members = (labels == c).nonzero().flatten()
+        k = int(torch.round(rate * len(members)).item())
+        if k:
+            keep[members[torch.topk(w[members], k).indices]] = True
+    return keep | trusted

@@ -60,6 +60,12 @@ class KeyQueue(nn.Module):
         self.ptr.fill_((ptr + n) % self.size)
         self.filled.fill_(min(int(self.filled) + n, self.size))
 
+    @torch.no_grad()
+    def clear(self) -> None:
+        """Forget every key: the queue is empty again, as at construction."""
+        self.ptr.zero_()
+        self.filled.zero_()
+
     def contents(self) -> tuple[Tensor, Tensor, Tensor]:
         """(keys (M, D), labels (M,), confident (M,)) of the M filled slots."""
         m = int(self.filled)

@@ -22,7 +22,8 @@ from pydantic import Field
 from torch import Tensor
 
 from trainables.api import BuildContext
-from trainables.common.moco import KeyQueue, make_key_net, momentum_update
+from trainables.common.diagnostics import contrastive_diagnostics, prototype_cosine
+from trainables.common.moco import KeyQueue, copy_into_key_net, make_key_net, momentum_update
 from trainables.common.prototypes import ema_update_prototypes, prototype_logits
 from trainables.common.single_net import SingleNet
 
@@ -47,6 +48,10 @@ class ContrastParams:
     """Length of the MoCo key queue (``--moco_queue``; PiCO+ stores each key's reliable flag with it)."""
     temperature: Annotated[float, Field(gt=0.0)] = 0.07
     """Temperature of the SupCon and MoCo losses."""
+    restart_at_switch: bool = True
+    """At the end of the warm-up, re-copy the key net from the query net, empty the queue and zero
+    the prototypes once (:meth:`ContrastiveClassifier.restart_contrast`); False: the reference,
+    which carries all three over from the warm-up."""
 
 
 
@@ -60,6 +65,24 @@ class ContrastiveClassifier:
         self.queue = KeyQueue(queue_size, proj_dim).to(ctx.device)
         self.prototypes = torch.zeros(ctx.num_classes, proj_dim, device=ctx.device)  # (C, D)
         self.moco_momentum = moco_momentum
+
+    @torch.no_grad()
+    def restart_contrast(self) -> None:
+        """Start the contrastive part afresh from the query net: key net <- query net, an empty
+        queue, zero prototypes. Called once, when the warm-up (MoCo InfoNCE on uniform pseudo-
+        labels) hands over to SupCon and prototype disambiguation.
+
+        Why: after a short warm-up the key net is still mostly its random initialisation (momentum
+        0.99-0.999 over a few hundred steps) and the queue holds its keys. The first SupCon
+        gradients against that contrast set are large and all point the same way; one step moves
+        the shared projector further than the embeddings' norm, the queries collapse onto one
+        direction (pairwise cosine ~1), the loss sits at log(queue size), the prototypes become
+        identical and disambiguation turns to noise. Resetting all three together avoids it;
+        resetting only the queue or only the key net does not (measured on digits, README).
+        """
+        copy_into_key_net(self.key_net, self.net)
+        self.queue.clear()
+        self.prototypes.zero_()
 
     def train_mode(self) -> None:
         """Query and key nets in training mode (BatchNorm on batch statistics), at every epoch start."""
@@ -99,6 +122,14 @@ class ContrastiveClassifier:
     def predict(self, x: Tensor) -> Tensor:
         return self.base.predict(x)
 
+    @torch.no_grad()
+    def diagnostics(self, probe: Tensor) -> dict[str, float]:
+        """Label-free collapse signals (``api.Diagnosed``): embedding norm and cosine, key-query
+        distance, the prototypes' pairwise cosine and the queue's pseudo-label entropy."""
+        queue_labels = self.queue.contents()[1]
+        signals = contrastive_diagnostics(self.net, self.key_net, queue_labels, probe, self.prototypes.shape[0])
+        return {**signals, "prototype_cosine": prototype_cosine(self.prototypes)}
+
     def state_dict(self) -> dict[str, Any]:
         return {
             **self.base.state_dict(),
@@ -115,6 +146,11 @@ class ContrastiveClassifier:
 
 
 # -- label disambiguation ----------------------------------------------------------------------
+
+
+def at_switch(epoch: int, warmup_epochs: int, restart: bool) -> bool:
+    """True at the first epoch after a non-empty warm-up when the contrast set is to be restarted."""
+    return restart and warmup_epochs > 0 and epoch == warmup_epochs
 
 
 def phi_at(epoch: int, epochs: int, start: float, end: float) -> float:
