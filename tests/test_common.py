@@ -547,3 +547,30 @@ def test_embedding_diagnostics_see_a_collapsed_projector():
     collapsed = embedding_diagnostics(net, probe)
     assert collapsed["embedding_cosine"] == pytest.approx(1.0) and collapsed["embedding_norm"] == pytest.approx(50.0)
     assert healthy["embedding_cosine"] < 0.9
+
+
+def test_class_balanced_clean_set_gives_each_guessed_class_an_equal_quota():
+    from trainables.common.gmm import class_balanced_clean_set, clean_set
+
+    # 10 samples guessed class 0 (all confident), 4 guessed class 1 (none above the threshold), 6 class 2
+    labels = torch.tensor([0] * 10 + [1] * 4 + [2] * 6)
+    w = torch.cat([torch.linspace(0.99, 0.9, 10), torch.tensor([0.4, 0.3, 0.2, 0.1]), torch.linspace(0.8, 0.3, 6)])
+    trusted = torch.zeros(20, dtype=torch.bool)
+    trusted[13] = True  # the least clean sample of class 1, revealed: always kept
+    plain = clean_set(w, trusted, 0.5)
+    assert plain.nonzero().flatten().tolist() == list(range(10)) + [13, 14, 15, 16]  # class 0 takes 10 of the 13
+    balanced = class_balanced_clean_set(w, trusted, 0.5, labels, 3)
+    # 13 above the threshold: a quota of round(13 / 3) = 4 per class, the highest w first, trusted on top
+    assert balanced.nonzero().flatten().tolist() == [0, 1, 2, 3, 10, 11, 12, 13, 14, 15, 16, 17]
+
+
+def test_partial_set_guesses_classes_from_the_split_makers_predictions_within_s():
+    from trainables.common.gmm import partial_set
+
+    cand = torch.tensor([[1.0, 1.0, 0.0]] * 4 + [[0.0, 1.0, 1.0]] * 2)
+    probs = torch.tensor([[0.1, 0.2, 0.7]] * 4 + [[0.8, 0.1, 0.1]] * 2)  # argmax outside S for all
+    data = TrainData(x=torch.zeros(6, 1), cand=cand, trusted=torch.zeros(6, dtype=torch.bool), views=None, generator=None)
+    w = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.95, 0.1])
+    # within S the guesses are class 1 for every sample: one guessed class, quota round(5 / 3) = 2
+    assert partial_set(w, data, 0.5, probs, balanced=True).nonzero().flatten().tolist() == [0, 4]
+    assert partial_set(w, data, 0.5, probs, balanced=False).nonzero().flatten().tolist() == [0, 1, 2, 3, 4]

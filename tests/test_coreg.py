@@ -83,7 +83,7 @@ def test_partial_set_contains_trusted_samples_whatever_their_clean_probability()
 def _spy_splits(algo: coreg.CoReg, monkeypatch):
     """Replace the division by hand-made clean probabilities and record what each net trains on."""
     w_by_net = {0: torch.linspace(0.0, 1.0, N), 1: torch.linspace(1.0, 0.0, N)}
-    probs_by_net = {0: torch.full((N, C), 0.25), 1: torch.eye(C).repeat(N // C, 1)}
+    probs_by_net = {0: torch.full((N, C), 0.25), 1: 0.1 + 0.6 * torch.eye(C).repeat(N // C, 1)}
     calls = []
 
     def divide(i, data):
@@ -98,27 +98,42 @@ def _spy_splits(algo: coreg.CoReg, monkeypatch):
     monkeypatch.setattr(algo, "_train_net", train_net)
     data, _ = _data()
     algo.train_epoch(data, epoch=algo.params.warmup_epochs)
-    return calls, w_by_net, probs_by_net, data.trusted
+    return calls, w_by_net, probs_by_net, data
+
+
+def _expected_p(w: torch.Tensor, probs: torch.Tensor, data: TrainData, balanced: bool) -> torch.Tensor:
+    if not balanced:  # the paper's P
+        return (w > 0.5) | data.trusted
+    guess = (probs * data.cand).argmax(dim=1)  # the split maker's class within S
+    keep = torch.zeros(N, dtype=torch.bool)
+    quota = round(int((w > 0.5).sum()) / C)  # an equal quota per guessed class, highest w first
+    for c in range(C):
+        members = (guess == c).nonzero().flatten()
+        keep[members[w[members].argsort(descending=True)[:quota]]] = True
+    return keep | data.trusted
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of")  # the spy takes no step
-def test_net_a_trains_on_the_split_of_net_b_and_vice_versa(monkeypatch):
-    calls, w_by_net, probs_by_net, trusted = _spy_splits(_build(), monkeypatch)
+@pytest.mark.parametrize("balanced", [True, False])
+def test_net_a_trains_on_the_split_of_net_b_and_vice_versa(monkeypatch, balanced):
+    calls, w_by_net, probs_by_net, data = _spy_splits(_build(balanced_division=balanced), monkeypatch)
     assert [me for me, *_ in calls] == [0, 1]
     for me, in_p, w, split_probs in calls:
         peer = 1 - me
         assert torch.equal(w, w_by_net[peer])
-        assert torch.equal(in_p, (w_by_net[peer] > 0.5) | trusted)
+        assert torch.equal(in_p, _expected_p(w_by_net[peer], probs_by_net[peer], data, balanced))
         assert split_probs is probs_by_net[peer]
+    if balanced:  # a different P than the paper's: every guessed class keeps an equal part
+        assert not torch.equal(calls[1][1], _expected_p(w_by_net[0], probs_by_net[0], data, False))
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of")  # the spy takes no step
 def test_without_co_pseudo_labelling_each_net_trains_on_its_own_split(monkeypatch):
-    calls, w_by_net, probs_by_net, trusted = _spy_splits(_build(co_pseudo_label=False), monkeypatch)
+    calls, w_by_net, probs_by_net, data = _spy_splits(_build(co_pseudo_label=False), monkeypatch)
     assert [me for me, *_ in calls] == [0, 1]
     for me, in_p, w, split_probs in calls:
         assert torch.equal(w, w_by_net[me])
-        assert torch.equal(in_p, (w_by_net[me] > 0.5) | trusted)
+        assert torch.equal(in_p, _expected_p(w_by_net[me], probs_by_net[me], data, True))
         assert split_probs is probs_by_net[me]
 
 
@@ -182,7 +197,7 @@ def test_unlabeled_split_is_trained_on_only_when_enabled(use_unlabeled):
     algo.train_epoch(data, 0)
     before = algo.targets.clone()
     algo.train_epoch(data, 1)
-    outside_p = ~clean_set(algo.w[1], data.trusted, algo.params.tau_div)  # net A's U (B's split)
+    outside_p = ~algo.in_p[1]  # net A's U (B's split)
     assert outside_p.any()
     changed = (algo.targets[0] != before[0]).any(dim=1)
     assert changed[outside_p].any() == use_unlabeled
@@ -266,6 +281,7 @@ def test_key_nets_follow_their_nets_and_the_contrastive_signals_are_logged():
     # from the warmed-up nets, the key nets stay close behind; from the build-time copy they are far
     assert all(with_restart < 0.2 * without for with_restart, without in zip(lag[True], lag[False]))
     signals = algo.diagnostics(probe)
+    assert _build(warmup_epochs=3).diagnostics(probe) == {}  # the warm-up trains no projector or key net
     assert set(signals) == {"prototype_cosine"} | {
         f"{k}_{n}" for k in ("embedding_norm", "embedding_cosine", "key_query_distance", "queue_label_entropy") for n in "ab"
     }

@@ -21,16 +21,14 @@ with partial cross-entropy plus negative entropy (Eq. 1-3). Every later epoch:
 Implementation details / deviations:
 1. Warm-up uses weak views at ``batch_size``; the reference (``datasets/*.py``, ``run('warmup')``)
    uses strong views and twice the batch size: ``reference_warmup=True``.
-2. Before Eq. 4 the predictions go through distribution alignment with a uniform prior (reference
-   ``model.py: distribution_alignment``, not in the paper): divided by the mean prediction over the
-   training set and renormalised. The mean is taken over the whole division pass; the reference
-   updates a per-sample table batch by batch during the pass, so its first batches see a partly
-   stale mean. ``distribution_alignment=False`` turns it off.
+2. Before Eq. 4 the predictions are aligned to a uniform prior (reference ``model.py:
+   distribution_alignment``, not in the paper): divided by their mean over the whole division pass
+   (the reference's per-sample table is partly stale in its first batches), renormalised;
+   ``distribution_alignment=False`` turns it off.
 3. Division losses are min-max normalised and averaged over the last ``loss_history`` (5) epochs
    before the GMM (``max_iter=10, tol=1e-2, reg_covar=5e-4``, ``random_state=seed``), as in
    ``train.py: eval_train``. The paper writes P = {L_div < tau_div}; like the reference we threshold
-   the GMM clean probability instead, P = {w > tau_div}. Few-shot trusted samples get w = 1 and are
-   always in P.
+   the GMM clean probability, {w > tau_div}. Few-shot trusted samples get w = 1, always in P.
 4. Eq. 5-7 as in the reference: the peer's prediction for P comes from the division pass (one weak
    view, eval mode, aligned); the own mean over K weak views uses the net being trained in train
    mode and the peer in eval mode (reference ``train``: ``net.train(); net2.eval()``).
@@ -48,22 +46,24 @@ Implementation details / deviations:
    paper prints an extra exp(.) factor before the log). Queries are strong view 1 (not mixed), keys
    strong view 2 through the key net, labels the argmax of the sharpened targets, "confident" = in
    P. The queue starts empty (the reference fills it with random keys, labels and flags).
-9. beta1 and beta2 terms enter the loss from ``contrastive_start`` epochs after warm-up (reference:
-   ``epoch > start_cont + warm_up``, one epoch later than here); prototypes, key nets and queues are
-   updated from the first epoch after warm-up on, as in the reference.
-10. Key nets are copied from their nets when the warm-up ends (``restart_keys_after_warmup``): not
-    updated during it, they would enter the Co-Reg epochs as random nets and, at momentum 0.999,
-    stay near that in a short run (keys' pairwise cosine 0.85 -> 0.83 over 30 digits epochs), with
-    Eq. 12 stuck near its maximum. The reference re-copies them at every epoch start
-    (``init_key_encoder``: ``reset_key_each_epoch``). Reference quirk, off by default:
-    ``cosine_period=800`` (hard-coded cosine period with floor lr * 1e-3).
+9. beta1 and beta2 terms enter the loss ``contrastive_start`` epochs after warm-up (reference: one
+   epoch later); prototypes, key nets and queues are updated from the first epoch after warm-up on.
+10. Key nets are copied from their nets when the warm-up ends (``restart_keys_after_warmup``);
+    untouched during it, at momentum 0.999 they would stay near their random start in a short run,
+    with Eq. 12 near its maximum. The reference re-copies them at every epoch start
+    (``reset_key_each_epoch``). Reference quirk, off by default: ``cosine_period=800``.
 11. Ablations (paper Table IV): ``co_pseudo_label=False`` (each net labels for itself: own split,
     own prediction for P, own views only for U), ``contrastive="supcon"``, ``prototypes=False``,
     ``use_unlabeled=False`` (U dropped from every loss), ``contrastive="off"``.
-12. ``clean_mask()`` is the union of the two nets' P; ``pseudo_labels()`` is the mean over both nets
-    of each sample's latest training target (warm-up: own prediction restricted to S).
+12. ``clean_mask()``: the union of the two nets' P; ``pseudo_labels()``: the mean over both nets of
+    each sample's latest training target (warm-up: own prediction restricted to S).
 13. MixUp's lambda and permutation come from ``data.generator``; networks are initialised under
     ``ctx.seed``. The reference seeds nothing.
+14. P is taken class by class (``balanced_division``, ``gmm.partial_set``): as many samples as
+    {w > tau_div}, an equal quota per class guessed by the split-making net, highest w first. After
+    a short warm-up P = {w > tau_div} holds almost none of the classes the nets disfavour, its
+    targets relabel them and the predictions pile onto a few classes (README, "Co-Reg after a short
+    warm-up"; the reference does the same). False: the paper's P.
 """
 
 from __future__ import annotations
@@ -78,8 +78,8 @@ from torch import Tensor
 
 from trainables.api import AlgorithmSpec, BuildContext, Target, TrainData
 from trainables.common.batches import split_batches
-from trainables.common.diagnostics import contrastive_diagnostics, prototype_cosine
-from trainables.common.gmm import class_balanced_clean_set, clean_set, divide, division_pass
+from trainables.common.diagnostics import pair_diagnostics
+from trainables.common.gmm import divide, division_pass, partial_set
 from trainables.common.losses import kl_div, max_candidate_nll, mean_or_zero, neg_entropy, noisy_supcon_loss
 from trainables.common.losses import partial_ce, squared_error
 from trainables.common.metrics import MeanMeter
@@ -88,7 +88,7 @@ from trainables.common.moco import KeyQueue, copy_into_key_net, make_key_net, mo
 from trainables.common.prototypes import ema_update_prototypes, prototype_logits
 from trainables.common.schedules import linear_ramp
 from trainables.common.targets import co_guess, co_refine, distribution_alignment, restrict_to_candidates
-from trainables.common.two_net import NET_NAMES, CoTrainedPair, TwoNets, labeled_fraction, load_per_net, per_net_state
+from trainables.common.two_net import CoTrainedPair, TwoNets, labeled_fraction, load_per_net, per_net_state
 
 
 @dataclass(frozen=True)
@@ -96,10 +96,7 @@ class CoRegParams:
     warmup_epochs: Annotated[int, Field(ge=0)] = 10
     """Warm-up epochs (Eq. 1-3). The paper uses 20-100 of 100-800; grids set it relative to ``training.epochs``."""
     neg_entropy_weight: Annotated[float, Field(ge=0.0)] = 1.0
-    """Weight of the negative-entropy term in the warm-up loss (Eq. 3 uses 1). Partial CE plus a
-    weight-1 entropy bonus is minimised by predictions spread evenly over S, so with large candidate
-    sets (synthetic q = 0.3: |S| ~ 3.7) and short warm-ups the nets leave warm-up barely better than
-    a uniform guess within S; a smaller weight lets them disambiguate."""
+    """Negative-entropy weight of the warm-up (Eq. 3: 1; with large S and short warm-ups, less disambiguates)."""
     tau_div: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
     """Clean-probability threshold: P = {w > tau_div} (reference ``--p_threshold``)."""
     T: Annotated[float, Field(gt=0.0)] = 0.5
@@ -134,10 +131,9 @@ class CoRegParams:
     """Epochs of division losses averaged before the GMM."""
     distribution_alignment: bool = True
     """Align predictions to a uniform prior before the division loss (reference ``--perform_da``)."""
-    balanced_division: bool = False
-    """Take P class by class (``gmm.class_balanced_clean_set``): each guessed class keeps its share."""
-    align_targets: bool = False
-    """Also align the predictions the P and U targets are built from (Eq. 6-7) to a uniform prior."""
+    balanced_division: bool = True
+    """P taken class by class, an equal quota per guessed class (deviation 14); False: the paper's
+    P = {w > tau_div}."""
     co_pseudo_label: bool = True
     """Each net trains on its peer's split and predictions; False: on its own (ablation)."""
     contrastive: Literal["noisy", "supcon", "off"] = "noisy"
@@ -149,8 +145,7 @@ class CoRegParams:
     reference_warmup: bool = False
     """Warm up on strong views with twice the batch size, as the reference code does."""
     restart_keys_after_warmup: bool = True
-    """Copy each key net from its net when the warm-up ends (deviation 10); False: the key nets
-    start from the nets' random initialisation at build time, as without the reference's reset."""
+    """Copy each key net from its net when the warm-up ends (deviation 10); False: from build time."""
     reset_key_each_epoch: bool = False
     """Re-copy each key net from its net at every epoch start, as the reference code does."""
     cosine_period: Annotated[int, Field(ge=1)] | None = None
@@ -176,7 +171,6 @@ class CoReg(CoTrainedPair):
         self.div_history = torch.zeros(2, p.loss_history, n, device=device)  # normalised L_div, ring buffer
         self.div_epochs = 0  # division passes so far
         self.w = torch.zeros(2, n, device=device)  # clean probability from each net's division
-        self.mean_probs = torch.full((2, c), 1.0 / c, device=device)  # each net's mean prediction at its last division
         self.in_p = torch.zeros(2, n, dtype=torch.bool, device=device)  # P of each net's division
         self.targets = torch.full((2, n, c), 1.0 / c, device=device)  # latest training target per net
 
@@ -195,30 +189,16 @@ class CoReg(CoTrainedPair):
             meter = MeanMeter()
             for me in (0, 1):  # net A learns from B's split, then B from A's
                 src = 1 - me if p.co_pseudo_label else me
-                in_p = self._partial_set(src, data, aligned[src])  # P
-                meter.update(self._train_net(me, data, epoch, in_p=in_p, w=self.w[src], split_probs=aligned[src]))
+                self.in_p[src] = partial_set(self.w[src], data, p.tau_div, aligned[src], balanced=p.balanced_division)
+                meter.update(self._train_net(me, data, epoch, in_p=self.in_p[src], w=self.w[src], split_probs=aligned[src]))
         return {**meter.means("train/"), "train/lr": self.pair.end_epoch()}
 
     def clean_mask(self) -> Tensor | None:
         return self.in_p.any(dim=0) if self.div_epochs else None
 
-    def _partial_set(self, src: int, data: TrainData, split_probs: Tensor) -> Tensor:
-        """P of net ``src``'s division: {w > tau_div}, or as many taken class by class (``balanced_division``)."""
-        p, w = self.params, self.w[src]
-        if p.balanced_division:
-            guess = restrict_to_candidates(split_probs, data.cand).argmax(dim=1)  # (N,) label-free
-            self.in_p[src] = class_balanced_clean_set(w, data.trusted, p.tau_div, guess, data.cand.shape[1])
-        else:
-            self.in_p[src] = clean_set(w, data.trusted, p.tau_div)
-        return self.in_p[src]
-
-    @torch.no_grad()
     def diagnostics(self, probe: Tensor) -> dict[str, float]:
-        """``api.Diagnosed``: each net's embedding and key-query signals and queue entropy, the shared prototypes."""
-        out, c = {"prototype_cosine": prototype_cosine(self.prototypes)}, self.prototypes.shape[0]
-        for net, key_net, queue, name in zip(self.pair.nets, self.key_nets, self.queues, NET_NAMES):
-            out.update(contrastive_diagnostics(net, key_net, queue.contents()[1], probe, c, prefix=f"_{name}"))
-        return out
+        """``api.Diagnosed``; none during the warm-up, which trains neither projector nor key nets."""
+        return pair_diagnostics(self.pair.nets, self.key_nets, self.queues, self.prototypes, probe) if self.div_epochs else {}
 
     # -- one epoch ------------------------------------------------------------------------------
 
@@ -242,16 +222,13 @@ class CoReg(CoTrainedPair):
     def _divide(self, i: int, data: TrainData) -> Tensor:
         """Division loss of net i (Eq. 4), GMM -> clean probability self.w[i]. Returns its predictions (N, C)."""
         probs = division_pass(self.pair.nets[i], data, data.views.weak, lambda logits, idx: F.softmax(logits, dim=1))
-        self.mean_probs[i] = probs.mean(dim=0)
         if self.params.distribution_alignment:
-            probs = distribution_alignment(probs, self.mean_probs[i])  # (N, C)
+            probs = distribution_alignment(probs, probs.mean(dim=0))  # (N, C)
         losses = max_candidate_nll(probs, data.cand)  # (N,) Eq. 4
         self.w[i] = divide(self.div_history[i], self.div_epochs, losses, data.trusted, seed=self.seed)
         return probs
 
-    def _train_net(
-        self, me: int, data: TrainData, epoch: int, *, in_p: Tensor, w: Tensor, split_probs: Tensor
-    ) -> MeanMeter:
+    def _train_net(self, me: int, data: TrainData, epoch: int, *, in_p: Tensor, w: Tensor, split_probs: Tensor) -> MeanMeter:
         """One epoch of net ``me`` on the split ``in_p`` with clean probabilities ``w`` and split-maker predictions."""
         p, meter = self.params, MeanMeter()
         meter.add(**labeled_fraction(me, in_p))
@@ -269,17 +246,12 @@ class CoReg(CoTrainedPair):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Targets for P (Eq. 5, 7, 8) and U (Eq. 6-8), and the weak-view embeddings of P (for Eq. 11)."""
         p, net = self.params, self.pair.nets[me]
-        label_nets = (me, 1 - me) if p.co_pseudo_label else (me,)
-
-        def probs(i: int, logits: Tensor) -> Tensor:  # net i's prediction, aligned to a uniform class prior
-            out = F.softmax(logits, dim=1)
-            return distribution_alignment(out, self.mean_probs[i]) if p.align_targets else out
-
+        label_nets = (net, self.pair.nets[1 - me]) if p.co_pseudo_label else (net,)
         weak_x = [net.forward_with_embedding(data.views.weak(data.x[idx_x])) for _ in range(p.num_weak_views)]
-        own_x = torch.stack([probs(me, logits) for logits, _ in weak_x]).mean(dim=0)  # (Bx, C)
+        own_x = torch.stack([F.softmax(logits, dim=1) for logits, _ in weak_x]).mean(dim=0)  # (Bx, C)
         targets_x = partial_set_targets(w_x, split_probs_x, data.cand[idx_x], own_x, p.T)
         views_u = [data.views.weak(data.x[idx_u]) for _ in range(p.num_weak_views)]
-        targets_u = co_guess([probs(i, self.pair.nets[i](v)) for i in label_nets for v in views_u], p.T)
+        targets_u = co_guess([F.softmax(m(v), dim=1) for m in label_nets for v in views_u], p.T)
         return targets_x, targets_u, weak_x[0][1]
 
     def _train_step(
@@ -343,36 +315,27 @@ class CoReg(CoTrainedPair):
 
     # -- checkpoints ----------------------------------------------------------------------------
 
+    TENSORS = ("prototypes", "div_history", "w", "in_p", "targets")
+    """Tensors of the checkpoint besides the networks, key nets, queues and optimisers."""
+
     def state_dict(self) -> dict[str, Any]:
         return {
             **self.pair.state_dict(),
             **per_net_state("key_net", self.key_nets),
             **per_net_state("queue", self.queues),
-            "prototypes": self.prototypes.clone(),
-            "div_history": self.div_history.clone(),
+            **{name: getattr(self, name).clone() for name in self.TENSORS},
             "div_epochs": self.div_epochs,
             "seed": self.seed,
-            "w": self.w.clone(),
-            "mean_probs": self.mean_probs.clone(),
-            "in_p": self.in_p.clone(),
-            "targets": self.targets.clone(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.pair.load_state_dict(state)
         load_per_net(state, "key_net", self.key_nets)
         load_per_net(state, "queue", self.queues)
-        self.prototypes.copy_(state["prototypes"])
-        self.div_history.copy_(state["div_history"])
+        for name in self.TENSORS:
+            getattr(self, name).copy_(state[name])
         self.div_epochs = int(state["div_epochs"])
         self.seed = int(state["seed"])
-        self.w.copy_(state["w"])
-        if "mean_probs" in state:  # checkpoints before them: uniform / w > tau_div until the next division
-            self.mean_probs.copy_(state["mean_probs"])
-            self.in_p.copy_(state["in_p"])
-        else:
-            self.in_p.copy_(self.w > self.params.tau_div)
-        self.targets.copy_(state["targets"])
 
 
 SPEC = AlgorithmSpec(

@@ -81,3 +81,13 @@ def collapse_reason(metrics: dict[str, float]) -> str:
 def contrastive_diagnostics(net: Net, key_net: Net, queue_labels: Tensor, probe: Tensor, num_classes: int, prefix: str = "") -> dict[str, float]:
     """:func:`embedding_diagnostics` with the key net, and ``queue_label_entropy`` of the queue's pseudo-labels."""
     return {**embedding_diagnostics(net, probe, key_net, prefix), f"queue_label_entropy{prefix}": class_entropy(queue_labels, num_classes)}
+
+
+@torch.no_grad()
+def pair_diagnostics(nets, key_nets, queues, prototypes: Tensor, probe: Tensor) -> dict[str, float]:
+    """:func:`contrastive_diagnostics` of each of two nets (suffixes ``_a``, ``_b``) with its key net
+    and queue, and the shared prototypes' ``prototype_cosine`` (Co-Reg)."""
+    out, c = {"prototype_cosine": prototype_cosine(prototypes)}, prototypes.shape[0]
+    for net, key_net, queue, name in zip(nets, key_nets, queues, ("a", "b")):
+        out.update(contrastive_diagnostics(net, key_net, queue.contents()[1], probe, c, prefix=f"_{name}"))
+    return out

@@ -17,6 +17,7 @@ from sklearn.mixture import GaussianMixture
 from torch import Tensor, nn
 
 from trainables.api import TrainData
+from trainables.common.targets import restrict_to_candidates
 
 EVAL_BATCH_SIZE = 512
 """Batch size of the division pass."""
@@ -91,17 +92,27 @@ def clean_set(w: Tensor, trusted: Tensor, threshold: float) -> Tensor:
 
 def class_balanced_clean_set(w: Tensor, trusted: Tensor, threshold: float, labels: Tensor, num_classes: int) -> Tensor:
     """A clean set of the size of :func:`clean_set`'s, taken class by class: for each class c of
-    ``labels`` (N,) (label-free guesses), the share |{w > threshold}| / N of its samples with the
-    highest w; plus every trusted sample.  # (N,) bool
+    ``labels`` (N,) (label-free guesses), an equal quota |{w > threshold}| / C of the samples with
+    the highest w, as far as c has members; plus every trusted sample.  # (N,) bool
 
-    A global threshold fills the clean set with the classes the networks already find easy; this
-    keeps each guessed class's share of it equal to its share of the data (UNICON's uniform
-    selection, Karim et al. 2022, with shares instead of equal counts)."""
-    rate = (w > threshold).float().mean()
+    A global threshold fills the clean set with the classes the networks already favour; an equal
+    quota per class is UNICON's uniform selection (Karim et al. 2022), under the uniform class
+    prior that Co-Reg's distribution alignment also assumes."""
+    quota = (w > threshold).float().sum().item() / num_classes
     keep = torch.zeros_like(trusted)
     for c in range(num_classes):
         members = (labels == c).nonzero().flatten()
-        k = int(torch.round(rate * len(members)).item())
+        k = min(int(round(quota)), len(members))
         if k:
             keep[members[torch.topk(w[members], k).indices]] = True
     return keep | trusted
+
+
+def partial_set(w: Tensor, data: TrainData, threshold: float, split_probs: Tensor, *, balanced: bool) -> Tensor:
+    """Co-Reg's P (DivideMix's X) from clean probabilities ``w`` (N,): :func:`clean_set`, or with
+    ``balanced`` :func:`class_balanced_clean_set` by the classes the split-making net guesses
+    (argmax of its predictions ``split_probs`` (N, C) restricted to S; no label).  # (N,) bool"""
+    if not balanced:
+        return clean_set(w, data.trusted, threshold)
+    guess = restrict_to_candidates(split_probs, data.cand).argmax(dim=1)  # (N,)
+    return class_balanced_clean_set(w, data.trusted, threshold, guess, data.cand.shape[1])
