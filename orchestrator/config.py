@@ -269,12 +269,12 @@ class Grid(Strict):
     def _unique_names(self) -> "Grid":
         for what, names in (
             ("annotators", [a.name for a in self.annotators]),
-            ("datasets", [d.name if d.split is None else f"{d.name} split {d.split}" for d in self.datasets]),
+            ("datasets", [d.display if d.split is None else f"{d.display} split {d.split}" for d in self.datasets]),
             ("methods", [m.label or m.name for m in self.methods]),
         ):
             dupes = sorted({n for n in names if names.count(n) > 1})
             if dupes:
-                raise ValueError(f"{what}: duplicate name(s) {dupes}; give each entry a distinct name (methods: a distinct label)")
+                raise ValueError(f"{what}: duplicate name(s) {dupes}; give each entry a distinct name (methods and datasets: a distinct label)")
         return self
 
     @field_validator("tracking_uri")

@@ -130,11 +130,14 @@ def _size_problems(grid: Grid, datasets: dict[Any, Any]) -> list[str]:
 
     problems = []
     for spec, ds in datasets.items():
-        name = ds.name if spec.split is None else f"{ds.name} (split {spec.split})"
-        fewest = int(np.bincount(ds.train_y, minlength=len(ds.class_names)).min())
+        name = spec.display if spec.split is None else f"{spec.display} (split {spec.split})"
+        fewest = int(np.bincount(ds.train_y, minlength=len(ds.class_names)).min()) if ds.labeled else 0
         for shots in grid.grid.shots:
             if shots > fewest:
-                problems.append(f"grid.shots: {shots} exceeds the {fewest} training samples of {name}'s smallest class")
+                problems.append(
+                    f"grid.shots: {shots} exceeds the {fewest} training samples of {name}'s smallest class"
+                    if ds.labeled else f"grid.shots: {shots} shots asked but {name} has no labels to reveal (a flat image folder)"
+                )
         for i, method in enumerate(grid.methods):
             training = method_training(grid, method)
             pool = int(len(ds.train_y) * (1 - training.val_fraction))
