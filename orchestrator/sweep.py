@@ -63,7 +63,7 @@ def check_inputs(grid: Grid) -> dict[str, Any]:
     for i, ann in enumerate(grid.annotators):
         if isinstance(ann, ClipAnnotatorSpec):
             problems += _clip_problems(f"annotators[{i}]", ann, datasets.values())
-    problems += _size_problems(grid, datasets) + service_problems(grid)
+    problems += _unlabeled_problems(grid, datasets) + _size_problems(grid, datasets) + service_problems(grid)
     if problems:
         raise GridError("inputs are not usable:\n  " + "\n  ".join(problems))
     return datasets
@@ -120,6 +120,28 @@ def service_problems(grid: Grid) -> list[str]:
             reason = _unreachable(hostport.hostname, hostport.port)
             if reason:
                 problems.append(f"ray.address: {reason}; start the cluster (ray up / ray start --head), or use auto")
+    return problems
+
+
+def _unlabeled_problems(grid: Grid, datasets: dict[Any, Any]) -> list[str]:
+    """A flat folder of unlabeled images: only a VLM annotator can label it (synthetic sets are drawn
+    from true labels), and the trial loop still computes its accuracy metrics from labels."""
+    problems = []
+    for i, spec in enumerate(grid.datasets):
+        ds = datasets.get(spec)
+        if ds is None or ds.labeled:
+            continue
+        for j, ann in enumerate(grid.annotators):
+            if ann.kind in ("synthetic", "given"):
+                problems.append(
+                    f"annotators[{j}] ({ann.name!r}, kind {ann.kind}): datasets[{i}] ({spec.display}) is a flat folder of "
+                    f"unlabeled images; only a VLM annotator (kind clip) can annotate it"
+                )
+        problems.append(
+            f"datasets[{i}] ({spec.display}): training on unlabeled images needs the trial loop's label-free "
+            f"evaluation, which this version does not have yet; give the folder one subfolder per class "
+            f"(labels are used for evaluation only)"
+        )
     return problems
 
 

@@ -207,12 +207,22 @@ def candidate_stats(cand: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     }
 
 
+def dataset_candidate_stats(dataset: Dataset, cand: np.ndarray) -> dict[str, float]:
+    """:func:`candidate_stats` of a labeled data set; of unlabeled images (a flat image folder) only
+    what needs no label: the mean set size."""
+    if dataset.labeled:
+        return candidate_stats(cand, dataset.train_y)
+    return {"mean_set_size": float(cand.sum(axis=1).mean()) if len(cand) else float("nan")}
+
+
 def zero_shot_stats(
     probs_train: np.ndarray, probs_test: np.ndarray, dataset: Dataset, template: int
 ) -> dict[str, float]:
-    """Zero-shot accuracy of one template and of the template average, on train and test."""
+    """Zero-shot accuracy of one template and of the template average, on train and test (on test
+    only for unlabeled training images, and only when a labeled test folder is given)."""
     out = {}
-    for split, probs, labels in (("train", probs_train, dataset.train_y), ("test", probs_test, dataset.test_y)):
+    parts = [("train", probs_train, dataset.train_y)] if dataset.labeled else []
+    for split, probs, labels in parts + [("test", probs_test, dataset.test_y)]:
         out[f"zs_acc_{split}"] = (
             float((cands.single_labels(probs, template) == labels).mean()) if len(labels) else float("nan")
         )
@@ -278,7 +288,7 @@ def _record(
 ) -> Annotation:
     """Write and return the record of an annotator that gives candidate sets only (synthetic, given)."""
     stats = {
-        **candidate_stats(cand, dataset.train_y),
+        **dataset_candidate_stats(dataset, cand),
         "num_train": float(len(dataset.train_y)),
         "num_test": float(len(dataset.test_y)),
     }
@@ -300,6 +310,8 @@ def _record(
 def _annotate_synthetic(
     dataset: Dataset, spec: SyntheticAnnotatorSpec, q: float, eta: float, seed: int, key: str, entry: Path
 ) -> Annotation:
+    if not dataset.labeled:
+        raise ValueError(f"annotator {spec.name!r} (synthetic) draws sets from true labels, and {dataset.name} has none")
     start = time.time()
     # q and eta enter the seed so that each grid cell draws independent sets.
     rng = np.random.default_rng([seed, round(q * 1e6), round(eta * 1e6)])
@@ -372,7 +384,7 @@ def _annotate_clip(
         "soft_single_train": renormalised(probs_train[:, spec.single_template]),
     }
     stats = {
-        **candidate_stats(arrays["cand_train"], dataset.train_y),
+        **dataset_candidate_stats(dataset, arrays["cand_train"]),
         "num_train": float(len(dataset.train_y)),
         "num_test": float(len(dataset.test_y)),
         **zero_shot_stats(probs_train, probs_test, dataset, spec.single_template),

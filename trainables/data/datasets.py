@@ -509,7 +509,8 @@ def fingerprint(*arrays: np.ndarray) -> str:
     for a in arrays:
         a = np.ascontiguousarray(a)
         h.update(f"{a.dtype.str}{a.shape}".encode())
-        h.update(memoryview(a).cast("B"))
+        if a.size:  # an empty array (no test set) has no bytes, and memoryview cannot cast it
+            h.update(memoryview(a).cast("B"))
     return h.hexdigest()
 
 

@@ -169,8 +169,8 @@ def _cache_dir(spec: DatasetSpec) -> Path:
     return (Path(spec.root) if spec.root is not None else default_data_root()) / "image_folder_cache"
 
 
-def _read(folder: Path, spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    files, names, labels = scan(folder)
+def _read(folder: Path, spec: DatasetSpec, scanned: tuple[list[Path], list[str], list[int]] | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    files, names, labels = scanned or scan(folder)
     size, channels = spec.image_size or DEFAULT_SIZE, spec.channels or DEFAULT_CHANNELS
     x = cached_decode(files, folder, labels, size, channels, _cache_dir(spec))
     return x, np.asarray(labels, dtype=np.int64), names
@@ -182,13 +182,14 @@ def load_image_folder(spec: DatasetSpec, names_of: Callable[[DatasetSpec, tuple[
     from trainables.data.datasets import DatasetNotFoundError, _subset_rng, stratified_subset
 
     folder = Path(str(spec.path))
-    x, y, found = _read(folder, spec)
-    labeled = bool(found)
+    scanned = scan(folder)
+    labeled = bool(scanned[1])
     if not labeled and spec.class_names is None:
         raise DatasetNotFoundError(
             f"image_folder: {folder} is a flat folder of unlabeled images; give `class_names` (a list, or a file "
             f"with one class name per line) so that an annotator knows the classes. Expected {LAYOUT}"
         )
+    x, y, found = _read(folder, spec, scanned)
     class_names = names_of(spec, tuple(found))
     source: dict[str, Any] = {"source": "image_folder", "path": str(folder), "layout": "class subfolders" if labeled else "flat, unlabeled"}
     if spec.test_path is not None:
