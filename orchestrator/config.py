@@ -47,8 +47,12 @@ class GridError(ValueError):
 class SyntheticAnnotatorSpec(Strict):
     kind: Literal["synthetic"]
     name: str = "synthetic"
-    generator: Literal["flip"] = "flip"
-    """``flip``: ALIM's generator (exact eta, E|S| = 1 + q(C-1))."""
+    generator: Literal["flip", "pico_plus", "uniform", "instance_dependent"] = "flip"
+    """``flip``: ALIM's (exact eta, E|S| = 1 + q(C-1)); ``pico_plus``: PiCO+'s (diagonal 1 - eta,
+    off-diagonal q, empty rows redrawn: realised eta below eta); ``uniform``: uniform set sampling
+    (no q; E|S| = C/2), then flip's eta step; ``instance_dependent``: VALEN's rule from a cross-fitted
+    helper model's probabilities, q the rate, then an eta step drawn by those probabilities
+    (``orchestrator/annotation/synthetic.py``)."""
 
 
 class ClipAnnotatorSpec(Strict):
@@ -359,15 +363,21 @@ def _format(err: ValidationError) -> list[str]:
 
 def _check_semantics(grid: Grid) -> list[str]:
     """Cross-field checks that need the registries (methods, their params and spaces)."""
+    from orchestrator.annotation.synthetic import USES_Q
+
     problems = []
     kinds = {a.kind for a in grid.annotators}
+    generators = sorted({a.generator for a in grid.annotators if isinstance(a, SyntheticAnnotatorSpec)})
     for axis in ("q", "eta"):
+        used = bool(generators) and (axis == "eta" or any(g in USES_Q for g in generators))
         if getattr(grid.grid, axis) is not None and "synthetic" not in kinds:
             problems.append(
                 f"grid.{axis}: applies only to synthetic annotators, and this grid has none "
                 f"(annotators: {', '.join(a.name for a in grid.annotators)})"
             )
-        if getattr(grid.grid, axis) is None and "synthetic" in kinds:
+        elif getattr(grid.grid, axis) is not None and not used:
+            problems.append(f"grid.q: the {', '.join(generators)} generator has no q (generators with one: {', '.join(sorted(USES_Q))})")
+        if getattr(grid.grid, axis) is None and used:
             problems.append(f"grid.{axis}: required by the synthetic annotator (a list of values)")
     for i, ann in enumerate(grid.annotators):
         if isinstance(ann, ClipAnnotatorSpec):

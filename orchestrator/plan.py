@@ -4,7 +4,8 @@ annotation jobs.
 A *cell* is one point of the grid (dataset x annotator x q x eta x shots x fraction x seed). A
 *study* is one Optuna search of one method on one cell; its trials differ only in the sampled
 hyperparameters. Grid axes are never Optuna parameters. q and eta are axes of synthetic
-annotators only: cells of other annotators carry ``None`` there.
+annotators only: cells of other annotators carry ``None`` there (and cells of the ``uniform``
+generator, which has no q, carry ``q = None``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 from pydantic import TypeAdapter
 
 from orchestrator import runs
+from orchestrator.annotation.synthetic import USES_Q
 from orchestrator.config import AnnotatorSpec, DatasetSpec, Grid, MethodSpec
 from trainables.api import TrainSettings
 from trainables.data.spec import signature
@@ -119,7 +121,7 @@ def expand_cells(grid: Grid) -> list[Cell]:
     cells = []
     for dataset, annotator in itertools.product(grid.datasets, grid.annotators):
         synthetic = annotator.kind == "synthetic"
-        qs = axes.q if synthetic else [None]
+        qs = axes.q if synthetic and annotator.generator in USES_Q else [None]
         etas = axes.eta if synthetic else [None]
         for seed, q, eta, shots, fraction in itertools.product(
             axes.seeds, qs, etas, axes.shots, axes.unlabeled_fraction

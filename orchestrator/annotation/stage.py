@@ -37,7 +37,8 @@ from typing import Any
 import numpy as np
 
 from orchestrator.annotation import candidates as cands
-from orchestrator.annotation.synthetic import flip_candidates
+from orchestrator.annotation import synthetic
+from orchestrator.annotation.synthetic import USES_Q, flip_candidates
 from orchestrator.annotation.templates import templates_for
 from orchestrator.config import (
     ClipAnnotatorSpec,
@@ -135,9 +136,11 @@ def clip_probs_key(dataset: Dataset, spec: ClipAnnotatorSpec) -> str:
 
 def _check_axes(spec: Spec, q: float | None, eta: float | None, seed: int) -> None:
     if isinstance(spec, SyntheticAnnotatorSpec):
-        if q is None or eta is None:
-            raise ValueError(f"annotator {spec.name!r} (synthetic) needs q and eta (got q={q}, eta={eta})")
-        if not (0.0 <= q <= 1.0 and 0.0 <= eta <= 1.0):
+        uses_q = spec.generator in USES_Q
+        if eta is None or (q is None) == uses_q:
+            needs = "q and eta" if uses_q else "eta and no q"
+            raise ValueError(f"annotator {spec.name!r} ({spec.generator}) needs {needs} (got q={q}, eta={eta})")
+        if not (0.0 <= (q or 0.0) <= 1.0 and 0.0 <= eta <= 1.0):
             raise ValueError(f"annotator {spec.name!r}: q={q} and eta={eta} must lie in [0, 1]")
         if seed < 0:
             raise ValueError(f"annotator {spec.name!r}: seed={seed} must be >= 0")
@@ -160,7 +163,7 @@ def annotation_key(
             "kind": "synthetic",
             "generator": spec.generator,
             "dataset": dataset.identity,
-            "q": float(q),
+            "q": None if q is None else float(q),
             "eta": float(eta),
             "seed": int(seed),
         }
@@ -313,10 +316,23 @@ def _annotate_synthetic(
     if not dataset.labeled:
         raise ValueError(f"annotator {spec.name!r} (synthetic) draws sets from true labels, and {dataset.name} has none")
     start = time.time()
-    # q and eta enter the seed so that each grid cell draws independent sets.
-    rng = np.random.default_rng([seed, round(q * 1e6), round(eta * 1e6)])
-    cand = flip_candidates(dataset.train_y, dataset.num_classes, q, eta, rng)
+    cand = synthetic_candidates(dataset, spec.generator, q, eta, seed)
     return _record(dataset, spec, key, entry, cand, start, q=q, eta=eta, seed=seed)
+
+
+def synthetic_candidates(dataset: Dataset, generator: str, q: float | None, eta: float, seed: int) -> np.ndarray:
+    """(N, C) bool sets of ``generator`` for the training part (its true labels; the helper model
+    of ``instance_dependent`` also sees the inputs)."""
+    y, c = dataset.train_y, dataset.num_classes
+    if generator == "flip":  # q and eta enter the seed so that each grid cell draws independent sets
+        return flip_candidates(y, c, q, eta, np.random.default_rng([seed, round(q * 1e6), round(eta * 1e6)]))
+    rng = np.random.default_rng([seed, round((q or 0.0) * 1e6), round(eta * 1e6), synthetic.GENERATORS.index(generator)])
+    if generator == "pico_plus":
+        return synthetic.pico_plus_candidates(y, c, q, eta, rng)
+    if generator == "uniform":
+        return synthetic.uniform_candidates(y, c, eta, rng)
+    probs = synthetic.helper_confidences(dataset.train_x, y, c, seed)  # (N, C)
+    return synthetic.instance_dependent_candidates(y, probs, q, eta, rng)
 
 
 def _annotate_given(dataset: Dataset, spec: GivenAnnotatorSpec, key: str, entry: Path) -> Annotation:

@@ -189,6 +189,8 @@ def load_image_folder(spec: DatasetSpec, names_of: Callable[[DatasetSpec, tuple[
             f"image_folder: {folder} is a flat folder of unlabeled images; give `class_names` (a list, or a file "
             f"with one class name per line) so that an annotator knows the classes. Expected {LAYOUT}"
         )
+    if not labeled and spec.imbalance_ratio is not None:  # refused before anything is decoded
+        raise ValueError(f"image_folder: imbalance_ratio needs labels to subsample per class; {folder} has none")
     x, y, found = _read(folder, spec, scanned)
     class_names = names_of(spec, tuple(found))
     source: dict[str, Any] = {"source": "image_folder", "path": str(folder), "layout": "class subfolders" if labeled else "flat, unlabeled"}
