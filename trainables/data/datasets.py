@@ -17,6 +17,8 @@ Where the files come from:
   torchvision's layout ``root/FashionMNIST/raw``.
 - ``cifar10``, ``cifar100``, ``svhn``: torchvision's readers and layout (``download: true`` lets
   torchvision fetch the files; tests never do).
+- ``eurosat``, ``gtsrb``, ``fer2013``: the papers' other columns, 64x64 (FER2013: 1 channel), in
+  torchvision's layouts (``trainables/data/vision.py``; FER2013 from its Kaggle CSV).
 - ``lost``, ``msrcv2``: the classic real-world partial-label benchmarks (Cour et al. 2011; Liu and
   Dietterich 2012) as MATLAB v5 files ``lost.mat`` / ``MSRCv2.mat`` (the redistribution in
   github.com/agapiR/partial-label-learning, ``data/realworld/``), found in ``root`` or
@@ -57,6 +59,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from trainables.data.vision import EUROSAT_CLASSES, FER2013_CLASSES, GTSRB_CLASSES
 
 if TYPE_CHECKING:
     from trainables.data.spec import DatasetSpec
@@ -161,6 +165,9 @@ DATASETS: dict[str, DatasetInfo] = {
             "cifar100", CIFAR100_CLASSES, channels=3, image_size=32, hflip=True, default_backbone="preact_resnet18"
         ),
         DatasetInfo("svhn", NUMBERS, channels=3, image_size=32, hflip=False, default_backbone="preact_resnet18"),
+        DatasetInfo("eurosat", EUROSAT_CLASSES, channels=3, image_size=64, hflip=True, default_backbone="preact_resnet18"),
+        DatasetInfo("gtsrb", GTSRB_CLASSES, channels=3, image_size=64, hflip=False, default_backbone="preact_resnet18"),
+        DatasetInfo("fer2013", FER2013_CLASSES, channels=1, image_size=64, hflip=True, default_backbone="preact_resnet18"),
         _pll("lost", "lost.mat", num_classes=16, feature_dim=108),
         _pll("msrcv2", "MSRCv2.mat", num_classes=23, feature_dim=48),
         DatasetInfo(
@@ -414,12 +421,21 @@ def _load_svhn(spec: DatasetSpec) -> Arrays:
     )
 
 
+def _load_vision(spec: DatasetSpec) -> Arrays:
+    from trainables.data import vision
+
+    return {"eurosat": vision.load_eurosat, "gtsrb": vision.load_gtsrb, "fer2013": vision.load_fer2013}[spec.name](spec)
+
+
 _LOADERS: dict[str, Callable[[DatasetSpec], Arrays]] = {
     "digits": _load_digits,
     "fashion_mnist": _load_fashion_mnist,
     "cifar10": _load_cifar,
     "cifar100": _load_cifar,
     "svhn": _load_svhn,
+    "eurosat": _load_vision,
+    "gtsrb": _load_vision,
+    "fer2013": _load_vision,
 }
 
 

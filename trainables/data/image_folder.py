@@ -143,27 +143,36 @@ def decode_all(files: list[Path], size: int, channels: int, workers: int | None 
     return out
 
 
-def cached_decode(files: list[Path], base: Path, labels: list[int], size: int, channels: int, cache: Path) -> np.ndarray:
-    """``decode_all`` through the on-disk cache (written atomically: concurrent trials are safe)."""
-    entry = cache / f"{_cache_key(files, base, labels, size, channels)}.npz"
+def npz_cache(cache: Path, key: str, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The arrays of ``<cache>/<key>.npz``, built with ``build()`` and written atomically (concurrent
+    trials are safe) when absent or unreadable."""
+    entry = cache / f"{key}.npz"
     if entry.is_file():
         try:
             with np.load(entry) as z:
-                x = z["x"]
-            if x.shape == (len(files), channels, size, size):
-                return x
-        except (OSError, ValueError, KeyError):  # a truncated entry is decoded again
+                return {k: z[k] for k in z.files}
+        except (OSError, ValueError, KeyError):  # a truncated entry is built again
             pass
-    x = decode_all(files, size, channels)
+    arrays = build()
     cache.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=cache, suffix=".tmp.npz")
     with os.fdopen(fd, "wb") as f:
-        np.savez(f, x=x)
+        np.savez(f, **arrays)
     os.replace(tmp, entry)
+    return arrays
+
+
+def cached_decode(files: list[Path], base: Path, labels: list[int], size: int, channels: int, cache: Path) -> np.ndarray:
+    """``decode_all`` through the on-disk cache."""
+    key = _cache_key(files, base, labels, size, channels)
+    x = npz_cache(cache, key, lambda: {"x": decode_all(files, size, channels)})["x"]
+    if x.shape != (len(files), channels, size, size):  # cannot happen unless the entry was replaced
+        raise ValueError(f"image cache entry {cache / key}.npz holds {x.shape}, expected {(len(files), channels, size, size)}")
     return x
 
 
-def _cache_dir(spec: DatasetSpec) -> Path:
+def cache_dir(spec: DatasetSpec) -> Path:
+    """Where decoded images are cached: ``<root>/image_folder_cache`` (``root`` default ``$COREG_DATA_ROOT``)."""
     from trainables.data.datasets import default_data_root
 
     return (Path(spec.root) if spec.root is not None else default_data_root()) / "image_folder_cache"
@@ -172,7 +181,7 @@ def _cache_dir(spec: DatasetSpec) -> Path:
 def _read(folder: Path, spec: DatasetSpec, scanned: tuple[list[Path], list[str], list[int]] | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     files, names, labels = scanned or scan(folder)
     size, channels = spec.image_size or DEFAULT_SIZE, spec.channels or DEFAULT_CHANNELS
-    x = cached_decode(files, folder, labels, size, channels, _cache_dir(spec))
+    x = cached_decode(files, folder, labels, size, channels, cache_dir(spec))
     return x, np.asarray(labels, dtype=np.int64), names
 
 
