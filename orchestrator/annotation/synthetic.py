@@ -192,6 +192,9 @@ def helper_confidences(x: np.ndarray, labels: np.ndarray, num_classes: int, seed
     """(N, C) class probabilities of each training sample from a logistic regression fitted on the
     clean labels of the *other* seeded half (two-fold cross-fitting). Images are average-pooled to
     at most 8x8 per channel and scaled to [0, 1]; features are standardised."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
     feats = _helper_features(x)
@@ -201,7 +204,9 @@ def helper_confidences(x: np.ndarray, labels: np.ndarray, num_classes: int, seed
         fit, out = fold != k, fold == k
         if len(np.unique(labels[fit])) < 2:
             continue  # too few samples to fit anything: uniform probabilities
-        model = LogisticRegression(max_iter=300, C=1.0).fit(feats[fit], labels[fit])
+        with warnings.catch_warnings():  # an unconverged fit still ranks the classes, which is all VALEN uses
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            model = LogisticRegression(max_iter=300, C=1.0).fit(feats[fit], labels[fit])
         probs[out] = 0.0
         probs[np.ix_(out, model.classes_)] = model.predict_proba(feats[out])
     return probs
