@@ -26,6 +26,7 @@ from pydantic import (
     ValidationInfo,
     create_model,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -53,6 +54,29 @@ class SyntheticAnnotatorSpec(Strict):
     (no q; E|S| = C/2), then flip's eta step; ``instance_dependent``: VALEN's rule from a cross-fitted
     helper model's probabilities, q the rate, then an eta step drawn by those probabilities
     (``orchestrator/annotation/synthetic.py``)."""
+    confidences: Union[Literal["helper"], "ClipAnnotatorSpec"] = "helper"
+    """``instance_dependent`` only: whose class probabilities the sets follow. ``helper``: a logistic
+    regression cross-fitted on the training pool's clean labels; a CLIP annotator's entry
+    (``{kind: clip, ...}``): its template-averaged probabilities (annotated and cached as that
+    annotator's own annotation)."""
+
+    @field_validator("confidences", mode="before")
+    @classmethod
+    def _helper_or_clip(cls, value: Any) -> Any:
+        if value != "helper" and not (isinstance(value, dict) and value.get("kind") == "clip") and not isinstance(value, BaseModel):
+            raise ValueError(f"`helper` or a CLIP annotator entry ({{kind: clip, ...}}), got {value!r}")
+        return value
+
+    @model_serializer(mode="wrap")
+    def _omit_default_confidences(self, handler: Any) -> dict[str, Any]:
+        """Left out when ``helper``, so that the cells of grids without it keep their signatures."""
+        return {k: v for k, v in handler(self).items() if not (k == "confidences" and v == "helper")}
+
+    @model_validator(mode="after")
+    def _confidences_only_for_instance_dependent(self) -> "SyntheticAnnotatorSpec":
+        if self.confidences != "helper" and self.generator != "instance_dependent":
+            raise ValueError(f"confidences: applies only to the instance_dependent generator, not to {self.generator}")
+        return self
 
 
 class ClipAnnotatorSpec(Strict):
@@ -96,6 +120,9 @@ class ClipAnnotatorSpec(Strict):
             if bad:
                 raise ValueError(f"each template needs exactly one '{{}}' for the class name; bad: {bad}")
         return templates
+
+
+SyntheticAnnotatorSpec.model_rebuild()
 
 
 class GivenAnnotatorSpec(Strict):
@@ -396,6 +423,8 @@ def _check_semantics(grid: Grid) -> list[str]:
                 )
             if ann.kind == "clip" and info.kind != "image":
                 problems.append(f"annotators[{i}] ({ann.name!r}, kind clip): dataset {ds.name} has {info.kind}, not images")
+            if isinstance(ann, SyntheticAnnotatorSpec) and ann.confidences != "helper" and info.kind != "image":
+                problems.append(f"annotators[{i}].confidences: a CLIP annotator, and dataset {ds.name} has {info.kind}, not images")
     return problems + _check_methods(grid)
 
 

@@ -63,6 +63,8 @@ def check_inputs(grid: Grid) -> dict[str, Any]:
     for i, ann in enumerate(grid.annotators):
         if isinstance(ann, ClipAnnotatorSpec):
             problems += _clip_problems(f"annotators[{i}]", ann, datasets.values())
+        elif isinstance(getattr(ann, "confidences", None), ClipAnnotatorSpec):  # instance_dependent from CLIP
+            problems += _clip_problems(f"annotators[{i}].confidences", ann.confidences, datasets.values())
     problems += _unlabeled_problems(grid, datasets) + _size_problems(grid, datasets) + service_problems(grid)
     if problems:
         raise GridError("inputs are not usable:\n  " + "\n  ".join(problems))

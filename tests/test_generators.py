@@ -204,3 +204,37 @@ def test_stage_annotates_and_caches_each_generator(tmp_path, generator, q):
     assert first.cand_train.any(1).all() and 0.0 < first.stats["eta_realised"] < 0.3
     with pytest.raises(ValueError, match=f"needs {'eta and no q' if q is None else 'q and eta'}"):
         annotate(ds, spec, q=None if q else 0.1, eta=0.2, cache_dir=tmp_path)
+
+
+def test_instance_dependent_grid_keeps_older_signatures_and_refuses_misplaced_confidences():
+    assert "confidences" not in SyntheticAnnotatorSpec(kind="synthetic").model_dump()  # flip cells hash as before
+    bad = grid("flip", {"q": [0.1], "eta": [0.1]})
+    bad["annotators"][0]["confidences"] = {"kind": "clip"}
+    with pytest.raises(GridError, match="confidences: applies only to the instance_dependent generator, not to flip"):
+        parse_grid(bad)
+    lost = grid("instance_dependent", {"q": [0.1], "eta": [0.1]}, datasets=({"name": "lost"},))
+    lost["annotators"][0]["confidences"] = {"kind": "clip", "pretrained": None}
+    with pytest.raises(GridError, match=r"annotators\[0\].confidences: a CLIP annotator, and dataset lost has features"):
+        parse_grid(lost)
+
+
+@pytest.mark.ray
+def test_instance_dependent_from_a_clip_annotators_probabilities(ray_session, tmp_path):
+    """VALEN's rule on a (tiny, random) CLIP model's template-averaged probabilities instead of the helper's."""
+    from pathlib import Path
+
+    from orchestrator.annotation.stage import synthetic_candidates
+    from orchestrator.config import ClipAnnotatorSpec
+
+    clip = ClipAnnotatorSpec(
+        kind="clip", pretrained=None, model_config_path=str(Path(__file__).parent / "fixtures" / "tiny_clip.json"), batch_size=32
+    )
+    ds = load_dataset(DatasetSpec(name="digits", subsample=120, test_subsample=20))
+    spec = SyntheticAnnotatorSpec(kind="synthetic", generator="instance_dependent", confidences=clip)
+    ann = annotate(ds, spec, q=0.2, eta=0.1, seed=1, cache_dir=tmp_path)
+    vlm = annotate(ds, clip, cache_dir=tmp_path)  # the CLIP annotation was made (and cached) on the way
+    assert vlm.cached
+    expected = synthetic_candidates(ds, "instance_dependent", 0.2, 0.1, 1, probs=vlm.soft_train)
+    assert np.array_equal(ann.cand_train, expected)
+    helper = annotate(ds, SyntheticAnnotatorSpec(kind="synthetic", generator="instance_dependent"), q=0.2, eta=0.1, seed=1, cache_dir=tmp_path)
+    assert helper.key != ann.key and not np.array_equal(helper.cand_train, ann.cand_train)

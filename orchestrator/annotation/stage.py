@@ -167,6 +167,9 @@ def annotation_key(
             "eta": float(eta),
             "seed": int(seed),
         }
+        if spec.generator == "instance_dependent":
+            c = spec.confidences
+            content["confidences"] = c if isinstance(c, str) else {"clip_probs": clip_probs_key(dataset, c)}
     elif isinstance(spec, GivenAnnotatorSpec):
         content = {"kind": "given", "dataset": dataset.identity}
     else:
@@ -278,7 +281,10 @@ def _annotate_or_load(
     if isinstance(spec, SyntheticAnnotatorSpec):
         if (entry / "meta.json").is_file():
             return load_cached(cache_dir, key)
-        return _annotate_synthetic(dataset, spec, q, eta, seed, key, entry)
+        probs = None
+        if isinstance(spec.confidences, ClipAnnotatorSpec):  # instance_dependent from a CLIP annotator's probabilities
+            probs = annotate(dataset, spec.confidences, cache_dir=cache_dir, progress=progress).soft_train
+        return _annotate_synthetic(dataset, spec, q, eta, seed, key, entry, probs)
     if isinstance(spec, GivenAnnotatorSpec):
         if (entry / "meta.json").is_file():
             return load_cached(cache_dir, key)
@@ -311,18 +317,20 @@ def _record(
 
 
 def _annotate_synthetic(
-    dataset: Dataset, spec: SyntheticAnnotatorSpec, q: float, eta: float, seed: int, key: str, entry: Path
+    dataset: Dataset, spec: SyntheticAnnotatorSpec, q: float, eta: float, seed: int, key: str, entry: Path, probs: np.ndarray | None = None
 ) -> Annotation:
     if not dataset.labeled:
         raise ValueError(f"annotator {spec.name!r} (synthetic) draws sets from true labels, and {dataset.name} has none")
     start = time.time()
-    cand = synthetic_candidates(dataset, spec.generator, q, eta, seed)
+    cand = synthetic_candidates(dataset, spec.generator, q, eta, seed, probs)
     return _record(dataset, spec, key, entry, cand, start, q=q, eta=eta, seed=seed)
 
 
-def synthetic_candidates(dataset: Dataset, generator: str, q: float | None, eta: float, seed: int) -> np.ndarray:
-    """(N, C) bool sets of ``generator`` for the training part (its true labels; the helper model
-    of ``instance_dependent`` also sees the inputs)."""
+def synthetic_candidates(
+    dataset: Dataset, generator: str, q: float | None, eta: float, seed: int, probs: np.ndarray | None = None
+) -> np.ndarray:
+    """(N, C) bool sets of ``generator`` for the training part (its true labels). ``instance_dependent``
+    follows ``probs`` (N, C) (a VLM's) or, when None, the cross-fitted helper model's."""
     y, c = dataset.train_y, dataset.num_classes
     if generator == "flip":  # q and eta enter the seed so that each grid cell draws independent sets
         return flip_candidates(y, c, q, eta, np.random.default_rng([seed, round(q * 1e6), round(eta * 1e6)]))
@@ -331,7 +339,8 @@ def synthetic_candidates(dataset: Dataset, generator: str, q: float | None, eta:
         return synthetic.pico_plus_candidates(y, c, q, eta, rng)
     if generator == "uniform":
         return synthetic.uniform_candidates(y, c, eta, rng)
-    probs = synthetic.helper_confidences(dataset.train_x, y, c, seed)  # (N, C)
+    if probs is None:
+        probs = synthetic.helper_confidences(dataset.train_x, y, c, seed)  # (N, C)
     return synthetic.instance_dependent_candidates(y, probs, q, eta, rng)
 
 
