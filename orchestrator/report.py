@@ -214,6 +214,8 @@ def _column_labels(cells: list[dict[str, str]]) -> dict[tuple, str]:
     for c in cells:
         parts = []
         for axis in varying:
+            if axis in ("q", "eta") and not c[axis]:
+                continue  # an annotator without this axis (uniform sets have no q; VLMs neither)
             parts.append(c[axis] if axis in ("dataset", "annotator") else f"{'frac' if axis == 'fraction' else axis}={c[axis]}")
         labels[tuple(c[a] for a in CELL_AXES)] = " ".join(parts) or c["dataset"]
     return labels

@@ -238,3 +238,18 @@ def test_instance_dependent_from_a_clip_annotators_probabilities(ray_session, tm
     assert np.array_equal(ann.cand_train, expected)
     helper = annotate(ds, SyntheticAnnotatorSpec(kind="synthetic", generator="instance_dependent"), q=0.2, eta=0.1, seed=1, cache_dir=tmp_path)
     assert helper.key != ann.key and not np.array_equal(helper.cand_train, ann.cand_train)
+
+
+def test_table_columns_leave_out_the_q_a_generator_does_not_have():
+    from types import SimpleNamespace
+
+    from orchestrator import report
+
+    def run(run_id, annotator, q):
+        tags = {"method": "cc", "dataset": "digits", "annotator": annotator, "seed": "0", "split": "", "q": q, "eta": "0.1",
+                "shots": "0", "fraction": "1", "objective": "val/covering_rate"}  # fmt: skip
+        metrics = {"test/acc": 0.5, "test/acc_selected": 0.5, "val/covering_rate": 0.9}
+        return SimpleNamespace(info=SimpleNamespace(run_id=run_id, status="FINISHED"), data=SimpleNamespace(tags=tags, metrics=metrics))
+
+    tables, _ = report.build([run("a", "uss", ""), run("b", "picoplus", "0.2")], [])
+    assert sorted(tables.columns_order) == ["picoplus q=0.2 eta=0.1", "uss eta=0.1"]
