@@ -147,6 +147,7 @@ AXIS_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "shots": (lambda v: v >= 0, "is negative"),
     "unlabeled_fraction": (lambda v: 0.0 < v <= 1.0, "is outside (0, 1]"),
     "seeds": (lambda v: v >= 0, "is negative"),
+    "imbalance_ratio": (lambda v: v >= 1.0, "is below 1 (1 = balanced)"),
 }
 
 
@@ -160,8 +161,11 @@ class GridAxes(Strict):
     unlabeled_fraction: list[float] = [1.0]
     """Fraction of the unlabeled training pool kept (seeded)."""
     seeds: list[int] = [0]
+    imbalance_ratio: list[float] | None = None
+    """Long-tailed training pools: every data set once per ratio (1: balanced; see
+    ``DatasetSpec.imbalance_ratio``), its column named ``<name>-LT<ratio>``."""
 
-    @field_validator("q", "eta", "shots", "unlabeled_fraction", "seeds")
+    @field_validator("q", "eta", "shots", "unlabeled_fraction", "seeds", "imbalance_ratio")
     @classmethod
     def _in_range(cls, values: list | None, info: ValidationInfo) -> list | None:
         inside, message = AXIS_RANGES[info.field_name]
@@ -170,7 +174,7 @@ class GridAxes(Strict):
                 raise ValueError(f"{info.field_name} = {v} {message}")
         return values
 
-    @field_validator("shots", "unlabeled_fraction", "seeds", "q", "eta")
+    @field_validator("shots", "unlabeled_fraction", "seeds", "q", "eta", "imbalance_ratio")
     @classmethod
     def _non_empty(cls, values: list | None) -> list | None:
         if values is not None and len(values) == 0:
@@ -425,6 +429,10 @@ def _check_semantics(grid: Grid) -> list[str]:
                 problems.append(f"annotators[{i}] ({ann.name!r}, kind clip): dataset {ds.name} has {info.kind}, not images")
             if isinstance(ann, SyntheticAnnotatorSpec) and ann.confidences != "helper" and info.kind != "image":
                 problems.append(f"annotators[{i}].confidences: a CLIP annotator, and dataset {ds.name} has {info.kind}, not images")
+    if grid.grid.imbalance_ratio is not None:
+        for i, ds in enumerate(grid.datasets):
+            if ds.imbalance_ratio is not None:
+                problems.append(f"datasets[{i}].imbalance_ratio: set both here and as the grid.imbalance_ratio axis; use one")
     return problems + _check_methods(grid)
 
 

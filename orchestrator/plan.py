@@ -116,10 +116,27 @@ class TrialSpecs:
         return spec
 
 
+def dataset_specs(grid: Grid) -> list[tuple[int, DatasetSpec]]:
+    """Every data set of the grid with the index of its entry: each entry once, or once per value of
+    the ``imbalance_ratio`` axis (1: the balanced pool)."""
+    ratios = grid.grid.imbalance_ratio
+    if ratios is None:
+        return list(enumerate(grid.datasets))
+    out = []
+    for i, ds in enumerate(grid.datasets):
+        for r in ratios:
+            update: dict[str, Any] = {"imbalance_ratio": None if r == 1.0 else float(r)}
+            if ds.label is not None and r != 1.0:  # a labelled entry's columns stay apart too
+                update["label"] = f"{ds.label}-LT{r:g}"
+            out.append((i, ds.model_copy(update=update)))
+    return out
+
+
 def expand_cells(grid: Grid) -> list[Cell]:
     axes = grid.grid
     cells = []
-    for dataset, annotator in itertools.product(grid.datasets, grid.annotators):
+    datasets = [ds for _, ds in dataset_specs(grid)]
+    for dataset, annotator in itertools.product(datasets, grid.annotators):
         synthetic = annotator.kind == "synthetic"
         qs = axes.q if synthetic and annotator.generator in USES_Q else [None]
         etas = axes.eta if synthetic else [None]

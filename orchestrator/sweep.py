@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 from orchestrator import runs
 from orchestrator.config import ClipAnnotatorSpec, Grid, GridError, load_grid
 from orchestrator.launch import annotate_cells, connect_ray, exit_code, run_trials
-from orchestrator.plan import Study, expand, method_training
+from orchestrator.plan import Study, dataset_specs, expand, method_training
 from trainables.data.spec import signature
 from trainables.loop import CHECKPOINT_FILE
 from trainables.spec import TrialSpec
@@ -55,7 +55,7 @@ def check_inputs(grid: Grid) -> dict[str, Any]:
     from trainables.data.datasets import load_dataset
 
     problems, datasets = storage_problems(grid.storage_path), {}
-    for i, spec in enumerate(grid.datasets):
+    for i, spec in dataset_specs(grid):  # one per long-tailed ratio of the imbalance_ratio axis
         try:
             datasets[spec] = load_dataset(spec)
         except (FileNotFoundError, RuntimeError, OSError, ValueError) as err:
@@ -129,7 +129,7 @@ def _unlabeled_problems(grid: Grid, datasets: dict[Any, Any]) -> list[str]:
     """A flat folder of unlabeled images: only a VLM annotator can label it (synthetic sets are drawn
     from true labels), and the trial loop still computes its accuracy metrics from labels."""
     problems = []
-    for i, spec in enumerate(grid.datasets):
+    for i, spec in dataset_specs(grid):
         ds = datasets.get(spec)
         if ds is None or ds.labeled:
             continue

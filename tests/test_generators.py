@@ -253,3 +253,24 @@ def test_table_columns_leave_out_the_q_a_generator_does_not_have():
 
     tables, _ = report.build([run("a", "uss", ""), run("b", "picoplus", "0.2")], [])
     assert sorted(tables.columns_order) == ["picoplus q=0.2 eta=0.1", "uss eta=0.1"]
+
+
+def test_imbalance_ratio_axis_makes_one_column_per_ratio(tmp_path):
+    from orchestrator.sweep import check_inputs
+
+    raw = grid("uniform", {"eta": [0.1], "imbalance_ratio": [1, 10, 50]},
+               datasets=({"name": "digits"}, {"name": "digits", "label": "small", "subsample": 300}))  # fmt: skip
+    raw["storage"] = str(tmp_path)
+    g = parse_grid(raw)
+    studies = expand(g)
+    assert [s.cell.dataset.display for s in studies] == ["digits", "digits-LT10", "digits-LT50", "small", "small-LT10", "small-LT50"]
+    loaded = check_inputs(g)  # every ratio is loaded (and checked) before Ray
+    balanced = np.bincount(loaded[studies[0].cell.dataset].train_y, minlength=10)
+    for s in studies[:3]:  # the entry without a subsample: exactly the profile's counts
+        counts = np.bincount(loaded[s.cell.dataset].train_y, minlength=10)
+        assert counts.tolist() == long_tailed_counts(balanced, s.cell.dataset.imbalance_ratio or 1.0).tolist()
+    both = grid("flip", {"q": [0.1], "eta": [0.1], "imbalance_ratio": [10]}, datasets=({"name": "digits", "imbalance_ratio": 5},))
+    with pytest.raises(GridError, match=r"datasets\[0\].imbalance_ratio: set both here and as the grid.imbalance_ratio axis"):
+        parse_grid(both)
+    with pytest.raises(GridError, match=r"grid.imbalance_ratio: imbalance_ratio = 0.5 is below 1"):
+        parse_grid(grid("flip", {"q": [0.1], "eta": [0.1], "imbalance_ratio": [0.5]}))

@@ -122,10 +122,12 @@ class DatasetSpec(Strict):
     @property
     def display(self) -> str:
         """The entry's column name: its ``label``, else the file or folder name of a data set read
-        from a path (``birdsong`` for ``path: .../birdsong.mat``), else the name."""
+        from a path (``birdsong`` for ``path: .../birdsong.mat``), else the name; ``-LT<ratio>``
+        appended for a long-tailed pool (``cifar10-LT100``)."""
         if self.label is not None:
             return self.label
-        return Path(self.path).stem if self.path is not None else self.name
+        name = Path(self.path).stem if self.path is not None else self.name
+        return name if self.imbalance_ratio is None else f"{name}-LT{self.imbalance_ratio:g}"
 
     @model_serializer(mode="wrap")
     def _omit_unset_options(self, handler: Any) -> dict[str, Any]:
