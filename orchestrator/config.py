@@ -165,6 +165,11 @@ class GridAxes(Strict):
     """Long-tailed training pools: every data set once per ratio (1: balanced; see
     ``DatasetSpec.imbalance_ratio``), its column named ``<name>-LT<ratio>``."""
 
+    @model_serializer(mode="wrap")
+    def _omit_unset_imbalance(self, handler: Any) -> dict[str, Any]:
+        """Left out when unset, so that the sweep signature of a grid without it stays what it was."""
+        return {k: v for k, v in handler(self).items() if not (k == "imbalance_ratio" and v is None)}
+
     @field_validator("q", "eta", "shots", "unlabeled_fraction", "seeds", "imbalance_ratio")
     @classmethod
     def _in_range(cls, values: list | None, info: ValidationInfo) -> list | None:

@@ -181,11 +181,17 @@ def test_pll_mat_columns_default_to_the_file_name(tmp_path):
 
 
 def test_unset_new_options_leave_the_dump_as_before():
-    """Cell and study signatures of grids written before these options exist do not change."""
+    """Cell, study and sweep signatures of grids written before these options exist do not change
+    (checked once against the code before them: the default, real_pll and synthetic_table3 grids
+    give the same sweep signature and study ids)."""
     dump = DatasetSpec(name="digits").model_dump()
     assert set(dump) == {"name", "root", "download", "subsample", "test_subsample", "subsample_seed", "split", "feature_scaling"}
     labelled = DatasetSpec(name="digits", label="d")
     assert labelled.model_dump()["label"] == "d" and DatasetSpec(**labelled.model_dump()) == labelled
+    from orchestrator.config import GridAxes, SyntheticAnnotatorSpec
+
+    assert "imbalance_ratio" not in GridAxes().model_dump() and GridAxes(imbalance_ratio=[1.0]).model_dump()["imbalance_ratio"] == [1.0]
+    assert set(SyntheticAnnotatorSpec(kind="synthetic").model_dump()) == {"kind", "name", "generator"}
 
 
 @pytest.mark.parametrize(
