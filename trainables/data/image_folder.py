@@ -178,11 +178,33 @@ def cache_dir(spec: DatasetSpec) -> Path:
     return (Path(spec.root) if spec.root is not None else default_data_root()) / "image_folder_cache"
 
 
-def _read(folder: Path, spec: DatasetSpec, scanned: tuple[list[Path], list[str], list[int]] | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+Scanned = tuple[list[Path], list[str], list[int]]
+"""What :func:`scan` finds: files, class names, labels."""
+
+
+def _read(folder: Path, spec: DatasetSpec, scanned: Scanned | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Decoded images (through the cache), labels and class names of ``folder``."""
     files, names, labels = scanned or scan(folder)
     size, channels = spec.image_size or DEFAULT_SIZE, spec.channels or DEFAULT_CHANNELS
     x = cached_decode(files, folder, labels, size, channels, cache_dir(spec))
     return x, np.asarray(labels, dtype=np.int64), names
+
+
+def _read_test(folder: Path, spec: DatasetSpec, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """A labeled test folder: its subfolders are named as training classes (``classes``); a class
+    may have none. Labels are the training classes' indices."""
+    from trainables.data.datasets import DatasetNotFoundError
+
+    x, y, names = _read(folder, spec)
+    unknown = [n for n in names if n not in classes]
+    if not names or unknown:
+        raise DatasetNotFoundError(
+            f"image_folder: the test folder {folder} has class subfolders {names}"
+            f"{f' ({unknown} are not training classes)' if names else ''}; expected subfolders named as the "
+            f"training classes {classes} (one per class)"
+        )
+    index = np.array([classes.index(n) for n in names], dtype=np.int64)
+    return x, index[y]
 
 
 def load_image_folder(spec: DatasetSpec, names_of: Callable[[DatasetSpec, tuple[str, ...]], tuple[str, ...]]) -> FolderData:
@@ -204,12 +226,7 @@ def load_image_folder(spec: DatasetSpec, names_of: Callable[[DatasetSpec, tuple[
     class_names = names_of(spec, tuple(found))
     source: dict[str, Any] = {"source": "image_folder", "path": str(folder), "layout": "class subfolders" if labeled else "flat, unlabeled"}
     if spec.test_path is not None:
-        test_x, test_y, test_names = _read(Path(spec.test_path), spec)
-        if test_names != (found or list(class_names)):
-            raise DatasetNotFoundError(
-                f"image_folder: the test folder {spec.test_path} has class subfolders {test_names}, expected "
-                f"{found or list(class_names)} (one subfolder per class, named as the training classes)"
-            )
+        test_x, test_y = _read_test(Path(spec.test_path), spec, found or list(class_names))
         return FolderData((x, y, test_x, test_y, {**source, "split": {"test_path": spec.test_path}}), class_names, labeled)
     if not labeled:
         empty = np.empty((0, *x.shape[1:]), dtype=np.uint8)
