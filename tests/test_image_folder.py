@@ -207,3 +207,28 @@ def test_a_trial_trains_on_the_folder_from_the_cache(tree, monkeypatch, one_thre
     out: list[dict] = []
     run_trial(config, lambda metrics, save: out.append(dict(metrics)))
     assert len(out) == 2 and 0.0 <= out[-1]["test/acc"] <= 1.0 and np.isfinite(out[-1]["train/loss"])
+
+
+def test_tables_say_no_labels_for_unlabeled_images_instead_of_a_number():
+    """Trial runs of a flat folder report the label-free objective and no test accuracy: their
+    column says so (with the objective of the run chosen per seed), never a made-up accuracy."""
+    from types import SimpleNamespace
+
+    from orchestrator import report
+
+    def run(run_id, dataset, seed, metrics):
+        tags = {"method": "cc", "dataset": dataset, "annotator": "clip", "seed": str(seed), "split": "", "q": "", "eta": "",
+                "shots": "0", "fraction": "1", "objective": "val/covering_rate"}  # fmt: skip
+        return SimpleNamespace(info=SimpleNamespace(run_id=run_id, status="FINISHED"), data=SimpleNamespace(tags=tags, metrics=metrics))
+
+    trials = [
+        run("u0", "photos", 0, {"val/covering_rate": 0.80}),
+        run("u0b", "photos", 0, {"val/covering_rate": 0.70}),  # not chosen: lower objective
+        run("u1", "photos", 1, {"val/covering_rate": 0.90}),
+        run("l0", "digits", 0, {"test/acc": 0.5, "test/acc_selected": 0.5, "val/covering_rate": 0.9}),
+    ]
+    tables, flags = report.build(trials, [])
+    text = tables.markdown()
+    assert "no labels (val/covering_rate 0.850)" in text and "50.00 (n=1)" in text
+    assert flags == {"u0": True, "u0b": False, "u1": True, "l0": True}
+    assert "no labels" in tables.html("t")
