@@ -29,7 +29,7 @@ plain PLL of the references); since S is never full, the realised noise rate is 
 the same rule in the PLL benchmarks' code, e.g. PartialCLIP's trainer): from a helper model's
 class probabilities p (N, C), r_j = p_j / max_{k != y} p_k for j != y and r_y = 0, then
 P(j in S) = min(1, rate * r_j / mean_k r_k) (the mean over all C entries), the true label always in
-S. ``rate`` is the grid's ``q`` (the references fix it: 0.4 or 0.2); unclipped, E|S| = 1 + q C.
+S. ``rate`` is the grid's ``q`` (the references fix it, e.g. 0.4 in PartialCLIP's trainer); unclipped, E|S| = 1 + q C.
 The helper here (:func:`helper_confidences`) is a multinomial logistic regression on the training
 pool's pixels (average-pooled to at most 8x8) or features, cross-fitted on two seeded halves with
 their clean labels, so no sample's probabilities come from a model that saw it (the references
