@@ -26,6 +26,7 @@ from pydantic import (
     ValidationInfo,
     create_model,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -47,8 +48,35 @@ class GridError(ValueError):
 class SyntheticAnnotatorSpec(Strict):
     kind: Literal["synthetic"]
     name: str = "synthetic"
-    generator: Literal["flip"] = "flip"
-    """``flip``: ALIM's generator (exact eta, E|S| = 1 + q(C-1))."""
+    generator: Literal["flip", "pico_plus", "uniform", "instance_dependent"] = "flip"
+    """``flip``: ALIM's (exact eta, E|S| = 1 + q(C-1)); ``pico_plus``: PiCO+'s (diagonal 1 - eta,
+    off-diagonal q, empty rows redrawn: realised eta below eta); ``uniform``: uniform set sampling
+    (no q; E|S| = C/2), then flip's eta step; ``instance_dependent``: VALEN's rule from a cross-fitted
+    helper model's probabilities, q the rate, then an eta step drawn by those probabilities
+    (``orchestrator/annotation/synthetic.py``)."""
+    confidences: Union[Literal["helper"], "ClipAnnotatorSpec"] = "helper"
+    """``instance_dependent`` only: whose class probabilities the sets follow. ``helper``: a logistic
+    regression cross-fitted on the training pool's clean labels; a CLIP annotator's entry
+    (``{kind: clip, ...}``): its template-averaged probabilities (annotated and cached as that
+    annotator's own annotation)."""
+
+    @field_validator("confidences", mode="before")
+    @classmethod
+    def _helper_or_clip(cls, value: Any) -> Any:
+        if value != "helper" and not (isinstance(value, dict) and value.get("kind") == "clip") and not isinstance(value, BaseModel):
+            raise ValueError(f"`helper` or a CLIP annotator entry ({{kind: clip, ...}}), got {value!r}")
+        return value
+
+    @model_serializer(mode="wrap")
+    def _omit_default_confidences(self, handler: Any) -> dict[str, Any]:
+        """Left out when ``helper``, so that the cells of grids without it keep their signatures."""
+        return {k: v for k, v in handler(self).items() if not (k == "confidences" and v == "helper")}
+
+    @model_validator(mode="after")
+    def _confidences_only_for_instance_dependent(self) -> "SyntheticAnnotatorSpec":
+        if self.confidences != "helper" and self.generator != "instance_dependent":
+            raise ValueError(f"confidences: applies only to the instance_dependent generator, not to {self.generator}")
+        return self
 
 
 class ClipAnnotatorSpec(Strict):
@@ -94,6 +122,9 @@ class ClipAnnotatorSpec(Strict):
         return templates
 
 
+SyntheticAnnotatorSpec.model_rebuild()
+
+
 class GivenAnnotatorSpec(Strict):
     """The candidate sets shipped with the data set (lost, msrcv2: the real annotators' ambiguity).
 
@@ -116,6 +147,7 @@ AXIS_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "shots": (lambda v: v >= 0, "is negative"),
     "unlabeled_fraction": (lambda v: 0.0 < v <= 1.0, "is outside (0, 1]"),
     "seeds": (lambda v: v >= 0, "is negative"),
+    "imbalance_ratio": (lambda v: v >= 1.0, "is below 1 (1 = balanced)"),
 }
 
 
@@ -129,8 +161,16 @@ class GridAxes(Strict):
     unlabeled_fraction: list[float] = [1.0]
     """Fraction of the unlabeled training pool kept (seeded)."""
     seeds: list[int] = [0]
+    imbalance_ratio: list[float] | None = None
+    """Long-tailed training pools: every data set once per ratio (1: balanced; see
+    ``DatasetSpec.imbalance_ratio``), its column named ``<name>-LT<ratio>``."""
 
-    @field_validator("q", "eta", "shots", "unlabeled_fraction", "seeds")
+    @model_serializer(mode="wrap")
+    def _omit_unset_imbalance(self, handler: Any) -> dict[str, Any]:
+        """Left out when unset, so that the sweep signature of a grid without it stays what it was."""
+        return {k: v for k, v in handler(self).items() if not (k == "imbalance_ratio" and v is None)}
+
+    @field_validator("q", "eta", "shots", "unlabeled_fraction", "seeds", "imbalance_ratio")
     @classmethod
     def _in_range(cls, values: list | None, info: ValidationInfo) -> list | None:
         inside, message = AXIS_RANGES[info.field_name]
@@ -139,7 +179,7 @@ class GridAxes(Strict):
                 raise ValueError(f"{info.field_name} = {v} {message}")
         return values
 
-    @field_validator("shots", "unlabeled_fraction", "seeds", "q", "eta")
+    @field_validator("shots", "unlabeled_fraction", "seeds", "q", "eta", "imbalance_ratio")
     @classmethod
     def _non_empty(cls, values: list | None) -> list | None:
         if values is not None and len(values) == 0:
@@ -269,12 +309,12 @@ class Grid(Strict):
     def _unique_names(self) -> "Grid":
         for what, names in (
             ("annotators", [a.name for a in self.annotators]),
-            ("datasets", [d.name if d.split is None else f"{d.name} split {d.split}" for d in self.datasets]),
+            ("datasets", [d.display if d.split is None else f"{d.display} split {d.split}" for d in self.datasets]),
             ("methods", [m.label or m.name for m in self.methods]),
         ):
             dupes = sorted({n for n in names if names.count(n) > 1})
             if dupes:
-                raise ValueError(f"{what}: duplicate name(s) {dupes}; give each entry a distinct name (methods: a distinct label)")
+                raise ValueError(f"{what}: duplicate name(s) {dupes}; give each entry a distinct name (methods and datasets: a distinct label)")
         return self
 
     @field_validator("tracking_uri")
@@ -359,15 +399,21 @@ def _format(err: ValidationError) -> list[str]:
 
 def _check_semantics(grid: Grid) -> list[str]:
     """Cross-field checks that need the registries (methods, their params and spaces)."""
+    from orchestrator.annotation.synthetic import USES_Q
+
     problems = []
     kinds = {a.kind for a in grid.annotators}
+    generators = sorted({a.generator for a in grid.annotators if isinstance(a, SyntheticAnnotatorSpec)})
     for axis in ("q", "eta"):
+        used = bool(generators) and (axis == "eta" or any(g in USES_Q for g in generators))
         if getattr(grid.grid, axis) is not None and "synthetic" not in kinds:
             problems.append(
                 f"grid.{axis}: applies only to synthetic annotators, and this grid has none "
                 f"(annotators: {', '.join(a.name for a in grid.annotators)})"
             )
-        if getattr(grid.grid, axis) is None and "synthetic" in kinds:
+        elif getattr(grid.grid, axis) is not None and not used:
+            problems.append(f"grid.q: the {', '.join(generators)} generator has no q (generators with one: {', '.join(sorted(USES_Q))})")
+        if getattr(grid.grid, axis) is None and used:
             problems.append(f"grid.{axis}: required by the synthetic annotator (a list of values)")
     for i, ann in enumerate(grid.annotators):
         if isinstance(ann, ClipAnnotatorSpec):
@@ -386,6 +432,12 @@ def _check_semantics(grid: Grid) -> list[str]:
                 )
             if ann.kind == "clip" and info.kind != "image":
                 problems.append(f"annotators[{i}] ({ann.name!r}, kind clip): dataset {ds.name} has {info.kind}, not images")
+            if isinstance(ann, SyntheticAnnotatorSpec) and ann.confidences != "helper" and info.kind != "image":
+                problems.append(f"annotators[{i}].confidences: a CLIP annotator, and dataset {ds.name} has {info.kind}, not images")
+    if grid.grid.imbalance_ratio is not None:
+        for i, ds in enumerate(grid.datasets):
+            if ds.imbalance_ratio is not None:
+                problems.append(f"datasets[{i}].imbalance_ratio: set both here and as the grid.imbalance_ratio axis; use one")
     return problems + _check_methods(grid)
 
 

@@ -90,7 +90,7 @@ def annotate_cells(
             eta=cell.eta,
             seed=cell.seed,
             cache_dir=cache_dir,
-            progress=_progress_printer(f"{prefix} {cell.dataset.name} {cell.annotator.name}"),
+            progress=_progress_printer(f"{prefix} {cell.dataset.display} {cell.annotator.name}"),
         )
         annotations[job] = ann
         known = {runs.KIND: runs.ANNOTATION, runs.ANNOTATION_KEY: ann.key}

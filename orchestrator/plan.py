@@ -4,7 +4,8 @@ annotation jobs.
 A *cell* is one point of the grid (dataset x annotator x q x eta x shots x fraction x seed). A
 *study* is one Optuna search of one method on one cell; its trials differ only in the sampled
 hyperparameters. Grid axes are never Optuna parameters. q and eta are axes of synthetic
-annotators only: cells of other annotators carry ``None`` there.
+annotators only: cells of other annotators carry ``None`` there (and cells of the ``uniform``
+generator, which has no q, carry ``q = None``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 from pydantic import TypeAdapter
 
 from orchestrator import runs
+from orchestrator.annotation.synthetic import USES_Q
 from orchestrator.config import AnnotatorSpec, DatasetSpec, Grid, MethodSpec
 from trainables.api import TrainSettings
 from trainables.data.spec import signature
@@ -114,12 +116,29 @@ class TrialSpecs:
         return spec
 
 
+def dataset_specs(grid: Grid) -> list[tuple[int, DatasetSpec]]:
+    """Every data set of the grid with the index of its entry: each entry once, or once per value of
+    the ``imbalance_ratio`` axis (1: the balanced pool)."""
+    ratios = grid.grid.imbalance_ratio
+    if ratios is None:
+        return list(enumerate(grid.datasets))
+    out = []
+    for i, ds in enumerate(grid.datasets):
+        for r in ratios:
+            update: dict[str, Any] = {"imbalance_ratio": None if r == 1.0 else float(r)}
+            if ds.label is not None and r != 1.0:  # a labelled entry's columns stay apart too
+                update["label"] = f"{ds.label}-LT{r:g}"
+            out.append((i, ds.model_copy(update=update)))
+    return out
+
+
 def expand_cells(grid: Grid) -> list[Cell]:
     axes = grid.grid
     cells = []
-    for dataset, annotator in itertools.product(grid.datasets, grid.annotators):
+    datasets = [ds for _, ds in dataset_specs(grid)]
+    for dataset, annotator in itertools.product(datasets, grid.annotators):
         synthetic = annotator.kind == "synthetic"
-        qs = axes.q if synthetic else [None]
+        qs = axes.q if synthetic and annotator.generator in USES_Q else [None]
         etas = axes.eta if synthetic else [None]
         for seed, q, eta, shots, fraction in itertools.product(
             axes.seeds, qs, etas, axes.shots, axes.unlabeled_fraction

@@ -9,6 +9,9 @@ that run's test accuracy, in %, with the best
 entry of each column marked. Two accuracies are reported side by side: the last epoch's, and the one
 at the epoch the objective selected (``test/acc_selected``).
 
+A column of unlabeled images (a flat image folder) has no accuracy: its entries say ``no labels``
+with the label-free objective of the chosen runs.
+
 Every column annotated by a VLM (CLIP) also has the rows ``zero-shot`` and ``zero-shot*``: the
 annotator's own test accuracy (single template; template average), read from the annotation runs.
 
@@ -58,6 +61,9 @@ class Entry:
     best_runs: dict[str, str] = field(default_factory=dict)  # seed -> run id
     last: list[float] = field(default_factory=list)
     selected: list[float] = field(default_factory=list)
+    objective: list[float] = field(default_factory=list)
+    """The label-free objective of the chosen runs of a data set without labels (no accuracy exists)."""
+    objective_name: str = ""
 
     @staticmethod
     def _stats(values: list[float]) -> tuple[float, float]:
@@ -120,6 +126,9 @@ class Tables:
             cells = []
             for column in self.columns_order:
                 e = self._entry(row, column)
+                if e is not None and not e.last and e.objective:  # unlabeled images: say so, never a number
+                    cells.append(f"no labels ({e.objective_name} {statistics.fmean(e.objective):.3f})")
+                    continue
                 if e is None or not e.last:
                     cells.append("-")
                     continue
@@ -214,6 +223,8 @@ def _column_labels(cells: list[dict[str, str]]) -> dict[tuple, str]:
     for c in cells:
         parts = []
         for axis in varying:
+            if axis in ("q", "eta") and not c[axis]:
+                continue  # an annotator without this axis (uniform sets have no q; VLMs neither)
             parts.append(c[axis] if axis in ("dataset", "annotator") else f"{'frac' if axis == 'fraction' else axis}={c[axis]}")
         labels[tuple(c[a] for a in CELL_AXES)] = " ".join(parts) or c["dataset"]
     return labels
@@ -225,8 +236,9 @@ def build(trial_runs: list[Any], annotation_runs: list[Any]) -> tuple[Tables, di
     cells: dict[tuple, dict[str, str]] = {}
     for run in trial_runs:
         tags = run.data.tags
-        if run.info.status != "FINISHED" or runs.TEST_ACC not in run.data.metrics:
-            continue
+        objective = tags.get(runs.OBJECTIVE, "val/covering_rate")
+        if run.info.status != "FINISHED" or not ({runs.TEST_ACC, objective} & set(run.data.metrics)):
+            continue  # a finished run of unlabeled images has its objective and no test accuracy
         cell = {a: tags.get(a, "") for a in CELL_AXES}
         key = tuple(cell.values())
         cells[key] = cell
@@ -245,6 +257,10 @@ def build(trial_runs: list[Any], annotation_runs: list[Any]) -> tuple[Tables, di
             flags[r.info.run_id] = r is best
         entry = entries.setdefault((row, key), Entry(row, labels[key], cells[key]))
         entry.best_runs[replicate] = best.info.run_id
+        if runs.TEST_ACC not in best.data.metrics:
+            entry.objective.append(best.data.metrics[objective])
+            entry.objective_name = objective
+            continue
         entry.last.append(best.data.metrics[runs.TEST_ACC])
         entry.selected.append(best.data.metrics.get(runs.TEST_ACC_SELECTED, best.data.metrics[runs.TEST_ACC]))
 

@@ -75,7 +75,7 @@ def cell_tags(cell: CellSpec) -> dict[str, str]:
     """The cell's axes as tag values (``""`` for an axis the annotator does not have)."""
     split = cell.dataset.split
     return {
-        "dataset": cell.dataset.name,
+        "dataset": cell.dataset.display,
         "annotator": cell.annotator_name,
         "q": _axis(cell.q),
         "eta": _axis(cell.eta),

@@ -209,7 +209,8 @@ def log_student(client: Any, run_id: str, checkpoint_dir: Path, dataset: Any) ->
     if not has_parameters(algo):
         raise ValueError(f"{info['config']['method']} has no trainable parameters: nothing to deploy")
     with tempfile.TemporaryDirectory() as tmp:
-        save_student(Path(tmp) / STUDENT_PATH, algorithm_state, info, example=dataset.test_x[:2])
+        example = dataset.test_x[:2] if len(dataset.test_x) else dataset.train_x[:2]  # unlabeled images: no test set
+        save_student(Path(tmp) / STUDENT_PATH, algorithm_state, info, example=example)
         client.log_artifacts(run_id, str(Path(tmp) / STUDENT_PATH), STUDENT_PATH)
     return True
 

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 from orchestrator import runs
 from orchestrator.config import ClipAnnotatorSpec, Grid, GridError, load_grid
 from orchestrator.launch import annotate_cells, connect_ray, exit_code, run_trials
-from orchestrator.plan import Study, expand, method_training
+from orchestrator.plan import Study, dataset_specs, expand, method_training
 from trainables.data.spec import signature
 from trainables.loop import CHECKPOINT_FILE
 from trainables.spec import TrialSpec
@@ -55,7 +55,7 @@ def check_inputs(grid: Grid) -> dict[str, Any]:
     from trainables.data.datasets import load_dataset
 
     problems, datasets = storage_problems(grid.storage_path), {}
-    for i, spec in enumerate(grid.datasets):
+    for i, spec in dataset_specs(grid):  # one per long-tailed ratio of the imbalance_ratio axis
         try:
             datasets[spec] = load_dataset(spec)
         except (FileNotFoundError, RuntimeError, OSError, ValueError) as err:
@@ -63,7 +63,9 @@ def check_inputs(grid: Grid) -> dict[str, Any]:
     for i, ann in enumerate(grid.annotators):
         if isinstance(ann, ClipAnnotatorSpec):
             problems += _clip_problems(f"annotators[{i}]", ann, datasets.values())
-    problems += _size_problems(grid, datasets) + service_problems(grid)
+        elif isinstance(getattr(ann, "confidences", None), ClipAnnotatorSpec):  # instance_dependent from CLIP
+            problems += _clip_problems(f"annotators[{i}].confidences", ann.confidences, datasets.values())
+    problems += _unlabeled_problems(grid, datasets) + _size_problems(grid, datasets) + service_problems(grid)
     if problems:
         raise GridError("inputs are not usable:\n  " + "\n  ".join(problems))
     return datasets
@@ -123,6 +125,28 @@ def service_problems(grid: Grid) -> list[str]:
     return problems
 
 
+def _unlabeled_problems(grid: Grid, datasets: dict[Any, Any]) -> list[str]:
+    """A flat folder of unlabeled images: only a VLM annotator can label it (synthetic sets are drawn
+    from true labels), and the trial loop still computes its accuracy metrics from labels."""
+    problems = []
+    for i, spec in dataset_specs(grid):
+        ds = datasets.get(spec)
+        if ds is None or ds.labeled:
+            continue
+        for j, ann in enumerate(grid.annotators):
+            if ann.kind in ("synthetic", "given"):
+                problems.append(
+                    f"annotators[{j}] ({ann.name!r}, kind {ann.kind}): datasets[{i}] ({spec.display}) is a flat folder of "
+                    f"unlabeled images; only a VLM annotator (kind clip) can annotate it"
+                )
+        problems.append(
+            f"datasets[{i}] ({spec.display}): training on unlabeled images needs the trial loop's label-free "
+            f"evaluation, which this version does not have yet; give the folder one subfolder per class "
+            f"(labels are used for evaluation only)"
+        )
+    return problems
+
+
 def _size_problems(grid: Grid, datasets: dict[Any, Any]) -> list[str]:
     """Sizes the data cannot meet: more revealed shots than a class has, a batch larger than the
     training pool (a method that drops the last partial batch would never take a step)."""
@@ -130,11 +154,14 @@ def _size_problems(grid: Grid, datasets: dict[Any, Any]) -> list[str]:
 
     problems = []
     for spec, ds in datasets.items():
-        name = ds.name if spec.split is None else f"{ds.name} (split {spec.split})"
-        fewest = int(np.bincount(ds.train_y, minlength=len(ds.class_names)).min())
+        name = spec.display if spec.split is None else f"{spec.display} (split {spec.split})"
+        fewest = int(np.bincount(ds.train_y, minlength=len(ds.class_names)).min()) if ds.labeled else 0
         for shots in grid.grid.shots:
             if shots > fewest:
-                problems.append(f"grid.shots: {shots} exceeds the {fewest} training samples of {name}'s smallest class")
+                problems.append(
+                    f"grid.shots: {shots} exceeds the {fewest} training samples of {name}'s smallest class"
+                    if ds.labeled else f"grid.shots: {shots} shots asked but {name} has no labels to reveal (a flat image folder)"
+                )
         for i, method in enumerate(grid.methods):
             training = method_training(grid, method)
             pool = int(len(ds.train_y) * (1 - training.val_fraction))

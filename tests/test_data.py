@@ -25,7 +25,8 @@ from trainables.data.datasets import (
 def test_registry_matches_the_paper_and_torchvision():
     from torchvision.datasets import FashionMNIST
 
-    assert set(DATASETS) == {"digits", "fashion_mnist", "cifar10", "cifar100", "svhn", "lost", "msrcv2"}
+    assert set(DATASETS) == {"digits", "fashion_mnist", "cifar10", "cifar100", "svhn", "lost", "msrcv2", "pll_mat", "image_folder",
+                             "eurosat", "gtsrb", "fer2013"}
     assert list(DATASETS["svhn"].class_names) == [
         "number 0", "number 1", "number 2", "number 3", "number 4",
         "number 5", "number 6", "number 7", "number 8", "number 9",

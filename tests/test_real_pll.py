@@ -213,7 +213,7 @@ def test_given_annotator_and_splits_are_accepted():
 @pytest.mark.parametrize(
     "raw, expected",
     [
-        (grid([{"name": "digits"}]), "dataset digits ships no candidate sets (data sets that do: lost, msrcv2)"),
+        (grid([{"name": "digits"}]), "dataset digits ships no candidate sets (data sets that do: lost, msrcv2, pll_mat)"),
         (grid([{"name": "digits", "split": 1}]), "split: digits has no predefined train/test splits"),
         (grid([{"name": "lost", "split": 5}]), "split: lost has 5 predefined splits (0..4), got 5"),
         (grid([{"name": "lost", "split": 1}, {"name": "lost", "split": 1}]), "duplicate name(s) ['lost split 1']"),

@@ -37,7 +37,8 @@ from typing import Any
 import numpy as np
 
 from orchestrator.annotation import candidates as cands
-from orchestrator.annotation.synthetic import flip_candidates
+from orchestrator.annotation import synthetic
+from orchestrator.annotation.synthetic import USES_Q, flip_candidates
 from orchestrator.annotation.templates import templates_for
 from orchestrator.config import (
     ClipAnnotatorSpec,
@@ -135,9 +136,11 @@ def clip_probs_key(dataset: Dataset, spec: ClipAnnotatorSpec) -> str:
 
 def _check_axes(spec: Spec, q: float | None, eta: float | None, seed: int) -> None:
     if isinstance(spec, SyntheticAnnotatorSpec):
-        if q is None or eta is None:
-            raise ValueError(f"annotator {spec.name!r} (synthetic) needs q and eta (got q={q}, eta={eta})")
-        if not (0.0 <= q <= 1.0 and 0.0 <= eta <= 1.0):
+        uses_q = spec.generator in USES_Q
+        if eta is None or (q is None) == uses_q:
+            needs = "q and eta" if uses_q else "eta and no q"
+            raise ValueError(f"annotator {spec.name!r} ({spec.generator}) needs {needs} (got q={q}, eta={eta})")
+        if not (0.0 <= (q or 0.0) <= 1.0 and 0.0 <= eta <= 1.0):
             raise ValueError(f"annotator {spec.name!r}: q={q} and eta={eta} must lie in [0, 1]")
         if seed < 0:
             raise ValueError(f"annotator {spec.name!r}: seed={seed} must be >= 0")
@@ -160,10 +163,13 @@ def annotation_key(
             "kind": "synthetic",
             "generator": spec.generator,
             "dataset": dataset.identity,
-            "q": float(q),
+            "q": None if q is None else float(q),
             "eta": float(eta),
             "seed": int(seed),
         }
+        if spec.generator == "instance_dependent":
+            c = spec.confidences
+            content["confidences"] = c if isinstance(c, str) else {"clip_probs": clip_probs_key(dataset, c)}
     elif isinstance(spec, GivenAnnotatorSpec):
         content = {"kind": "given", "dataset": dataset.identity}
     else:
@@ -207,12 +213,22 @@ def candidate_stats(cand: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     }
 
 
+def dataset_candidate_stats(dataset: Dataset, cand: np.ndarray) -> dict[str, float]:
+    """:func:`candidate_stats` of a labeled data set; of unlabeled images (a flat image folder) only
+    what needs no label: the mean set size."""
+    if dataset.labeled:
+        return candidate_stats(cand, dataset.train_y)
+    return {"mean_set_size": float(cand.sum(axis=1).mean()) if len(cand) else float("nan")}
+
+
 def zero_shot_stats(
     probs_train: np.ndarray, probs_test: np.ndarray, dataset: Dataset, template: int
 ) -> dict[str, float]:
-    """Zero-shot accuracy of one template and of the template average, on train and test."""
+    """Zero-shot accuracy of one template and of the template average, on train and test (on test
+    only for unlabeled training images, and only when a labeled test folder is given)."""
     out = {}
-    for split, probs, labels in (("train", probs_train, dataset.train_y), ("test", probs_test, dataset.test_y)):
+    parts = [("train", probs_train, dataset.train_y)] if dataset.labeled else []
+    for split, probs, labels in parts + [("test", probs_test, dataset.test_y)]:
         out[f"zs_acc_{split}"] = (
             float((cands.single_labels(probs, template) == labels).mean()) if len(labels) else float("nan")
         )
@@ -265,7 +281,10 @@ def _annotate_or_load(
     if isinstance(spec, SyntheticAnnotatorSpec):
         if (entry / "meta.json").is_file():
             return load_cached(cache_dir, key)
-        return _annotate_synthetic(dataset, spec, q, eta, seed, key, entry)
+        probs = None
+        if isinstance(spec.confidences, ClipAnnotatorSpec):  # instance_dependent from a CLIP annotator's probabilities
+            probs = annotate(dataset, spec.confidences, cache_dir=cache_dir, progress=progress).soft_train
+        return _annotate_synthetic(dataset, spec, q, eta, seed, key, entry, probs)
     if isinstance(spec, GivenAnnotatorSpec):
         if (entry / "meta.json").is_file():
             return load_cached(cache_dir, key)
@@ -278,7 +297,7 @@ def _record(
 ) -> Annotation:
     """Write and return the record of an annotator that gives candidate sets only (synthetic, given)."""
     stats = {
-        **candidate_stats(cand, dataset.train_y),
+        **dataset_candidate_stats(dataset, cand),
         "num_train": float(len(dataset.train_y)),
         "num_test": float(len(dataset.test_y)),
     }
@@ -298,13 +317,31 @@ def _record(
 
 
 def _annotate_synthetic(
-    dataset: Dataset, spec: SyntheticAnnotatorSpec, q: float, eta: float, seed: int, key: str, entry: Path
+    dataset: Dataset, spec: SyntheticAnnotatorSpec, q: float, eta: float, seed: int, key: str, entry: Path, probs: np.ndarray | None = None
 ) -> Annotation:
+    if not dataset.labeled:
+        raise ValueError(f"annotator {spec.name!r} (synthetic) draws sets from true labels, and {dataset.name} has none")
     start = time.time()
-    # q and eta enter the seed so that each grid cell draws independent sets.
-    rng = np.random.default_rng([seed, round(q * 1e6), round(eta * 1e6)])
-    cand = flip_candidates(dataset.train_y, dataset.num_classes, q, eta, rng)
+    cand = synthetic_candidates(dataset, spec.generator, q, eta, seed, probs)
     return _record(dataset, spec, key, entry, cand, start, q=q, eta=eta, seed=seed)
+
+
+def synthetic_candidates(
+    dataset: Dataset, generator: str, q: float | None, eta: float, seed: int, probs: np.ndarray | None = None
+) -> np.ndarray:
+    """(N, C) bool sets of ``generator`` for the training part (its true labels). ``instance_dependent``
+    follows ``probs`` (N, C) (a VLM's) or, when None, the cross-fitted helper model's."""
+    y, c = dataset.train_y, dataset.num_classes
+    if generator == "flip":  # q and eta enter the seed so that each grid cell draws independent sets
+        return flip_candidates(y, c, q, eta, np.random.default_rng([seed, round(q * 1e6), round(eta * 1e6)]))
+    rng = np.random.default_rng([seed, round((q or 0.0) * 1e6), round(eta * 1e6), synthetic.GENERATORS.index(generator)])
+    if generator == "pico_plus":
+        return synthetic.pico_plus_candidates(y, c, q, eta, rng)
+    if generator == "uniform":
+        return synthetic.uniform_candidates(y, c, eta, rng)
+    if probs is None:
+        probs = synthetic.helper_confidences(dataset.train_x, y, c, seed)  # (N, C)
+    return synthetic.instance_dependent_candidates(y, probs, q, eta, rng)
 
 
 def _annotate_given(dataset: Dataset, spec: GivenAnnotatorSpec, key: str, entry: Path) -> Annotation:
@@ -372,7 +409,7 @@ def _annotate_clip(
         "soft_single_train": renormalised(probs_train[:, spec.single_template]),
     }
     stats = {
-        **candidate_stats(arrays["cand_train"], dataset.train_y),
+        **dataset_candidate_stats(dataset, arrays["cand_train"]),
         "num_train": float(len(dataset.train_y)),
         "num_test": float(len(dataset.test_y)),
         **zero_shot_stats(probs_train, probs_test, dataset, spec.single_template),

@@ -17,6 +17,8 @@ Where the files come from:
   torchvision's layout ``root/FashionMNIST/raw``.
 - ``cifar10``, ``cifar100``, ``svhn``: torchvision's readers and layout (``download: true`` lets
   torchvision fetch the files; tests never do).
+- ``eurosat``, ``gtsrb``, ``fer2013``: the papers' other columns, 64x64 (FER2013: 1 channel), in
+  torchvision's layouts (``trainables/data/vision.py``; FER2013 from its Kaggle CSV).
 - ``lost``, ``msrcv2``: the classic real-world partial-label benchmarks (Cour et al. 2011; Liu and
   Dietterich 2012) as MATLAB v5 files ``lost.mat`` / ``MSRCv2.mat`` (the redistribution in
   github.com/agapiR/partial-label-learning, ``data/realworld/``), found in ``root`` or
@@ -29,6 +31,13 @@ Where the files come from:
   feature_scaling`` chooses per-dimension z-scores or one shared scale), and ``train_cand`` the
   shipped candidate sets of the training part (the ``given`` annotator returns them). The files
   carry no class names: the classes are called ``"class 0"`` ...
+- ``pll_mat``: any partial-label ``.mat`` file in the same layout, named by ``DatasetSpec.path``
+  (``trainables/data/pll_mat.py``: optional splits, else a seeded 80/20 split; optional class names).
+- ``image_folder``: a user's own images, one subfolder per class or a flat unlabeled folder with
+  ``class_names`` (``trainables/data/image_folder.py``: resized, decoded in parallel, cached on disk).
+  A flat folder gives ``Dataset.labeled = False``.
+
+``imbalance_ratio`` makes any labeled training part long-tailed (:func:`long_tailed_counts`).
 
 The default root of the torchvision and partial-label data sets is ``$COREG_DATA_ROOT`` or
 ``~/.cache/coreg-orchestrator/datasets``.
@@ -50,6 +59,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from trainables.data.vision import EUROSAT_CLASSES, FER2013_CLASSES, GTSRB_CLASSES
 
 if TYPE_CHECKING:
     from trainables.data.spec import DatasetSpec
@@ -86,9 +97,15 @@ class DatasetInfo:
     feature_dim: int = 0
     """Width of a feature vector (feature data sets only)."""
     splits: int = 0
-    """Number of predefined train/test splits shipped with the data (0: none; ``split`` is refused)."""
+    """Number of predefined train/test splits shipped with the data (0: none, ``split`` is refused;
+    -1: as many as the user's file holds, checked when it is read)."""
     file: str | None = None
     """File name of a partial-label ``.mat`` data set."""
+    from_path: bool = False
+    """Read from the user's files named by ``DatasetSpec.path`` (``pll_mat``, ``image_folder``): the
+    classes, sizes (and splits) are known only once the files are read; ``class_names`` is empty."""
+    ships_candidates: bool = False
+    """Candidate sets come with the files although no ``file`` is named (``pll_mat``)."""
 
     @property
     def num_classes(self) -> int:
@@ -97,7 +114,7 @@ class DatasetInfo:
     @property
     def has_candidates(self) -> bool:
         """Whether the data set ships its own candidate sets (what the ``given`` annotator uses)."""
-        return self.file is not None
+        return self.file is not None or self.ships_candidates
 
 
 NUMBERS = tuple(f"number {d}" for d in range(10))
@@ -148,10 +165,24 @@ DATASETS: dict[str, DatasetInfo] = {
             "cifar100", CIFAR100_CLASSES, channels=3, image_size=32, hflip=True, default_backbone="preact_resnet18"
         ),
         DatasetInfo("svhn", NUMBERS, channels=3, image_size=32, hflip=False, default_backbone="preact_resnet18"),
+        DatasetInfo("eurosat", EUROSAT_CLASSES, channels=3, image_size=64, hflip=True, default_backbone="preact_resnet18"),
+        DatasetInfo("gtsrb", GTSRB_CLASSES, channels=3, image_size=64, hflip=False, default_backbone="preact_resnet18"),
+        DatasetInfo("fer2013", FER2013_CLASSES, channels=1, image_size=64, hflip=True, default_backbone="preact_resnet18"),
         _pll("lost", "lost.mat", num_classes=16, feature_dim=108),
         _pll("msrcv2", "MSRCv2.mat", num_classes=23, feature_dim=48),
+        DatasetInfo(
+            "pll_mat", (), channels=0, image_size=0, hflip=False, default_backbone="mlp", kind="features",
+            splits=-1, from_path=True, ships_candidates=True,
+        ),
+        DatasetInfo(
+            "image_folder", (), channels=3, image_size=32, hflip=True, default_backbone="preact_resnet18",
+            from_path=True,
+        ),
     )
-}
+}  # fmt: skip
+
+FROM_PATH = tuple(name for name, info in DATASETS.items() if info.from_path)
+"""Data sets read from the user's files (``path:`` in grid.yaml)."""
 
 
 @dataclass
@@ -176,6 +207,9 @@ class Dataset:
     kind: str = "image"
     train_cand: np.ndarray | None = None
     """(N, C) bool candidate sets shipped with the data set (None for the image data sets)."""
+    labeled: bool = True
+    """False for a flat folder of unlabeled images: ``train_y`` is all -1 (unknown) and there is no
+    test set, so no accuracy exists; only label-free metrics and annotation statistics do."""
 
     @property
     def num_classes(self) -> int:
@@ -387,29 +421,41 @@ def _load_svhn(spec: DatasetSpec) -> Arrays:
     )
 
 
+def _load_vision(spec: DatasetSpec) -> Arrays:
+    from trainables.data import vision
+
+    return {"eurosat": vision.load_eurosat, "gtsrb": vision.load_gtsrb, "fer2013": vision.load_fer2013}[spec.name](spec)
+
+
 _LOADERS: dict[str, Callable[[DatasetSpec], Arrays]] = {
     "digits": _load_digits,
     "fashion_mnist": _load_fashion_mnist,
     "cifar10": _load_cifar,
     "cifar100": _load_cifar,
     "svhn": _load_svhn,
+    "eurosat": _load_vision,
+    "gtsrb": _load_vision,
+    "fer2013": _load_vision,
 }
 
 
 PLL_SOURCE = "github.com/agapiR/partial-label-learning (data/realworld/), originally Min-Ling Zhang's PLL data page"
 
 
-def _sparse_to_dense(a: Any) -> np.ndarray:
-    return np.asarray(a.toarray() if hasattr(a, "toarray") else a)
-
-
 def _pll_root(spec: DatasetSpec) -> Path:
     return Path(spec.root).expanduser() if spec.root is not None else default_data_root()
 
 
-def _load_pll_mat(spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
-    """(train_x, train_y, test_x, test_y, train_cand, source) of predefined split ``spec.split``
-    of a real-world partial-label data set (``<root>/<file>`` or ``<root>/pll/<file>``)."""
+def _pll_path(spec: DatasetSpec) -> Path:
+    """The ``.mat`` file of a partial-label data set: ``path`` for ``pll_mat``, else the named file
+    in ``<root>`` or ``<root>/pll``."""
+    from trainables.data.pll_mat import LAYOUT
+
+    if spec.name == "pll_mat":
+        path = Path(str(spec.path))
+        if not path.is_file():
+            raise DatasetNotFoundError(f"pll_mat: {path} is not a file. Expected {LAYOUT}")
+        return path
     info = DATASETS[spec.name]
     assert info.file is not None
     root = _pll_root(spec)
@@ -422,34 +468,35 @@ def _load_pll_mat(spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray
             f"$COREG_DATA_ROOT or $COREG_DATA_ROOT/pll (default {default_data_root()}). "
             f"There is no automatic download; the file is in {PLL_SOURCE}."
         )
-    from scipy.io import loadmat
+    return path
 
-    try:
-        mat = loadmat(str(path))
-    except Exception as err:  # truncated file, HDF5 (v7.3) instead of v5, not a .mat at all
-        raise DatasetNotFoundError(f"{spec.name}: {path} is not a readable MATLAB v5 file ({type(err).__name__}: {err})") from err
-    missing = [k for k in ("features", "p_labels", "logitlabels", "tr", "te") if k not in mat]
-    if missing:
-        raise ValueError(f"{spec.name}: {path} lacks the key(s) {missing}; has {sorted(k for k in mat if not k.startswith('__'))}")
-    x = _sparse_to_dense(mat["features"]).astype(np.float64)  # (N, D)
-    cand = _sparse_to_dense(mat["p_labels"]) > 0  # (N, C)
-    onehot = _sparse_to_dense(mat["logitlabels"])  # (N, C)
-    if not (x.shape[0] == cand.shape[0] == onehot.shape[0]) or cand.shape != onehot.shape:
-        raise ValueError(f"{spec.name}: {path}: features {x.shape}, p_labels {cand.shape}, logitlabels {onehot.shape} disagree")
-    if not np.all(onehot.sum(axis=1) == 1):
-        raise ValueError(f"{spec.name}: {path}: logitlabels is not one-hot")
-    y = onehot.argmax(axis=1).astype(np.int64)
-    tr, te = np.asarray(mat["tr"]).ravel(), np.asarray(mat["te"]).ravel()
-    split = 0 if spec.split is None else spec.split
-    if not split < min(len(tr), len(te)):
-        raise ValueError(f"{spec.name}: split {split} asked but {path} has {min(len(tr), len(te))} splits")
-    train = np.asarray(tr[split], dtype=np.int64).ravel() - 1  # MATLAB indices are 1-based
-    test = np.asarray(te[split], dtype=np.int64).ravel() - 1
-    n = len(y)
-    if train.min() < 0 or test.min() < 0 or train.max() >= n or test.max() >= n or np.intersect1d(train, test).size:
-        raise ValueError(f"{spec.name}: {path}: split {split} has indices outside 1..{n} or shared by train and test")
-    source = {"source": str(path.name), "split": {"predefined": split, "of": int(min(len(tr), len(te)))}}
-    return x[train].astype(np.float32), y[train], x[test].astype(np.float32), y[test], cand[train], source
+
+def _load_pll_mat(spec: DatasetSpec) -> tuple[Arrays, np.ndarray, tuple[str, ...]]:
+    """The split of a real-world partial-label data set, its shipped candidate sets (training part)
+    and its class names."""
+    from trainables.data.pll_mat import read_pll_mat
+
+    path = _pll_path(spec)
+    a = read_pll_mat(spec.name, path, spec.split, spec.subsample_seed)
+    return (a.train_x, a.train_y, a.test_x, a.test_y, {"source": path.name, "split": a.split}), a.train_cand, a.class_names
+
+
+def _class_names_of(spec: DatasetSpec, found: tuple[str, ...]) -> tuple[str, ...]:
+    """The grid's ``class_names`` (a list, or a file with one name per line) if given, else ``found``."""
+    names = spec.class_names
+    if names is None:
+        return found
+    if isinstance(names, str):
+        path = Path(names)
+        try:
+            names = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+        except (OSError, UnicodeDecodeError) as err:
+            raise DatasetNotFoundError(f"{spec.name}: class_names file {path} is unreadable ({type(err).__name__}: {err}); expected UTF-8 text, one class name per line") from err
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"{spec.name}: class_names must be distinct and non-empty, got {list(names)[:10]}")
+    if found and len(names) != len(found):
+        raise ValueError(f"{spec.name}: class_names gives {len(names)} names but the data set has {len(found)} classes")
+    return tuple(names)
 
 
 # --------------------------------------------------------------------------------------------
@@ -478,7 +525,8 @@ def fingerprint(*arrays: np.ndarray) -> str:
     for a in arrays:
         a = np.ascontiguousarray(a)
         h.update(f"{a.dtype.str}{a.shape}".encode())
-        h.update(memoryview(a).cast("B"))
+        if a.size:  # an empty array (no test set) has no bytes, and memoryview cannot cast it
+            h.update(memoryview(a).cast("B"))
     return h.hexdigest()
 
 
@@ -501,18 +549,41 @@ def feature_stats(x: np.ndarray, scaling: str = "per_feature") -> tuple[tuple[fl
     return tuple(float(m) for m in mean), tuple(float(v) for v in std)
 
 
-def _check_arrays(spec: DatasetSpec, info: DatasetInfo, what: str, x: np.ndarray, y: np.ndarray) -> None:
+def _check_arrays(
+    spec: DatasetSpec, info: DatasetInfo, num_classes: int, what: str, x: np.ndarray, y: np.ndarray, labeled: bool = True
+) -> None:
     if info.kind == "features":
-        ok, expected = x.dtype == np.float32 and x.shape[1:] == (info.feature_dim,), f"float32 (N, {info.feature_dim})"
+        dim = info.feature_dim or (x.shape[1] if x.ndim == 2 else -1)
+        ok, expected = x.dtype == np.float32 and x.shape[1:] == (dim,), f"float32 (N, {dim})"
         noun = "features"
     else:
-        shape = (info.channels, info.image_size, info.image_size)
+        size = spec.image_size or info.image_size if info.from_path else info.image_size
+        shape = ((spec.channels or info.channels) if info.from_path else info.channels, size, size)
         ok, expected = x.dtype == np.uint8 and x.shape[1:] == shape, f"uint8 (N, {shape})"
         noun = "images"
     if not ok or len(x) != len(y):
         raise ValueError(f"{spec.name}: {what} {noun} are {x.dtype} {x.shape} with {len(y)} labels; expected {expected}")
-    if y.min() < 0 or y.max() >= info.num_classes:
-        raise ValueError(f"{spec.name}: {what} labels span [{y.min()}, {y.max()}], expected [0, {info.num_classes - 1}]")
+    if len(y) and labeled and (y.min() < 0 or y.max() >= num_classes):
+        raise ValueError(f"{spec.name}: {what} labels span [{y.min()}, {y.max()}], expected [0, {num_classes - 1}]")
+
+
+def long_tailed_counts(counts: np.ndarray, ratio: float) -> np.ndarray:
+    """Per-class sizes of a long-tailed pool (Cao et al. 2019, CIFAR-10-LT; PartialCLIP's LT sets):
+    class c keeps ``floor(max(counts) * ratio^(-c / (C - 1)))``, capped at what it has."""
+    c = len(counts)
+    profile = ratio ** (-np.arange(c) / max(c - 1, 1))
+    return np.minimum(np.floor(counts.max() * profile + 1e-9).astype(np.int64), counts)
+
+
+def _long_tailed(spec: DatasetSpec, x: np.ndarray, y: np.ndarray, cand: np.ndarray | None, num_classes: int) -> tuple:
+    """The seeded long-tailed subset of the training part (``spec.imbalance_ratio``)."""
+    if spec.imbalance_ratio is None:
+        return x, y, cand
+    counts = np.bincount(y, minlength=num_classes)
+    take = long_tailed_counts(counts, spec.imbalance_ratio)
+    rng = _subset_rng(spec.subsample_seed, 3)
+    keep = np.sort(np.concatenate([rng.choice(np.flatnonzero(y == k), size=n, replace=False) for k, n in enumerate(take)]))
+    return x[keep], y[keep], None if cand is None else cand[keep]
 
 
 def _subsample(
@@ -531,6 +602,19 @@ def _subsample(
     return x[keep], y[keep], None if cand is None else cand[keep]
 
 
+def _load_parts(spec: DatasetSpec, info: DatasetInfo) -> tuple[Arrays, np.ndarray | None, tuple[str, ...], bool]:
+    """The loader's arrays, the shipped candidate sets, the class names and whether labels exist."""
+    if info.kind == "features":
+        arrays, cand, names = _load_pll_mat(spec)
+        return arrays, cand, _class_names_of(spec, names), True
+    if spec.name == "image_folder":
+        from trainables.data.image_folder import load_image_folder
+
+        folder = load_image_folder(spec, _class_names_of)
+        return folder.arrays, None, folder.class_names, folder.labeled
+    return _LOADERS[spec.name](spec), None, info.class_names, True
+
+
 def load_dataset(spec: DatasetSpec) -> Dataset:
     """Load a data set described by a grid.yaml ``datasets:`` entry.
 
@@ -540,19 +624,21 @@ def load_dataset(spec: DatasetSpec) -> Dataset:
     if spec.name not in DATASETS:
         raise ValueError(f"unknown dataset {spec.name!r}; allowed: {', '.join(sorted(DATASETS))}")
     info = DATASETS[spec.name]
-    train_cand = None
+    (train_x, train_y, test_x, test_y, source), train_cand, class_names, labeled = _load_parts(spec, info)
+    if train_cand is not None and train_cand.shape != (len(train_y), len(class_names)):
+        raise ValueError(f"{spec.name}: candidate sets are {train_cand.shape}, expected ({len(train_y)}, {len(class_names)})")
+    for what, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
+        _check_arrays(spec, info, len(class_names), what, x, y, labeled)
+    if labeled:
+        train_x, train_y, train_cand = _long_tailed(spec, train_x, train_y, train_cand, len(class_names))
+    elif spec.imbalance_ratio is not None:
+        raise ValueError(f"{spec.name}: imbalance_ratio needs labels to subsample per class; {spec.path} has none")
     if info.kind == "features":
-        train_x, train_y, test_x, test_y, train_cand, source = _load_pll_mat(spec)
-        if train_cand.shape != (len(train_y), info.num_classes):
-            raise ValueError(f"{spec.name}: candidate sets are {train_cand.shape}, expected ({len(train_y)}, {info.num_classes})")
         mean, std = feature_stats(train_x, spec.feature_scaling or "per_feature")  # the split's training part only
     else:
-        train_x, train_y, test_x, test_y, source = _LOADERS[spec.name](spec)
-    for what, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
-        _check_arrays(spec, info, what, x, y)
-    if info.kind == "image":
         mean, std = channel_stats(train_x)
 
+    # Unlabeled images all carry -1: their "stratified" subset is a plain seeded one.
     train_x, train_y, train_cand = _subsample(spec, info, "subsample", train_x, train_y, train_cand)
     test_x, test_y, _ = _subsample(spec, info, "test_subsample", test_x, test_y, None)
     identity: dict[str, Any] = {
@@ -564,15 +650,19 @@ def load_dataset(spec: DatasetSpec) -> Dataset:
         "num_test": int(len(test_y)),
         "sha256": fingerprint(train_x, train_y, test_x, test_y, *(() if train_cand is None else (train_cand,))),
     }
-    if spec.subsample is not None or spec.test_subsample is not None:
+    if spec.subsample is not None or spec.test_subsample is not None or spec.imbalance_ratio is not None:
         identity["subsample_seed"] = spec.subsample_seed  # the digits split carries its own seed
+    if spec.imbalance_ratio is not None:
+        identity["imbalance_ratio"] = spec.imbalance_ratio
+    if info.from_path:
+        identity["class_names"] = list(class_names)
     return Dataset(
         name=spec.name,
         train_x=np.ascontiguousarray(train_x),
         train_y=train_y,
         test_x=np.ascontiguousarray(test_x),
         test_y=test_y,
-        class_names=list(info.class_names),
+        class_names=list(class_names),
         mean=mean,
         std=std,
         hflip=info.hflip,
@@ -580,4 +670,5 @@ def load_dataset(spec: DatasetSpec) -> Dataset:
         identity=identity,
         kind=info.kind,
         train_cand=train_cand,
+        labeled=labeled,
     )
