@@ -127,7 +127,7 @@ def service_problems(grid: Grid) -> list[str]:
 
 def _unlabeled_problems(grid: Grid, datasets: dict[Any, Any]) -> list[str]:
     """A flat folder of unlabeled images: only a VLM annotator can label it (synthetic sets are drawn
-    from true labels), and the trial loop still computes its accuracy metrics from labels."""
+    from true labels); its trials report label-free metrics only."""
     problems = []
     for i, spec in dataset_specs(grid):
         ds = datasets.get(spec)
@@ -139,11 +139,6 @@ def _unlabeled_problems(grid: Grid, datasets: dict[Any, Any]) -> list[str]:
                     f"annotators[{j}] ({ann.name!r}, kind {ann.kind}): datasets[{i}] ({spec.display}) is a flat folder of "
                     f"unlabeled images; only a VLM annotator (kind clip) can annotate it"
                 )
-        problems.append(
-            f"datasets[{i}] ({spec.display}): training on unlabeled images needs the trial loop's label-free "
-            f"evaluation, which this version does not have yet; give the folder one subfolder per class "
-            f"(labels are used for evaluation only)"
-        )
     return problems
 
 

@@ -222,3 +222,14 @@ def test_missing_torchvision_files_give_a_clear_error(tmp_path, name, expected):
     assert msg.startswith(f"{name}:")
     assert str(tmp_path) in msg and expected in msg
     assert "root:" in msg and "download: true" in msg
+
+
+def test_channel_stats_leave_a_constant_channel_unscaled():
+    from trainables.data.datasets import channel_stats
+
+    x = np.zeros((4, 2, 3, 3), dtype=np.uint8)
+    x[:, 0] = np.arange(4, dtype=np.uint8)[:, None, None] * 60  # varies: 0, 60, 120, 180
+    x[:, 1] = 100  # constant: its std would be 0
+    mean, std = channel_stats(x)
+    assert mean == pytest.approx((90 / 255, 100 / 255)) and std[0] == pytest.approx(np.std([0, 60, 120, 180]) / 255)
+    assert std[1] == 1.0

@@ -177,7 +177,7 @@ def test_dry_run_accepts_a_tree_and_refuses_what_cannot_run(tree, tmp_path, caps
     assert main([str(flat), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "kind synthetic): datasets[0] (flat) is a flat folder of unlabeled images; only a VLM annotator" in err
-    assert "datasets[0] (flat): training on unlabeled images needs the trial loop's label-free evaluation" in err
+    assert "training on unlabeled images" not in err  # trials train on them with label-free metrics
     assert "Traceback" not in err
 
 
@@ -207,6 +207,38 @@ def test_a_trial_trains_on_the_folder_from_the_cache(tree, monkeypatch, one_thre
     out: list[dict] = []
     run_trial(config, lambda metrics, save: out.append(dict(metrics)))
     assert len(out) == 2 and 0.0 <= out[-1]["test/acc"] <= 1.0 and np.isfinite(out[-1]["train/loss"])
+
+
+def test_a_trial_trains_on_unlabeled_images_with_label_free_metrics_only(tmp_path, monkeypatch, one_thread):
+    """A flat folder annotated by a VLM (its per-template probabilities hand-made here): every epoch
+    reports the label-free objective and the loss, and no metric that would need a label."""
+    from orchestrator.annotation import clip as clip_mod
+    from orchestrator.plan import expand
+    from trainables.loop import run_trial
+
+    for i in range(12):
+        write_image(tmp_path / "flat" / f"{i}.png", (20 * i, 100, 200 - 10 * i), (20 + i, 18), "RGB")
+    g = parse_grid({
+        "experiment": "t", "storage": str(tmp_path / "results"),
+        "datasets": [{"name": "image_folder", "path": str(tmp_path / "flat"), "root": str(tmp_path / "data"),
+                      "class_names": ["cat", "dog"], "image_size": 16}],
+        "annotators": [{"kind": "clip", "pretrained": None, "templates": ["a photo of a {}", "a {}"],
+                        "model_config_path": str(Path(__file__).parent / "fixtures" / "tiny_clip.json")}],
+        "training": {"epochs": 2, "batch_size": 4, "backbone": "small_cnn"}, "methods": [{"name": "coreg", "params": {"warmup_epochs": 1}}],
+    })  # fmt: skip
+    study = expand(g)[0]
+    ds = load_dataset(study.cell.dataset)
+    assert not ds.labeled and len(ds.test_x) == 0
+    probs = np.random.default_rng(0).dirichlet(np.ones(2), size=(len(ds.train_x), 2)).astype(np.float16)  # (N, T, C)
+    monkeypatch.setattr(clip_mod, "annotate_clip", lambda d, spec, names, progress=None: (probs, probs[:0]))
+    ann = annotate(ds, study.cell.annotator, cache_dir=tmp_path / "ann")
+    config = study.trial_config({}, annotation_key=ann.key, cache_dir=str(tmp_path / "ann"), cpus=1, device="cpu")
+    out: list[dict] = []
+    run_trial(config, lambda metrics, save: out.append(dict(metrics)) or (save and save(tmp_path)))
+    assert len(out) == 2 and all(np.isfinite(m["train/loss"]) and 0.0 <= m["val/covering_rate"] <= 1.0 for m in out)
+    needs_labels = ("test/", "pl/acc", "split/precision", "split/recall")
+    assert not [k for m in out for k in m if k.startswith(needs_labels)]
+    assert out[-1]["split/size"] >= 0 and (tmp_path / "state.pt").is_file() and not (tmp_path / "predictions.npz").exists()
 
 
 def test_tables_say_no_labels_for_unlabeled_images_instead_of_a_number():

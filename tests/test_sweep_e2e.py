@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.config import load_grid
 from orchestrator.sweep import run
+from trainables.common.diagnostics import collapse_reason
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 
@@ -76,8 +77,10 @@ def test_sweep_lands_nested_runs_with_metrics_and_tags(sweep):
         assert (tags["dataset"], tags["annotator"], tags["q"], tags["eta"]) == ("digits", "flip", "0.3", "0.3")
         history = client.get_metric_history(r.info.run_id, "test/acc")
         assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1))
-        for key in ("val/covering_rate", "pl/acc", "train/loss"):
+        for key in ("val/covering_rate", "pl/acc", "train/loss", "diag/prediction_entropy", "diag/collapsed"):
             assert key in r.data.metrics, key
+        # the label-free collapse tag is read from the last epoch's diagnostics
+        assert tags["collapse"] == collapse_reason({k: v for k, v in r.data.metrics.items() if k.startswith("diag/")})
         assert r.data.params["method"] == tags["method"]
         assert r.data.params["training.epochs"] == str(EPOCHS)
         artifacts = [a.path for a in client.list_artifacts(r.info.run_id)]
@@ -86,7 +89,7 @@ def test_sweep_lands_nested_runs_with_metrics_and_tags(sweep):
         assert "plots/learning_curves.png" in [a.path for a in client.list_artifacts(r.info.run_id, "plots")]
         assert "student/MLmodel" in [a.path for a in client.list_artifacts(r.info.run_id, "student")]
     coreg = next(r for r in trials if r.data.tags["method"] == "coreg")
-    for key in ("test/acc_net_a", "test/acc_net_b", "split/size", "split/precision"):
+    for key in ("test/acc_net_a", "test/acc_net_b", "split/size", "split/precision", "diag/embedding_cosine_a", "diag/key_query_distance_b"):
         assert key in coreg.data.metrics, key
     assert len(client.get_metric_history(coreg.info.run_id, "split/precision")) >= EPOCHS - 1
 

@@ -209,30 +209,32 @@ def predict(algo: Algorithm, x: torch.Tensor, view: Callable[[torch.Tensor], tor
 
 
 def evaluate(algo: Algorithm, td: TrialData) -> dict[str, float]:
-    """Metrics shared by every method. Test and training labels are used here, for reporting only."""
+    """Metrics shared by every method. Test and training labels are used here, for reporting only;
+    a data set without labels (a flat folder of images) gets the label-free ones alone."""
     plain = td.data.views.plain
     metrics: dict[str, float] = {}
-    if isinstance(algo, TwoNetwork):  # one pass through both nets: predict() is their sum
+    if len(td.test_x) and isinstance(algo, TwoNetwork):  # one pass through both nets: predict() is their sum
         per_net = predict(algo, td.test_x, plain, "predict_nets")
         for name, net_logits in zip(("a", "b"), per_net):
             metrics[f"test/acc_net_{name}"] = (net_logits.argmax(1) == td.test_y).float().mean().item()
-        logits = per_net[0] + per_net[1]
-    else:
-        logits = predict(algo, td.test_x, plain)
-    metrics["test/acc"] = (logits.argmax(1) == td.test_y).float().mean().item()
+        metrics["test/acc"] = ((per_net[0] + per_net[1]).argmax(1) == td.test_y).float().mean().item()
+    elif len(td.test_x):
+        metrics["test/acc"] = (predict(algo, td.test_x, plain).argmax(1) == td.test_y).float().mean().item()
     if len(td.val_x):
         val_probs = predict(algo, td.val_x, plain).softmax(1)
         hit = td.val_cand.gather(1, val_probs.argmax(1, keepdim=True)).squeeze(1)
         metrics["val/covering_rate"] = hit.mean().item()
         metrics["val/partial_loss"] = -(val_probs * td.val_cand).sum(1).clamp_min(1e-12).log().mean().item()
-    pseudo = algo.pseudo_labels()
-    metrics["pl/acc"] = (pseudo.argmax(1) == td.train_y).float().mean().item()
-    in_cand = td.train_cand.gather(1, td.train_y[:, None]).squeeze(1).bool()
+    labeled = td.dataset.labeled
+    if labeled:
+        metrics["pl/acc"] = (algo.pseudo_labels().argmax(1) == td.train_y).float().mean().item()
     clean = algo.clean_mask()
     if clean is not None:
         clean = clean.bool()
         metrics["split/size"] = clean.float().sum().item()
         metrics["split/fraction"] = clean.float().mean().item()
+    if clean is not None and labeled:
+        in_cand = td.train_cand.gather(1, td.train_y[:, None]).squeeze(1).bool()
         metrics["split/precision"] = in_cand[clean].float().mean().item() if clean.any() else 0.0
         metrics["split/recall"] = clean[in_cand].float().mean().item() if in_cand.any() else 0.0
     return metrics
@@ -299,7 +301,7 @@ def _saver(trial: TrialSpec, algo: Algorithm, td: TrialData, epoch: int, best: d
         state = {"algorithm": algo.state_dict(), "epoch": epoch + 1, "best": dict(best), **_rng_state(td)}
         state.update(config=trial.to_config(), num_samples=td.data.num_samples)  # a rebuild without the data
         torch.save(state, directory / CHECKPOINT_FILE)
-        if last:
+        if last and len(td.test_x):
             test_pred = predict(algo, td.test_x, td.data.views.plain).argmax(1)
             np.savez(directory / PREDICTIONS_FILE, test_pred=test_pred.cpu().numpy())
 
@@ -312,7 +314,7 @@ def _track_best(best: dict[str, Any], metrics: dict[str, float], trial: TrialSpe
     better = value is not None and (
         best["value"] is None or (value > best["value"] if trial.mode == "max" else value < best["value"])
     )
-    return {"value": value, "epoch": epoch + 1, "test_acc": metrics["test/acc"]} if better else best
+    return {"value": value, "epoch": epoch + 1, "test_acc": metrics.get("test/acc", float("nan"))} if better else best
 
 
 def run_trial(
@@ -344,7 +346,9 @@ def run_trial(
         metrics.update(evaluate(algo, td))
         metrics.update(diagnose(algo, td))
         best = _track_best(best, metrics, trial, epoch)
-        metrics.update({"test/acc_selected": best["test_acc"], "val/best_epoch": best["epoch"], "epoch": epoch + 1})
+        metrics.update({"val/best_epoch": best["epoch"], "epoch": epoch + 1})
+        if "test/acc" in metrics:
+            metrics["test/acc_selected"] = best["test_acc"]
         last = epoch + 1 == stop
         due = last or (epoch + 1) % settings.checkpoint_every == 0
         report(metrics, _saver(trial, algo, td, epoch, best, last) if due else None)

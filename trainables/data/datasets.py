@@ -516,6 +516,7 @@ def channel_stats(x: np.ndarray, chunk: int = 4096) -> tuple[tuple[float, ...], 
     count = x.shape[0] * x.shape[2] * x.shape[3]
     mean = total / count
     std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+    std = np.where(std > 1e-3, std, 255.0)  # a constant channel is centred, not divided by zero
     return tuple(float(m / 255.0) for m in mean), tuple(float(s / 255.0) for s in std)
 
 
