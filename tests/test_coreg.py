@@ -252,7 +252,7 @@ def _params_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 @pytest.mark.parametrize("restart", [True, False])
 def test_key_nets_start_from_the_warmed_up_nets_when_the_warmup_ends(restart, monkeypatch):
-    algo = _build(restart_keys_after_warmup=restart)
+    algo = _build(restart_keys_after_warmup=restart, reset_key_each_epoch=False)
     built = [copy.deepcopy(k) for k in algo.key_nets]  # the nets' random initialisation
     _run(algo, epochs=1)  # warm-up: the key nets are not used
 
@@ -275,7 +275,7 @@ def test_key_nets_follow_their_nets_and_the_contrastive_signals_are_logged():
     probe = _data()[0].views.plain(_data()[0].x[:32])
     lag = {}
     for restart in (True, False):
-        algo = _build(restart_keys_after_warmup=restart, warmup_epochs=3)
+        algo = _build(restart_keys_after_warmup=restart, reset_key_each_epoch=False, warmup_epochs=3)
         _run(algo, epochs=4)  # 3 warm-up epochs move the nets away from their initialisation
         lag[restart] = [_param_distance(k, q) for k, q in zip(algo.key_nets, algo.pair.nets)]
     # from the warmed-up nets, the key nets stay close behind; from the build-time copy they are far
@@ -286,3 +286,18 @@ def test_key_nets_follow_their_nets_and_the_contrastive_signals_are_logged():
         f"{k}_{n}" for k in ("embedding_norm", "embedding_cosine", "key_query_distance", "queue_label_entropy") for n in "ab"
     }
     assert all(0.0 < signals[f"key_query_distance_{n}"] < 2.0 and 0.0 < signals[f"queue_label_entropy_{n}"] <= 1.0 for n in "ab")
+
+
+def test_by_default_every_epoch_starts_with_the_key_nets_copied_from_the_nets(monkeypatch):
+    algo = _build()  # reset_key_each_epoch, as the reference
+    seen = []
+
+    def divide(i, data, original=algo._divide):
+        if i == 0:
+            seen.append(all(_params_equal(k, q) for k, q in zip(algo.key_nets, algo.pair.nets)))
+        return original(i, data)
+
+    monkeypatch.setattr(algo, "_divide", divide)
+    _run(algo, epochs=4)  # epochs 1-3 after the warm-up: the momentum updates of each epoch are undone
+    assert seen == [True, True, True]
+    assert not all(_params_equal(k, q) for k, q in zip(algo.key_nets, algo.pair.nets))  # they moved apart within the epoch

@@ -136,3 +136,21 @@ def test_two_network_methods_run_the_test_set_once_through_each_net(tmp_path, mo
     logits_a, logits_b = algo.predict_nets(td.data.views.plain(td.test_x))
     ensemble = ((logits_a + logits_b).argmax(1) == td.test_y).float().mean().item()
     assert metrics["test/acc"] == pytest.approx(ensemble)
+
+
+def test_trial_curve_script_prints_one_line_per_epoch(tmp_path, capsys, one_thread):
+    """scripts/trial_curve.py (the README's single-trial curves) runs a trial through the real loop."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "scripts" / "trial_curve.py"
+    spec = importlib.util.spec_from_file_location("trial_curve", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--subsample", "120", "--test-subsample", "60", "--epochs", "2", "--method", "coreg",
+                 "--params", '{"warmup_epochs": 1}', "--storage", str(tmp_path), "--keys", "epoch,test/acc,split/fraction"])  # fmt: skip
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line.get("epoch") for line in lines[:2]] == [1, 2] and "total_s" in lines[2]
+    assert set(lines[0]) == {"epoch", "test/acc"} and set(lines[1]) == {"epoch", "test/acc", "split/fraction"}
+    assert (tmp_path / "annotations").is_dir()

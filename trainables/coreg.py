@@ -48,10 +48,10 @@ Implementation details / deviations:
    P. The queue starts empty (the reference fills it with random keys, labels and flags).
 9. beta1 and beta2 terms enter the loss ``contrastive_start`` epochs after warm-up (reference: one
    epoch later); prototypes, key nets and queues are updated from the first epoch after warm-up on.
-10. Key nets are copied from their nets when the warm-up ends (``restart_keys_after_warmup``);
-    untouched during it, at momentum 0.999 they would stay near their random start in a short run,
-    with Eq. 12 near its maximum. The reference re-copies them at every epoch start
-    (``reset_key_each_epoch``). Reference quirk, off by default: ``cosine_period=800``.
+10. As the reference (``init_key_encoder``), each key net is re-copied from its net at every epoch
+    start (``reset_key_each_epoch``); at momentum 0.999 a key net otherwise lags far behind in a
+    short run and Eq. 12 stays near its maximum (README). Without it, the key nets start from the
+    nets at the end of the warm-up (``restart_keys_after_warmup``). Off by default: ``cosine_period=800``.
 11. Ablations (paper Table IV): ``co_pseudo_label=False`` (each net labels for itself: own split,
     own prediction for P, own views only for U), ``contrastive="supcon"``, ``prototypes=False``,
     ``use_unlabeled=False`` (U dropped from every loss), ``contrastive="off"``.
@@ -144,10 +144,10 @@ class CoRegParams:
     """Train on the unlabeled split U; False drops it from every loss (ablation)."""
     reference_warmup: bool = False
     """Warm up on strong views with twice the batch size, as the reference code does."""
+    reset_key_each_epoch: bool = True
+    """Re-copy each key net from its net at every epoch start, as the reference code does (deviation 10)."""
     restart_keys_after_warmup: bool = True
-    """Copy each key net from its net when the warm-up ends (deviation 10); False: from build time."""
-    reset_key_each_epoch: bool = False
-    """Re-copy each key net from its net at every epoch start, as the reference code does."""
+    """Without the per-epoch reset: copy each key net from its net when the warm-up ends; False: from build time."""
     cosine_period: Annotated[int, Field(ge=1)] | None = None
     """Cosine period in epochs with floor lr * 1e-3 (reference: 800); None: ``training.epochs``, floor 0."""
 
