@@ -9,7 +9,7 @@ that run's test accuracy, in %, with the best
 entry of each column marked. Two accuracies are reported side by side: the last epoch's, and the one
 at the epoch the objective selected (``test/acc_selected``).
 
-Every column annotated by a VLM (CLIP) also has the rows ``zero-shot`` and ``zero-shot*``: the
+Every column annotated by a VLM (CLIP, or an image-text-to-text ``vlm``) also has the rows ``zero-shot`` and ``zero-shot*``: the
 annotator's own test accuracy (single template; template average), read from the annotation runs.
 
 Beside it, the annotation summary: per data set and annotator (and q, eta for synthetic ones), the
@@ -42,10 +42,11 @@ ANNOTATION_COLUMNS = (
     ("partial acc %", f"{runs.ANNOTATION_PREFIX}partial_acc", 100.0),
     ("mean set size", f"{runs.ANNOTATION_PREFIX}mean_set_size", 1.0),
     ("eta realised %", f"{runs.ANNOTATION_PREFIX}eta_realised", 100.0),
+    ("unparseable %", f"{runs.ANNOTATION_PREFIX}unparseable_rate", 100.0),
 )
 ZERO_SHOT_ROWS = (("zero-shot", runs.ZS_ACC), ("zero-shot*", runs.ZS_ACC_AVG))
 """The rows of a VLM annotator's own test accuracy (single template; template average)."""
-VLM_KINDS = ("clip",)
+VLM_KINDS = ("clip", "vlm")
 
 
 @dataclass

@@ -24,7 +24,7 @@ from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from orchestrator import runs
-from orchestrator.config import ClipAnnotatorSpec, Grid, GridError, load_grid
+from orchestrator.config import ClipAnnotatorSpec, Grid, GridError, VlmAnnotatorSpec, load_grid
 from orchestrator.launch import annotate_cells, connect_ray, exit_code, run_trials
 from orchestrator.plan import Study, expand, method_training
 from trainables.data.spec import signature
@@ -63,6 +63,10 @@ def check_inputs(grid: Grid) -> dict[str, Any]:
     for i, ann in enumerate(grid.annotators):
         if isinstance(ann, ClipAnnotatorSpec):
             problems += _clip_problems(f"annotators[{i}]", ann, datasets.values())
+        if isinstance(ann, VlmAnnotatorSpec):
+            from orchestrator.annotation.vlm_check import vlm_problems
+
+            problems += vlm_problems(f"annotators[{i}]", ann, datasets.values())
     problems += _size_problems(grid, datasets) + service_problems(grid)
     if problems:
         raise GridError("inputs are not usable:\n  " + "\n  ".join(problems))
@@ -268,7 +272,7 @@ def resource_problems(grid: Grid, total: dict[str, float]) -> list[str]:
     asks = [("resources.cpus_per_trial", grid.resources.cpus_per_trial, cpus, "CPUs"),
             ("resources.gpus_per_trial", grid.resources.gpus_per_trial, gpus, "GPUs")]  # fmt: skip
     for i, ann in enumerate(grid.annotators):
-        if isinstance(ann, ClipAnnotatorSpec):
+        if isinstance(ann, (ClipAnnotatorSpec, VlmAnnotatorSpec)):
             asks += [(f"annotators[{i}].cpus_per_actor", ann.cpus_per_actor, cpus, "CPUs"),
                      (f"annotators[{i}].gpus_per_actor", ann.gpus_per_actor, gpus, "GPUs")]  # fmt: skip
     return [
@@ -423,6 +427,11 @@ def main(argv: list[str] | None = None) -> int:
             return run(grid, grid_path, resume=args.resume)
         studies = expand(grid)
         check_inputs(grid)
+        for i, ann in enumerate(grid.annotators):
+            if isinstance(ann, VlmAnnotatorSpec):
+                from orchestrator.annotation.vlm_check import engine_line
+
+                print(engine_line(f"annotators[{i}]", ann))
         for s in studies:
             print(f"{s.method.name:12s} {s.cell.label()}  ({s.method.search.num_samples} trials)")
         print(f"{len(studies)} studies, {sum(s.method.search.num_samples for s in studies)} trials; grid is valid")

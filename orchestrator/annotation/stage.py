@@ -10,6 +10,7 @@ Cache layout under ``cache_dir``::
 
     <key>/                    arrays.npz (cand_train, noisy labels, soft labels) + meta.json
     clip_probs/<probs key>/   arrays.npz (probs_train, probs_test: (N, T, C) float16) + meta.json
+    vlm_outputs/<key>/        arrays.npz (score: probs_*; generate: answers_* (N, T) int16) + meta.json
 
 A trial reads its annotation back with :func:`load_cached` (the driver passes it the key).
 
@@ -20,6 +21,13 @@ the stored probabilities without running the model. CLIP is deterministic, so th
 its keys; the synthetic generator's key has q, eta and the seed. The ``given`` annotator returns
 the candidate sets shipped with the data set (``Dataset.train_cand``); its key is the data set's
 identity, whose fingerprint covers those sets.
+
+The ``vlm`` annotator's outputs (:mod:`orchestrator.annotation.vlm`) are cached the same way under
+``vlm_outputs/`` (:func:`vlm_outputs_key`): ``score`` mode stores per-template probabilities and
+derives everything as for CLIP; ``generate`` mode stores each template's parsed answer (-1:
+unparseable) and a sample of the raw answers in the entry's meta. A generate-mode candidate set is
+the union of the parsed answers; a sample whose every answer was unparseable gets the set of all
+classes (no information), counted as ``no_answer_frac``.
 
 Ground-truth labels are read only to compute ``Annotation.stats``.
 """
@@ -43,6 +51,7 @@ from orchestrator.config import (
     ClipAnnotatorSpec,
     GivenAnnotatorSpec,
     SyntheticAnnotatorSpec,
+    VlmAnnotatorSpec,
 )
 from trainables.data.annotation import (
     Annotation,
@@ -64,7 +73,13 @@ PROBS_FORMAT = 1
 """The same for the CLIP probabilities entries (part of :func:`clip_probs_key`); kept apart so that
 a change to the derived arrays does not throw away the expensive probabilities."""
 
-Spec = SyntheticAnnotatorSpec | ClipAnnotatorSpec | GivenAnnotatorSpec
+VLM_FORMAT = 1
+"""The same for the VLM outputs entries (part of :func:`vlm_outputs_key`)."""
+
+RAW_SAMPLE = 50
+"""Raw answers kept per template in a generate-mode entry's meta (the annotation run's artifact)."""
+
+Spec = SyntheticAnnotatorSpec | ClipAnnotatorSpec | VlmAnnotatorSpec | GivenAnnotatorSpec
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,7 +107,7 @@ def _weights_identity(pretrained: str | None) -> Any:
     return pretrained
 
 
-def clip_class_names(dataset: Dataset, spec: ClipAnnotatorSpec) -> list[str]:
+def clip_class_names(dataset: Dataset, spec: ClipAnnotatorSpec | VlmAnnotatorSpec) -> list[str]:
     """The class descriptions the annotator prompts with (the spec's override or the data set's)."""
     names = list(spec.class_names) if spec.class_names is not None else list(dataset.class_names)
     if len(names) != dataset.num_classes:
@@ -133,6 +148,52 @@ def clip_probs_key(dataset: Dataset, spec: ClipAnnotatorSpec) -> str:
     )
 
 
+@functools.lru_cache(maxsize=16)
+def _directory_identity(path: str, stamp: tuple) -> dict[str, str]:
+    """sha256 of every file of a local model directory (weights, configs, tokenizer, processor,
+    chat template); ``stamp`` (names, sizes, mtimes) only makes the memo notice a change."""
+    return {name: _file_sha256(str(Path(path) / name), size, mtime) for name, size, mtime in stamp}
+
+
+def vlm_model_identity(model: str, revision: str | None) -> Any:
+    """A hub id and revision name a model; a local directory is identified by its files' content."""
+    from orchestrator.annotation.vlm import is_local
+
+    if not is_local(model):
+        return {"hub": model, "revision": revision}
+    root = Path(model).expanduser().resolve()
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    stamp = tuple((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    return {"files": _directory_identity(str(root), stamp)}
+
+
+def vlm_outputs_key(dataset: Dataset, spec: VlmAnnotatorSpec) -> str:
+    """Key of a VLM's per-template outputs: model (and processor) identity, templates, class names,
+    answer mode, decoding settings, precision, parser and transformers versions; no candidate options."""
+    import transformers
+
+    from orchestrator.annotation.answers import PARSER_VERSION
+    from orchestrator.annotation.templates import vlm_templates_for
+
+    generate = spec.answer_mode == "generate"
+    return signature(
+        {
+            "format": VLM_FORMAT,
+            "kind": "vlm_outputs",
+            "dataset": dataset.identity,
+            "model": vlm_model_identity(spec.model, spec.revision),
+            "templates": vlm_templates_for(spec.templates),
+            "class_names": clip_class_names(dataset, spec),
+            "answer_mode": spec.answer_mode,
+            "decoding": {"greedy": True, "max_new_tokens": spec.max_new_tokens} if generate else None,
+            "parser": PARSER_VERSION if generate else None,
+            "precision": spec.precision,
+            "transformers": transformers.__version__,
+        },
+        length=24,
+    )
+
+
 def _check_axes(spec: Spec, q: float | None, eta: float | None, seed: int) -> None:
     if isinstance(spec, SyntheticAnnotatorSpec):
         if q is None or eta is None:
@@ -166,6 +227,16 @@ def annotation_key(
         }
     elif isinstance(spec, GivenAnnotatorSpec):
         content = {"kind": "given", "dataset": dataset.identity}
+    elif isinstance(spec, VlmAnnotatorSpec):
+        score = spec.answer_mode == "score"
+        content = {
+            "kind": "vlm",
+            "outputs": vlm_outputs_key(dataset, spec),
+            "candidate_mode": spec.candidate_mode if score else "union",
+            "top_k": spec.top_k if score and spec.candidate_mode == "top_k" else None,
+            "prob_ratio": spec.prob_ratio if score and spec.candidate_mode == "prob_ratio" else None,
+            "single_template": spec.single_template,
+        }
     else:
         content = {
             "kind": "clip",
@@ -186,7 +257,7 @@ def _versions() -> dict[str, str]:
     import sys
 
     versions = {"numpy": np.__version__}
-    for name in ("torch", "open_clip"):
+    for name in ("torch", "open_clip", "transformers"):
         module = sys.modules.get(name)
         if module is not None:
             versions[name] = getattr(module, "__version__", "?")
@@ -270,6 +341,10 @@ def _annotate_or_load(
         if (entry / "meta.json").is_file():
             return load_cached(cache_dir, key)
         return _annotate_given(dataset, spec, key, entry)
+    if isinstance(spec, VlmAnnotatorSpec):
+        from orchestrator.annotation.vlm_stage import annotate_vlm_cached
+
+        return annotate_vlm_cached(dataset, spec, key, entry, cache_dir, progress)
     return _annotate_clip(dataset, spec, key, entry, cache_dir, progress)
 
 
@@ -339,6 +414,26 @@ def _run_clip(
     return probs_train, probs_test
 
 
+def derived_from_probs(
+    dataset: Dataset, spec: ClipAnnotatorSpec | VlmAnnotatorSpec, probs_train: np.ndarray, probs_test: np.ndarray
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Candidate sets, noisy and soft labels of per-template probabilities, and their statistics."""
+    arrays = {
+        "cand_train": cands.candidates(probs_train, spec.candidate_mode, spec.top_k, spec.prob_ratio),
+        "noisy_label": cands.single_labels(probs_train, spec.single_template),
+        "noisy_label_avg": cands.average_labels(probs_train),
+        "soft_train": cands.soft_labels(probs_train),
+        "soft_single_train": renormalised(probs_train[:, spec.single_template]),
+    }
+    stats = {
+        **candidate_stats(arrays["cand_train"], dataset.train_y),
+        "num_train": float(len(dataset.train_y)),
+        "num_test": float(len(dataset.test_y)),
+        **zero_shot_stats(probs_train, probs_test, dataset, spec.single_template),
+    }
+    return arrays, stats
+
+
 def _annotate_clip(
     dataset: Dataset,
     spec: ClipAnnotatorSpec,
@@ -364,19 +459,7 @@ def _annotate_clip(
         probs_train, probs_test = found_probs[0]["probs_train"], found_probs[0]["probs_test"]
     else:
         probs_train, probs_test = _run_clip(dataset, spec, class_names, probs_entry, progress)
-    arrays = {
-        "cand_train": cands.candidates(probs_train, spec.candidate_mode, spec.top_k, spec.prob_ratio),
-        "noisy_label": cands.single_labels(probs_train, spec.single_template),
-        "noisy_label_avg": cands.average_labels(probs_train),
-        "soft_train": cands.soft_labels(probs_train),
-        "soft_single_train": renormalised(probs_train[:, spec.single_template]),
-    }
-    stats = {
-        **candidate_stats(arrays["cand_train"], dataset.train_y),
-        "num_train": float(len(dataset.train_y)),
-        "num_test": float(len(dataset.test_y)),
-        **zero_shot_stats(probs_train, probs_test, dataset, spec.single_template),
-    }
+    arrays, stats = derived_from_probs(dataset, spec, probs_train, probs_test)
     meta = {
         "key": key,
         "kind": "clip",
