@@ -207,3 +207,11 @@ def test_hub_model_offline_is_named(monkeypatch, tmp_path):
 def test_missing_model_directory_fails_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such directory"):
         VlmActor(model=str(tmp_path / "nothing"), templates=TEMPLATES, class_names=["a", "b"])
+
+
+def test_precision_casts_the_model_and_keeps_scores_close(actors, tiny_vlm_dir, digits):
+    bf16 = VlmActor(**actor_kwargs(spec(tiny_vlm_dir, answer_mode="score", precision="bf16"), digits.class_names))
+    assert bf16.model.dtype == torch.bfloat16
+    x = {"index": np.arange(4), "image": digits.train_x[:4]}
+    low, full = bf16(x)["probs"].astype(np.float32), actors["score"](x)["probs"].astype(np.float32)
+    assert np.allclose(low.sum(-1), 1.0, atol=1e-2) and np.abs(low - full).max() < 0.05
