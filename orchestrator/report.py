@@ -46,7 +46,7 @@ ANNOTATION_COLUMNS = (
 )
 ZERO_SHOT_ROWS = (("zero-shot", runs.ZS_ACC), ("zero-shot*", runs.ZS_ACC_AVG))
 """The rows of a VLM annotator's own test accuracy (single template; template average)."""
-VLM_KINDS = ("clip", "vlm")
+VLM_KINDS = ("clip", "vlm", "ensemble")
 
 
 @dataclass

@@ -60,17 +60,26 @@ def check_inputs(grid: Grid) -> dict[str, Any]:
             datasets[spec] = load_dataset(spec)
         except (FileNotFoundError, RuntimeError, OSError, ValueError) as err:
             problems.append(f"datasets[{i}] ({spec.name}): {err}")
-    for i, ann in enumerate(grid.annotators):
+    for where, ann in model_annotators(grid):
         if isinstance(ann, ClipAnnotatorSpec):
-            problems += _clip_problems(f"annotators[{i}]", ann, datasets.values())
+            problems += _clip_problems(where, ann, datasets.values())
         if isinstance(ann, VlmAnnotatorSpec):
             from orchestrator.annotation.vlm_check import vlm_problems
 
-            problems += vlm_problems(f"annotators[{i}]", ann, datasets.values())
+            problems += vlm_problems(where, ann, datasets.values())
     problems += _size_problems(grid, datasets) + service_problems(grid)
     if problems:
         raise GridError("inputs are not usable:\n  " + "\n  ".join(problems))
     return datasets
+
+
+def model_annotators(grid: Grid) -> list[tuple[str, Any]]:
+    """Every annotator that runs a model, with its key: CLIP and VLM entries and ensembles' members."""
+    out = []
+    for i, ann in enumerate(grid.annotators):
+        members = [(f"annotators[{i}].members[{j}]", m) for j, m in enumerate(ann.members)] if ann.kind == "ensemble" else []
+        out += members or [(f"annotators[{i}]", ann)]
+    return [(where, ann) for where, ann in out if isinstance(ann, (ClipAnnotatorSpec, VlmAnnotatorSpec))]
 
 
 def _clip_problems(where: str, ann: ClipAnnotatorSpec, datasets: Any) -> list[str]:
@@ -271,10 +280,9 @@ def resource_problems(grid: Grid, total: dict[str, float]) -> list[str]:
     cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
     asks = [("resources.cpus_per_trial", grid.resources.cpus_per_trial, cpus, "CPUs"),
             ("resources.gpus_per_trial", grid.resources.gpus_per_trial, gpus, "GPUs")]  # fmt: skip
-    for i, ann in enumerate(grid.annotators):
-        if isinstance(ann, (ClipAnnotatorSpec, VlmAnnotatorSpec)):
-            asks += [(f"annotators[{i}].cpus_per_actor", ann.cpus_per_actor, cpus, "CPUs"),
-                     (f"annotators[{i}].gpus_per_actor", ann.gpus_per_actor, gpus, "GPUs")]  # fmt: skip
+    for where, ann in model_annotators(grid):
+        asks += [(f"{where}.cpus_per_actor", ann.cpus_per_actor, cpus, "CPUs"),
+                 (f"{where}.gpus_per_actor", ann.gpus_per_actor, gpus, "GPUs")]  # fmt: skip
     return [
         f"{key}: {asked:g} {unit} asked, the Ray cluster has {have:g}"
         for key, asked, have, unit in asks
@@ -427,11 +435,11 @@ def main(argv: list[str] | None = None) -> int:
             return run(grid, grid_path, resume=args.resume)
         studies = expand(grid)
         check_inputs(grid)
-        for i, ann in enumerate(grid.annotators):
+        for where, ann in model_annotators(grid):
             if isinstance(ann, VlmAnnotatorSpec):
                 from orchestrator.annotation.vlm_check import engine_line
 
-                print(engine_line(f"annotators[{i}]", ann))
+                print(engine_line(where, ann))
         for s in studies:
             print(f"{s.method.name:12s} {s.cell.label()}  ({s.method.search.num_samples} trials)")
         print(f"{len(studies)} studies, {sum(s.method.search.num_samples for s in studies)} trials; grid is valid")

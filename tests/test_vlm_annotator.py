@@ -215,3 +215,22 @@ def test_precision_casts_the_model_and_keeps_scores_close(actors, tiny_vlm_dir, 
     x = {"index": np.arange(4), "image": digits.train_x[:4]}
     low, full = bf16(x)["probs"].astype(np.float32), actors["score"](x)["probs"].astype(np.float32)
     assert np.allclose(low.sum(-1), 1.0, atol=1e-2) and np.abs(low - full).max() < 0.05
+
+
+@pytest.mark.ray
+def test_clip_plus_vlm_ensemble_through_ray(through_ray, tiny_vlm_dir, digits, monkeypatch):
+    """A CLIP + LLaVA ensemble: the VLM member comes from the cache (not run again), the tiny CLIP
+    member runs on Ray Data, the sets are the union of the members'."""
+    from pathlib import Path
+
+    from orchestrator.config import EnsembleAnnotatorSpec
+
+    _, score, cache, _ = through_ray
+    tiny_clip = {"kind": "clip", "name": "tiny_clip", "pretrained": None, "batch_size": 64,
+                 "model_config_path": str(Path(__file__).parent / "fixtures" / "tiny_clip.json"), "templates": ["a photo of a {}"]}  # fmt: skip
+    members = [tiny_clip, spec(tiny_vlm_dir, answer_mode="score").model_dump()]
+    monkeypatch.setattr(vlm_mod, "annotate_vlm", lambda *a, **k: pytest.fail("the cached VLM member ran again"))
+    both = annotate(digits, EnsembleAnnotatorSpec(kind="ensemble", members=members), cache_dir=cache)
+    clip = annotate(digits, EnsembleAnnotatorSpec(kind="ensemble", members=members).members[0], cache_dir=cache)
+    assert clip.cached and np.array_equal(both.cand_train, clip.cand_train | score.cand_train)
+    assert both.probs_test.shape == (16, 2, 10) and "zs_acc_avg_test" in both.stats

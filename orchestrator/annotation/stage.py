@@ -49,6 +49,7 @@ from orchestrator.annotation.synthetic import flip_candidates
 from orchestrator.annotation.templates import templates_for
 from orchestrator.config import (
     ClipAnnotatorSpec,
+    EnsembleAnnotatorSpec,
     GivenAnnotatorSpec,
     SyntheticAnnotatorSpec,
     VlmAnnotatorSpec,
@@ -79,7 +80,7 @@ VLM_FORMAT = 1
 RAW_SAMPLE = 50
 """Raw answers kept per template in a generate-mode entry's meta (the annotation run's artifact)."""
 
-Spec = SyntheticAnnotatorSpec | ClipAnnotatorSpec | VlmAnnotatorSpec | GivenAnnotatorSpec
+Spec = SyntheticAnnotatorSpec | ClipAnnotatorSpec | VlmAnnotatorSpec | EnsembleAnnotatorSpec | GivenAnnotatorSpec
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,6 +228,18 @@ def annotation_key(
         }
     elif isinstance(spec, GivenAnnotatorSpec):
         content = {"kind": "given", "dataset": dataset.identity}
+    elif isinstance(spec, EnsembleAnnotatorSpec):
+        mean = spec.combine == "mean_probs"
+        content = {
+            "kind": "ensemble",
+            "members": [annotation_key(dataset, m) for m in spec.members],
+            "combine": spec.combine,
+            "candidate_mode": spec.candidate_mode if mean else None,
+            "top_k": spec.top_k if mean and spec.candidate_mode == "top_k" else None,
+            "prob_ratio": spec.prob_ratio if mean and spec.candidate_mode == "prob_ratio" else None,
+            "single_template": spec.single_template,
+            "prefilter_fraction": spec.prefilter_fraction,
+        }
     elif isinstance(spec, VlmAnnotatorSpec):
         score = spec.answer_mode == "score"
         content = {
@@ -341,6 +354,10 @@ def _annotate_or_load(
         if (entry / "meta.json").is_file():
             return load_cached(cache_dir, key)
         return _annotate_given(dataset, spec, key, entry)
+    if isinstance(spec, EnsembleAnnotatorSpec):
+        from orchestrator.annotation.ensemble_stage import annotate_ensemble
+
+        return annotate_ensemble(dataset, spec, key, entry, cache_dir, progress)
     if isinstance(spec, VlmAnnotatorSpec):
         from orchestrator.annotation.vlm_stage import annotate_vlm_cached
 
