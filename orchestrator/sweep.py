@@ -102,6 +102,10 @@ def _clip_problems(where: str, ann: ClipAnnotatorSpec, datasets: Any) -> list[st
     for ds in datasets:
         if ann.class_names is not None and len(ann.class_names) != len(ds.class_names):
             problems.append(f"{where}.class_names: {len(ann.class_names)} names but {ds.name} has {len(ds.class_names)} classes")
+    if not problems:
+        from orchestrator.annotation.clip_check import weights_and_tokenizer_problems
+
+        problems += weights_and_tokenizer_problems(where, ann)
     return problems
 
 

@@ -125,6 +125,8 @@ def clip_probs_key(dataset: Dataset, spec: ClipAnnotatorSpec) -> str:
 
     from orchestrator.annotation.clip import (
         PREPROCESS_VERSION,
+        is_sigmoid,
+        model_config,
         model_name_for,
         read_model_config,
     )
@@ -144,6 +146,8 @@ def clip_probs_key(dataset: Dataset, spec: ClipAnnotatorSpec) -> str:
             "logit_scale": spec.logit_scale,
             "precision": spec.precision,
             "open_clip": open_clip.__version__,
+            # only SigLIP keys carry it, so CLIP keys stay what they were
+            **({"scoring": "sigmoid"} if is_sigmoid(model_config(spec)) else {}),
         },
         length=24,
     )
