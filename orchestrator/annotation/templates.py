@@ -10,6 +10,12 @@ Each template has exactly one ``{}`` that receives a class description. Two name
   ``Prompt_Engineering_for_ImageNet`` notebook; also ``open_clip.OPENAI_IMAGENET_TEMPLATES``), in
   that order. Their template 0 is ``"a bad photo of a {}."``: to take the single noisy label from
   ``"a photo of a {}."`` with this set, use ``single_template: 39``.
+
+Question templates of the ``vlm`` annotator instead list every class as a choice, through the
+placeholders ``{classes}`` (names, comma-separated) and ``{options}`` (one ``A. name`` line per
+class): named sets ``paper_choices`` (the paper's style, 5 questions), ``lettered`` (2
+multiple-choice questions) and ``single``; any other placeholder, or a template without choices,
+is refused when the grid is validated.
 """
 
 from __future__ import annotations
