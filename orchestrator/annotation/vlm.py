@@ -11,9 +11,10 @@ answers a batch of images under every template in one of two modes:
 - ``score``: the probability of each class name as the whole answer,
   p_t(c) = P(name_c | image, question_t) / sum_c' P(name_c' | image, question_t), with
   P(name | ...) the product of its tokens' conditional probabilities. One forward pass over the
-  image and the question gives the first answer token's distribution and a KV cache; a second
-  pass over the class names' remaining tokens, all classes at once on the cache repeated C times,
-  gives the rest. The per-template probabilities are stored like CLIP's, so every candidate mode,
+  image and the question gives the first answer token's distribution and a KV cache; each class
+  name of more than one token then costs a short pass over its remaining tokens on that cache,
+  which is cropped back to the prompt afterwards (memory stays that of one prompt's cache, whatever
+  the number of classes). The per-template probabilities are stored like CLIP's, so every candidate mode,
   noisy label, soft label and zero-shot statistic derives from them.
 
 Text-side work is done once per actor: the questions are built with the processor's chat template
@@ -202,25 +203,29 @@ class VlmActor:
         import torch
 
         answers = self.answer_ids[template]
-        b, c = next(iter(pixels.values())).shape[0], len(answers)
+        b = next(iter(pixels.values())).shape[0]
         input_ids = ids.to(self.device).expand(b, -1)
         out = self.model(input_ids=input_ids, **pixels, use_cache=True, **self._keep_last)
         first = out.logits[:, -1].float().log_softmax(-1)  # (B, V)
-        first_ids = torch.tensor([a[0] for a in answers], device=self.device)
-        scores = first[:, first_ids]  # (B, C)
-        length = max(len(a) for a in answers)
-        if length == 1:
-            return scores.softmax(-1)
+        scores = first[:, torch.tensor([a[0] for a in answers], device=self.device)]  # (B, C)
         cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-        cache.batch_repeat_interleave(c)  # (B*C) rows: image b's prompt for every class
-        pad = [a + [a[-1]] * (length - len(a)) for a in answers]  # right padding: its logits are ignored
-        table = torch.tensor(pad, device=self.device)  # (C, L)
-        rest = self.model(input_ids=table[:, :-1].repeat(b, 1), **{self._cache_arg: cache}, use_cache=True)
-        logp = rest.logits.float().log_softmax(-1)  # (B*C, L-1, V)
-        token_logp = logp.gather(-1, table[:, 1:].repeat(b, 1).unsqueeze(-1)).squeeze(-1)  # (B*C, L-1)
-        mask = torch.tensor([[k < len(a) - 1 for k in range(length - 1)] for a in answers], device=self.device)
-        scores = scores + (token_logp.view(b, c, -1) * mask).sum(-1)
+        for c, answer in enumerate(answers):
+            if len(answer) == 1:
+                continue
+            tokens = torch.tensor(answer, device=self.device).expand(b, -1)  # (B, L)
+            rest = self.model(input_ids=tokens[:, :-1], **{self._cache_arg: cache}, use_cache=True)
+            logp = rest.logits.float().log_softmax(-1)  # (B, L-1, V)
+            scores[:, c] += logp.gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1).sum(-1)
+            self._crop(cache, len(answer) - 1)
         return scores.softmax(-1)
+
+    @staticmethod
+    def _crop(cache: Any, added: int) -> None:
+        """Drop the ``added`` answer tokens just appended to the prompt's KV cache (a negative
+        ``crop`` removes that many tokens in transformers 4 and 5 alike)."""
+        if not hasattr(cache, "crop"):
+            raise NotImplementedError(f"answer_mode score needs a KV cache that can be cropped; {type(cache).__name__} cannot (use generate)")
+        cache.crop(-added)
 
 
 def actor_kwargs(spec: VlmAnnotatorSpec, class_names: Sequence[str]) -> dict[str, Any]:
