@@ -93,3 +93,15 @@ def test_union_of_parsed_answers_and_no_answer_rows():
 def test_plurality_vote_refuses_ties_and_empty_rows():
     answers = np.array([[1, 1, 2], [0, 2, -1], [-1, -1, -1], [3, -1, -1]], dtype=np.int16)
     assert plurality(answers, 4).tolist() == [1, -1, -1, 3]
+
+
+def test_unparseable_answers_are_reported_per_template(capsys):
+    from orchestrator.annotation.vlm_stage import report_unparseable
+    from orchestrator.config import VlmAnnotatorSpec
+
+    stats = {"unparseable_rate": 0.25, "unparseable_rate_t0": 0.5, "unparseable_rate_t1": 0.0}
+    sample = [{"template": 0, "index": 3, "answer": "cat or dog", "parsed": -1}, {"template": 1, "index": 0, "answer": "dog", "parsed": 5}]
+    report_unparseable(VlmAnnotatorSpec(kind="vlm", name="llava"), stats, sample)
+    assert capsys.readouterr().out.splitlines() == [
+        "[vlm llava] template 0: 50.0% of answers unparseable (ignored), e.g. 'cat or dog'"
+    ]
