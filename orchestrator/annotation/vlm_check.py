@@ -8,11 +8,11 @@ minutes later, one after another).
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from orchestrator.annotation.clip_check import reachable
 from orchestrator.config import VlmAnnotatorSpec
 
 REQUIRED = {
@@ -45,10 +45,8 @@ def _hub_problem(repo: str, revision: str | None) -> str | None:
     where = f"not in the local Hugging Face cache ({constants.HF_HUB_CACHE}; missing {', '.join(missing)})"
     if constants.HF_HUB_OFFLINE:
         return f"{where} and HF_HUB_OFFLINE is set"
-    host = urlsplit(constants.ENDPOINT).hostname or ""
-    try:
-        socket.create_connection((host, 443), timeout=5).close()
-    except OSError:
+    if not reachable(constants.ENDPOINT):
+        host = urlsplit(constants.ENDPOINT).hostname
         return f"{where} and the hub ({host}) cannot be reached; download the model elsewhere and set model: /path/to/directory"
     return None
 
