@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import optuna
@@ -243,6 +244,41 @@ def test_vlm_annotated_sweep_end_to_end(tmp_path, ray_session, tiny_vlm_dir):
         assert any(line.startswith(f"| {row} |") and value in line for line in lines), table
     for method in ("coreg", "kd"):
         assert any(line.startswith(f"| {method} |") for line in lines), table
+
+
+def test_generating_vlm_sweep_logs_unparseable_rates_and_raw_answers(tmp_path, ray_session, tiny_vlm_dir):
+    """Generate mode through the real entry point: per-template unparseable rates as metrics of the
+    annotation run, the raw answers in its annotation.json, the unparseable column in the tables."""
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(
+        yaml.safe_dump(
+            {
+                "experiment": "e2e-vlm-generate",
+                "storage": str(tmp_path / "results"),
+                "datasets": [{"name": "digits", "subsample": 100, "test_subsample": 40}],
+                "annotators": [{"kind": "vlm", "name": "tiny_llava", "model": str(tiny_vlm_dir), "templates": "lettered",
+                                "max_new_tokens": 3, "batch_size": 32}],  # fmt: skip
+                "grid": {"seeds": [0]},
+                "training": {"epochs": 1, "batch_size": 32, "backbone": "small_cnn"},
+                "methods": [{"name": "cc"}],
+            }
+        )
+    )
+    grid = load_grid(grid_file)
+    summary = run(grid, grid_file)
+    assert summary["failed"] == 0
+    client = MlflowClient(grid.resolved_tracking_uri)
+    exp = client.get_experiment_by_name("e2e-vlm-generate")
+    children = runs_of(client, exp.experiment_id, f"tags.`mlflow.parentRunId` = '{summary['parent_run_id']}'")
+    (annotation,) = [r for r in children if r.data.tags["kind"] == "annotation"]
+    stats = annotation.data.metrics
+    rates = [stats[f"annotation/unparseable_rate_t{t}"] for t in range(2)]
+    assert stats["annotation/unparseable_rate"] == pytest.approx(sum(rates) / 2)
+    record = json.loads(Path(client.download_artifacts(annotation.info.run_id, "annotation.json")).read_text())
+    raw = record["meta"]["raw_answers"]
+    assert {r["template"] for r in raw} == {0, 1} and all(isinstance(r["answer"], str) for r in raw)
+    table = Path(client.download_artifacts(summary["parent_run_id"], "tables/results.md")).read_text()
+    assert "unparseable %" in table and f"{100 * stats['annotation/unparseable_rate']:.2f}" in table
 
 
 def test_rerun_runs_an_ablation_on_more_seeds_nested_under_the_sweep(sweep, capsys):
