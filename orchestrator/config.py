@@ -125,6 +125,82 @@ class ClipAnnotatorSpec(Strict):
 SyntheticAnnotatorSpec.model_rebuild()
 
 
+class VlmAnnotatorSpec(Strict):
+    """An image-text-to-text model (LLaVA-style) asked a question per template that lists the class
+    names as choices (Co-Reg, extended paper, section III), through transformers' auto classes."""
+
+    kind: Literal["vlm"]
+    name: str = "vlm"
+    model: str = "llava-hf/llava-1.5-7b-hf"
+    """Hugging Face hub id, or a local directory holding the model and its processor."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of a hub id; part of the cache key."""
+    templates: Union[Literal["paper_choices", "lettered", "single"], tuple[str, ...]] = "paper_choices"
+    """Question templates: a named set, or a list using ``{classes}`` and/or ``{options}``."""
+    class_names: tuple[str, ...] | None = None
+    """Override the data set's class names (one per class, in label order)."""
+    answer_mode: Literal["generate", "score"] = "generate"
+    """``generate``: greedy answer parsed back to a class; ``score``: per-template class
+    probabilities from the likelihood of each class name as the answer."""
+    max_new_tokens: int = Field(default=16, ge=1, le=256)
+    """Bound on the generated answer (``generate``)."""
+    candidate_mode: Literal["multi_prompt", "top_k", "prob_ratio"] = "multi_prompt"
+    """How ``score`` probabilities become candidate sets (``generate``: the union of parsed answers)."""
+    top_k: int = Field(default=2, ge=1)
+    prob_ratio: float = Field(default=0.5, gt=0.0, le=1.0)
+    single_template: int = Field(default=0, ge=0)
+    """Template of the single noisy label and of the ``zero-shot`` row."""
+    batch_size: int = Field(default=8, ge=1)
+    num_actors: int = Field(default=1, ge=1)
+    gpus_per_actor: float = Field(default=0.0, ge=0.0)
+    cpus_per_actor: float = Field(default=1.0, gt=0.0)
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+
+    @field_validator("templates", "class_names", mode="before")
+    @classmethod
+    def _list_as_tuple(cls, value: Any) -> Any:
+        return tuple(value) if isinstance(value, list) else value
+
+    @field_validator("templates")
+    @classmethod
+    def _templates(cls, templates: Any) -> Any:
+        from orchestrator.annotation.templates import vlm_templates_for
+
+        if isinstance(templates, tuple):
+            vlm_templates_for(templates)
+        return templates
+
+
+MemberSpec = Annotated[Union[ClipAnnotatorSpec, VlmAnnotatorSpec], Field(discriminator="kind")]
+
+
+class EnsembleAnnotatorSpec(Strict):
+    """Several CLIP / VLM annotators combined into one annotation (CLIP + LLaVA as one grid axis)."""
+
+    kind: Literal["ensemble"]
+    name: str = "ensemble"
+    members: tuple[MemberSpec, ...] = Field(min_length=1)
+    """The annotators combined (each annotated and cached on its own)."""
+    combine: Literal["union", "intersection", "mean_probs"] = "union"
+    """Candidate sets: the members' union or intersection (empty: the union), or ``candidate_mode``
+    applied to the members' template-averaged probabilities, one member per "template"."""
+    candidate_mode: Literal["multi_prompt", "top_k", "prob_ratio"] = "top_k"
+    """``mean_probs`` only: ``multi_prompt`` = union of each member's argmax; ``top_k`` /
+    ``prob_ratio`` on the mean over members."""
+    top_k: int = Field(default=2, ge=1)
+    prob_ratio: float = Field(default=0.5, gt=0.0, le=1.0)
+    single_template: int = Field(default=0, ge=0)
+    """Member whose template average gives the single noisy label and the ``zero-shot`` row."""
+    prefilter_fraction: float | None = Field(default=None, gt=0.0, le=1.0)
+    """PartialCLIP's zero-shot pre-filter: keep only candidates among the top ceil(f * C) classes
+    of the members' mean zero-shot probabilities (None: off)."""
+
+    @field_validator("members", mode="before")
+    @classmethod
+    def _list_as_tuple(cls, value: Any) -> Any:
+        return tuple(value) if isinstance(value, list) else value
+
+
 class GivenAnnotatorSpec(Strict):
     """The candidate sets shipped with the data set (lost, msrcv2: the real annotators' ambiguity).
 
@@ -137,7 +213,8 @@ class GivenAnnotatorSpec(Strict):
 
 
 AnnotatorSpec = Annotated[
-    Union[SyntheticAnnotatorSpec, ClipAnnotatorSpec, GivenAnnotatorSpec], Field(discriminator="kind")
+    Union[SyntheticAnnotatorSpec, ClipAnnotatorSpec, VlmAnnotatorSpec, EnsembleAnnotatorSpec, GivenAnnotatorSpec],
+    Field(discriminator="kind"),
 ]
 
 
@@ -346,14 +423,17 @@ def _loc(loc: tuple) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("synthetic", "clip", "given") and out.endswith("]"):
+        elif part in ANNOTATOR_KINDS and out.endswith("]"):
             continue  # discriminated-union tag: the kind is already in the message
         else:
             out += f".{part}" if out else str(part)
     return out
 
 
-ANNOTATOR_KINDS = {"synthetic": SyntheticAnnotatorSpec, "clip": ClipAnnotatorSpec, "given": GivenAnnotatorSpec}
+ANNOTATOR_KINDS = {
+    "synthetic": SyntheticAnnotatorSpec, "clip": ClipAnnotatorSpec, "given": GivenAnnotatorSpec, "vlm": VlmAnnotatorSpec,
+    "ensemble": EnsembleAnnotatorSpec,
+}  # fmt: skip
 
 
 def _model_in(annotation: Any) -> type[BaseModel] | None:
@@ -390,11 +470,39 @@ def _format(err: ValidationError) -> list[str]:
         if e["type"] == "extra_forbidden":
             msg = "unknown key" + did_you_mean(str(e["loc"][-1]), _keys_at(e["loc"]))
         elif e["type"] == "union_tag_invalid":
-            msg = f"unknown annotator kind {e['input'].get('kind')!r}; allowed: synthetic, clip, given" if isinstance(e["input"], dict) else msg
+            kinds = "clip, vlm (members of an ensemble)" if "members" in e["loc"] else ", ".join(ANNOTATOR_KINDS)
+            msg = f"unknown annotator kind {e['input'].get('kind')!r}; allowed: {kinds}" if isinstance(e["input"], dict) else msg
         elif e["type"] == "union_tag_not_found":
-            msg = "missing 'kind' (allowed: synthetic, clip, given)"
+            msg = f"missing 'kind' (allowed: {', '.join(ANNOTATOR_KINDS)})"
         lines.append(f"{_loc(e['loc'])}: {msg}")
     return lines
+
+
+def gives_probabilities(ann: Any) -> bool:
+    """The annotator gives per-template class probabilities (noisy labels, soft labels, zero-shot*)."""
+    if ann.kind == "ensemble":
+        return all(gives_probabilities(m) for m in ann.members)
+    return ann.kind == "clip" or (ann.kind == "vlm" and ann.answer_mode == "score")
+
+
+def _template_problems(where: str, ann: Any) -> list[str]:
+    """``single_template`` against the templates (an ensemble's: its members), recursively."""
+    from orchestrator.annotation.templates import templates_for, vlm_templates_for
+
+    if ann.kind == "ensemble":
+        problems = [p for j, m in enumerate(ann.members) for p in _template_problems(f"{where}.members[{j}]", m)]
+        if ann.single_template >= len(ann.members):
+            problems.append(f"{where}.single_template: {ann.single_template} >= number of members ({len(ann.members)})")
+        probs = [gives_probabilities(m) for m in ann.members]
+        if ann.combine == "mean_probs" and not all(probs):
+            problems.append(f"{where}.combine: mean_probs needs probabilities from every member (clip, or vlm with answer_mode score)")
+        if ann.prefilter_fraction is not None and not any(probs):
+            problems.append(f"{where}.prefilter_fraction: needs a member with probabilities (clip, or vlm with answer_mode score)")
+        return problems
+    if ann.kind not in ("clip", "vlm"):
+        return []
+    n = len((templates_for if ann.kind == "clip" else vlm_templates_for)(ann.templates))
+    return [f"{where}.single_template: {ann.single_template} >= number of templates ({n})"] if ann.single_template >= n else []
 
 
 def _check_semantics(grid: Grid) -> list[str]:
@@ -416,12 +524,7 @@ def _check_semantics(grid: Grid) -> list[str]:
         if getattr(grid.grid, axis) is None and used:
             problems.append(f"grid.{axis}: required by the synthetic annotator (a list of values)")
     for i, ann in enumerate(grid.annotators):
-        if isinstance(ann, ClipAnnotatorSpec):
-            from orchestrator.annotation.templates import templates_for
-
-            n = len(templates_for(ann.templates))
-            if ann.single_template >= n:
-                problems.append(f"annotators[{i}].single_template: {ann.single_template} >= number of templates ({n})")
+        problems += _template_problems(f"annotators[{i}]", ann)
         for ds in grid.datasets:
             info = DATASETS[ds.name]
             if ann.kind == "given" and not info.has_candidates:
@@ -430,8 +533,8 @@ def _check_semantics(grid: Grid) -> list[str]:
                     f"annotators[{i}] ({ann.name!r}, kind given): dataset {ds.name} ships no candidate sets "
                     f"(data sets that do: {shipped}); use a synthetic or clip annotator for it"
                 )
-            if ann.kind == "clip" and info.kind != "image":
-                problems.append(f"annotators[{i}] ({ann.name!r}, kind clip): dataset {ds.name} has {info.kind}, not images")
+            if ann.kind in ("clip", "vlm", "ensemble") and info.kind != "image":
+                problems.append(f"annotators[{i}] ({ann.name!r}, kind {ann.kind}): dataset {ds.name} has {info.kind}, not images")
             if isinstance(ann, SyntheticAnnotatorSpec) and ann.confidences != "helper" and info.kind != "image":
                 problems.append(f"annotators[{i}].confidences: a CLIP annotator, and dataset {ds.name} has {info.kind}, not images")
     if grid.grid.imbalance_ratio is not None:
@@ -492,8 +595,10 @@ def _check_methods(grid: Grid) -> list[str]:
             consumes = spec.consumes
         if consumes.from_vlm:
             for ann in grid.annotators:
-                if ann.kind != "clip":
-                    problems.append(f"{where}.name: {m.name} learns from {consumes.value}, which the {ann.kind} annotator {ann.name!r} does not produce")
+                if not gives_probabilities(ann):
+                    hint = {"vlm": " (answer_mode generate; use score)", "ensemble": " (a member gives no probabilities)"}
+                    what = f"{ann.kind} annotator {ann.name!r}" + hint.get(ann.kind, "")
+                    problems.append(f"{where}.name: {m.name} learns from {consumes.value}, which the {what} does not produce")
         try:
             asked = parameter_names(m.name)
         except KeyError as err:

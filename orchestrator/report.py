@@ -12,7 +12,7 @@ at the epoch the objective selected (``test/acc_selected``).
 A column of unlabeled images (a flat image folder) has no accuracy: its entries say ``no labels``
 with the label-free objective of the chosen runs.
 
-Every column annotated by a VLM (CLIP) also has the rows ``zero-shot`` and ``zero-shot*``: the
+Every column annotated by a VLM (CLIP, or an image-text-to-text ``vlm``) also has the rows ``zero-shot`` and ``zero-shot*``: the
 annotator's own test accuracy (single template; template average), read from the annotation runs.
 
 Beside it, the annotation summary: per data set and annotator (and q, eta for synthetic ones), the
@@ -45,10 +45,11 @@ ANNOTATION_COLUMNS = (
     ("partial acc %", f"{runs.ANNOTATION_PREFIX}partial_acc", 100.0),
     ("mean set size", f"{runs.ANNOTATION_PREFIX}mean_set_size", 1.0),
     ("eta realised %", f"{runs.ANNOTATION_PREFIX}eta_realised", 100.0),
+    ("unparseable %", f"{runs.ANNOTATION_PREFIX}unparseable_rate", 100.0),
 )
 ZERO_SHOT_ROWS = (("zero-shot", runs.ZS_ACC), ("zero-shot*", runs.ZS_ACC_AVG))
 """The rows of a VLM annotator's own test accuracy (single template; template average)."""
-VLM_KINDS = ("clip",)
+VLM_KINDS = ("clip", "vlm", "ensemble")
 
 
 @dataclass

@@ -24,7 +24,7 @@ from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from orchestrator import runs
-from orchestrator.config import ClipAnnotatorSpec, Grid, GridError, load_grid
+from orchestrator.config import ClipAnnotatorSpec, Grid, GridError, VlmAnnotatorSpec, load_grid
 from orchestrator.launch import annotate_cells, connect_ray, exit_code, run_trials
 from orchestrator.plan import Study, dataset_specs, expand, method_training
 from trainables.data.spec import signature
@@ -60,15 +60,29 @@ def check_inputs(grid: Grid) -> dict[str, Any]:
             datasets[spec] = load_dataset(spec)
         except (FileNotFoundError, RuntimeError, OSError, ValueError) as err:
             problems.append(f"datasets[{i}] ({spec.name}): {err}")
-    for i, ann in enumerate(grid.annotators):
+    for where, ann in model_annotators(grid):
         if isinstance(ann, ClipAnnotatorSpec):
-            problems += _clip_problems(f"annotators[{i}]", ann, datasets.values())
-        elif isinstance(getattr(ann, "confidences", None), ClipAnnotatorSpec):  # instance_dependent from CLIP
-            problems += _clip_problems(f"annotators[{i}].confidences", ann.confidences, datasets.values())
+            problems += _clip_problems(where, ann, datasets.values())
+        if isinstance(ann, VlmAnnotatorSpec):
+            from orchestrator.annotation.vlm_check import vlm_problems
+
+            problems += vlm_problems(where, ann, datasets.values())
     problems += _unlabeled_problems(grid, datasets) + _size_problems(grid, datasets) + service_problems(grid)
     if problems:
         raise GridError("inputs are not usable:\n  " + "\n  ".join(problems))
     return datasets
+
+
+def model_annotators(grid: Grid) -> list[tuple[str, Any]]:
+    """Every annotator that runs a model, with its key: CLIP and VLM entries, ensembles' members and
+    the CLIP annotator an ``instance_dependent`` generator draws its confidences from."""
+    out = []
+    for i, ann in enumerate(grid.annotators):
+        members = [(f"annotators[{i}].members[{j}]", m) for j, m in enumerate(ann.members)] if ann.kind == "ensemble" else []
+        out += members or [(f"annotators[{i}]", ann)]
+        if getattr(ann, "confidences", None) is not None:
+            out.append((f"annotators[{i}].confidences", ann.confidences))
+    return [(where, ann) for where, ann in out if isinstance(ann, (ClipAnnotatorSpec, VlmAnnotatorSpec))]
 
 
 def _clip_problems(where: str, ann: ClipAnnotatorSpec, datasets: Any) -> list[str]:
@@ -91,6 +105,10 @@ def _clip_problems(where: str, ann: ClipAnnotatorSpec, datasets: Any) -> list[st
     for ds in datasets:
         if ann.class_names is not None and len(ann.class_names) != len(ds.class_names):
             problems.append(f"{where}.class_names: {len(ann.class_names)} names but {ds.name} has {len(ds.class_names)} classes")
+    if not problems:
+        from orchestrator.annotation.clip_check import weights_and_tokenizer_problems
+
+        problems += weights_and_tokenizer_problems(where, ann)
     return problems
 
 
@@ -289,10 +307,9 @@ def resource_problems(grid: Grid, total: dict[str, float]) -> list[str]:
     cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
     asks = [("resources.cpus_per_trial", grid.resources.cpus_per_trial, cpus, "CPUs"),
             ("resources.gpus_per_trial", grid.resources.gpus_per_trial, gpus, "GPUs")]  # fmt: skip
-    for i, ann in enumerate(grid.annotators):
-        if isinstance(ann, ClipAnnotatorSpec):
-            asks += [(f"annotators[{i}].cpus_per_actor", ann.cpus_per_actor, cpus, "CPUs"),
-                     (f"annotators[{i}].gpus_per_actor", ann.gpus_per_actor, gpus, "GPUs")]  # fmt: skip
+    for where, ann in model_annotators(grid):
+        asks += [(f"{where}.cpus_per_actor", ann.cpus_per_actor, cpus, "CPUs"),
+                 (f"{where}.gpus_per_actor", ann.gpus_per_actor, gpus, "GPUs")]  # fmt: skip
     return [
         f"{key}: {asked:g} {unit} asked, the Ray cluster has {have:g}"
         for key, asked, have, unit in asks
@@ -445,6 +462,11 @@ def main(argv: list[str] | None = None) -> int:
             return run(grid, grid_path, resume=args.resume)
         studies = expand(grid)
         check_inputs(grid)
+        for where, ann in model_annotators(grid):
+            if isinstance(ann, VlmAnnotatorSpec):
+                from orchestrator.annotation.vlm_check import engine_line
+
+                print(engine_line(where, ann))
         for s in studies:
             print(f"{s.method.name:12s} {s.cell.label()}  ({s.method.search.num_samples} trials)")
         print(f"{len(studies)} studies, {sum(s.method.search.num_samples for s in studies)} trials; grid is valid")

@@ -28,3 +28,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_dir(tmp_path_factory):
+    """A tiny random LLaVA saved as a local model directory (tests/fixtures/tiny_vlm.py)."""
+    from fixtures.tiny_vlm import build_tiny_llava
+
+    return build_tiny_llava(tmp_path_factory.mktemp("tiny_vlm") / "model")

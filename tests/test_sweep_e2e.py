@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import optuna
@@ -192,6 +193,95 @@ def test_clip_annotated_sweep_end_to_end(tmp_path, ray_session):
     table = Path(client.download_artifacts(summary["parent_run_id"], "tables/results.md")).read_text()
     zero_shot = f"{100 * stats['annotation/zs_acc_test']:.2f}"
     assert any(line.startswith("| zero-shot |") and zero_shot in line for line in table.splitlines()), table
+
+
+def test_vlm_annotated_sweep_end_to_end(tmp_path, ray_session, tiny_vlm_dir):
+    """An image-text-to-text annotator through the real entry point: a tiny random LLaVA (local
+    directory) scores every class name on Ray Data; Co-Reg trains on the candidate sets, KD on the
+    probabilities, and the zero-shot rows come from the annotation run."""
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(
+        yaml.safe_dump(
+            {
+                "experiment": "e2e-vlm",
+                "storage": str(tmp_path / "results"),
+                "datasets": [{"name": "digits", "subsample": 160, "test_subsample": 60}],
+                "annotators": [
+                    {
+                        "kind": "vlm",
+                        "name": "tiny_llava",
+                        "model": str(tiny_vlm_dir),
+                        "templates": ["Which is it: {classes}? Answer:", "Pick one:\n{options}\nAnswer with the letter."],
+                        "answer_mode": "score",
+                        "batch_size": 32,
+                    }
+                ],
+                "grid": {"seeds": [0]},
+                "training": {"epochs": 2, "batch_size": 32, "backbone": "small_cnn"},
+                "methods": [{"name": "coreg", "params": {"warmup_epochs": 1, "queue_size": 64}}, {"name": "kd"}],
+                "resources": {"cpus_per_trial": 1, "max_concurrent_trials": 2},
+            }
+        )
+    )
+    grid = load_grid(grid_file)
+    summary = run(grid, grid_file)
+    assert summary["failed"] == 0
+    client = MlflowClient(grid.resolved_tracking_uri)
+    exp = client.get_experiment_by_name("e2e-vlm")
+    children = runs_of(client, exp.experiment_id, f"tags.`mlflow.parentRunId` = '{summary['parent_run_id']}'")
+    (annotation,) = [r for r in children if r.data.tags["kind"] == "annotation"]
+    assert annotation.data.params["annotator.kind"] == "vlm"
+    stats = annotation.data.metrics
+    for key in ("zs_acc_test", "zs_acc_avg_test", "partial_acc", "mean_set_size"):
+        assert f"annotation/{key}" in stats, key
+    assert 1.0 <= stats["annotation/mean_set_size"] <= 2.0  # union of 2 templates' argmax
+    trials = [r for r in children if r.data.tags["kind"] == "trial"]
+    assert sorted(r.data.tags["method"] for r in trials) == ["coreg", "kd"]
+    for trial in trials:
+        assert trial.info.status == "FINISHED" and trial.data.tags["annotator"] == "tiny_llava"
+        assert len(client.get_metric_history(trial.info.run_id, "test/acc")) == 2
+    table = Path(client.download_artifacts(summary["parent_run_id"], "tables/results.md")).read_text()
+    lines = table.splitlines()
+    for row, metric in (("zero-shot", "zs_acc_test"), ("zero-shot*", "zs_acc_avg_test")):
+        value = f"{100 * stats[f'annotation/{metric}']:.2f}"
+        assert any(line.startswith(f"| {row} |") and value in line for line in lines), table
+    for method in ("coreg", "kd"):
+        assert any(line.startswith(f"| {method} |") for line in lines), table
+
+
+def test_generating_vlm_sweep_logs_unparseable_rates_and_raw_answers(tmp_path, ray_session, tiny_vlm_dir):
+    """Generate mode through the real entry point: per-template unparseable rates as metrics of the
+    annotation run, the raw answers in its annotation.json, the unparseable column in the tables."""
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(
+        yaml.safe_dump(
+            {
+                "experiment": "e2e-vlm-generate",
+                "storage": str(tmp_path / "results"),
+                "datasets": [{"name": "digits", "subsample": 100, "test_subsample": 40}],
+                "annotators": [{"kind": "vlm", "name": "tiny_llava", "model": str(tiny_vlm_dir), "templates": "lettered",
+                                "max_new_tokens": 3, "batch_size": 32}],  # fmt: skip
+                "grid": {"seeds": [0]},
+                "training": {"epochs": 1, "batch_size": 32, "backbone": "small_cnn"},
+                "methods": [{"name": "cc"}],
+            }
+        )
+    )
+    grid = load_grid(grid_file)
+    summary = run(grid, grid_file)
+    assert summary["failed"] == 0
+    client = MlflowClient(grid.resolved_tracking_uri)
+    exp = client.get_experiment_by_name("e2e-vlm-generate")
+    children = runs_of(client, exp.experiment_id, f"tags.`mlflow.parentRunId` = '{summary['parent_run_id']}'")
+    (annotation,) = [r for r in children if r.data.tags["kind"] == "annotation"]
+    stats = annotation.data.metrics
+    rates = [stats[f"annotation/unparseable_rate_t{t}"] for t in range(2)]
+    assert stats["annotation/unparseable_rate"] == pytest.approx(sum(rates) / 2)
+    record = json.loads(Path(client.download_artifacts(annotation.info.run_id, "annotation.json")).read_text())
+    raw = record["meta"]["raw_answers"]
+    assert {r["template"] for r in raw} == {0, 1} and all(isinstance(r["answer"], str) for r in raw)
+    table = Path(client.download_artifacts(summary["parent_run_id"], "tables/results.md")).read_text()
+    assert "unparseable %" in table and f"{100 * stats['annotation/unparseable_rate']:.2f}" in table
 
 
 def test_rerun_runs_an_ablation_on_more_seeds_nested_under_the_sweep(sweep, capsys):

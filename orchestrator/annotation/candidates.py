@@ -18,6 +18,11 @@ Implementation details / deviations:
    The paper's results use ``multi_prompt``, so published numbers do not depend on this.
 2. Probabilities are stored in float16; averages are taken in float32. An argmax tie (possible
    after fp16 rounding) resolves to the lowest class id.
+
+:func:`prefilter` is PartialCLIP's zero-shot pre-filter (Foundation models for PLL, "optionally
+pre-filter candidate labels using zero-shot CLIP": keep the top half of the classes by zero-shot
+confidence): candidates outside the top ceil(fraction * C) classes of a zero-shot score are
+dropped; a set the filter would empty keeps its best-scored candidate.
 """
 
 from __future__ import annotations
@@ -79,3 +84,21 @@ def soft_labels(probs: np.ndarray) -> np.ndarray:
     (distillation targets, the reference's ``kd`` mode)."""
     avg = average_probs(probs)
     return avg / avg.sum(axis=1, keepdims=True)
+
+
+def prefilter(cand: np.ndarray, scores: np.ndarray, fraction: float) -> np.ndarray:
+    """(N, C) bool: ``cand`` restricted to the top ceil(``fraction`` * C) classes of ``scores`` (N, C)
+    per sample; where that leaves nothing, the candidate with the highest score."""
+    if cand.shape != scores.shape:
+        raise ValueError(f"cand {cand.shape} and scores {scores.shape} must have the same shape")
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction = {fraction} must be in (0, 1]")
+    n, num_classes = cand.shape
+    keep = max(1, int(np.ceil(fraction * num_classes)))
+    top = np.zeros_like(cand, dtype=bool)
+    top[np.arange(n)[:, None], np.argsort(-scores, axis=1, kind="stable")[:, :keep]] = True
+    out = cand & top
+    empty = ~out.any(axis=1)
+    best = np.where(cand, scores, -np.inf).argmax(axis=1)
+    out[np.flatnonzero(empty), best[empty]] = True
+    return out

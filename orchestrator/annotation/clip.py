@@ -3,6 +3,15 @@
 For every prompt template t and class c the text ``t.format(class_name)`` is encoded once per
 actor and L2-normalised, giving ``T`` (T, C, D). An image's L2-normalised embedding r gives, per
 template, p_t = softmax(logit_scale * r . T_t^T) (Co-Reg section III, logit_scale = 100).
+
+SigLIP models (Zhai et al. 2023; an open_clip config with ``init_logit_bias``, e.g.
+``ViT-B-16-SigLIP``) were trained with a sigmoid loss, not a softmax over classes: each class gets
+s_c = sigmoid(exp(t') * r . T_c + b) with the model's own learned scale t' and bias b (the grid's
+``logit_scale`` does not apply). Stored per template is s_c / sum_c' s_c', so that candidate sets,
+noisy labels and soft labels derive as for CLIP (the argmax is that of s).
+MetaCLIP weights (``pretrained: metaclip_400m`` / ``metaclip_fullcc``) are open_clip tags like any
+other; they were trained with QuickGELU, so they go with the ``-quickgelu`` models (checked before
+Ray starts, :mod:`orchestrator.annotation.clip_check`).
 :class:`ClipActor` does this for one batch; :func:`annotate_clip` streams a data set's train and
 test images through a pool of such actors (``Dataset.map_batches``) and reassembles the
 (N, T, C) float16 probabilities in sample order.
@@ -81,6 +90,20 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
     if missing:
         raise ValueError(f"model_config_path {path}: an open_clip model config needs {missing}")
     return cfg
+
+
+def model_config(spec: ClipAnnotatorSpec) -> dict[str, Any]:
+    """The open_clip model config of an annotator spec ({} when open_clip does not know the name)."""
+    import open_clip
+
+    if spec.model_config_path is not None:
+        return read_model_config(spec.model_config_path)
+    return dict(open_clip.get_model_config(spec.model) or {})
+
+
+def is_sigmoid(cfg: dict[str, Any]) -> bool:
+    """A SigLIP-style model: a learned logit bias, trained with a sigmoid loss."""
+    return cfg.get("init_logit_bias") is not None
 
 
 def _looks_like_path(pretrained: str) -> bool:
@@ -214,6 +237,11 @@ class ClipActor:
         self.class_names = list(class_names)
         self.text_encode_calls = 0
         self.text_embeddings = self._encode_texts()  # (T, C, D) float32, unit norm
+        bias = getattr(self.model, "logit_bias", None)
+        self.sigmoid = bias is not None
+        if self.sigmoid:  # SigLIP: the model's own scale and bias (the spec's logit_scale does not apply)
+            self.logit_scale = float(self.model.logit_scale.detach().float().exp())
+            self.logit_bias = float(bias.detach().float())
 
     @property
     def num_templates(self) -> int:
@@ -250,7 +278,11 @@ class ClipActor:
             x = preprocess_images(images.to(self.device, non_blocking=True), self.preprocess_cfg)
             feats = F.normalize(self.model.encode_image(x.to(self.input_dtype)).float(), dim=-1)  # (B, D)
             logits = self.logit_scale * torch.einsum("bd,tcd->btc", feats, self.text_embeddings)
-            probs = logits.softmax(dim=-1)  # (B, T, C)
+            if self.sigmoid:
+                # s / sum(s) with s = sigmoid(logits + b), each class on its own, computed in log space
+                probs = F.logsigmoid(logits + self.logit_bias).softmax(dim=-1)  # (B, T, C)
+            else:
+                probs = logits.softmax(dim=-1)  # (B, T, C)
         return {"index": np.asarray(batch["index"]), "probs": probs.to(torch.float16).cpu().numpy()}
 
 

@@ -10,6 +10,7 @@ Cache layout under ``cache_dir``::
 
     <key>/                    arrays.npz (cand_train, noisy labels, soft labels) + meta.json
     clip_probs/<probs key>/   arrays.npz (probs_train, probs_test: (N, T, C) float16) + meta.json
+    vlm_outputs/<key>/        arrays.npz (score: probs_*; generate: answers_* (N, T) int16) + meta.json
 
 A trial reads its annotation back with :func:`load_cached` (the driver passes it the key).
 
@@ -20,6 +21,13 @@ the stored probabilities without running the model. CLIP is deterministic, so th
 its keys; the synthetic generator's key has q, eta and the seed. The ``given`` annotator returns
 the candidate sets shipped with the data set (``Dataset.train_cand``); its key is the data set's
 identity, whose fingerprint covers those sets.
+
+The ``vlm`` annotator's outputs (:mod:`orchestrator.annotation.vlm`) are cached the same way under
+``vlm_outputs/`` (:func:`vlm_outputs_key`): ``score`` mode stores per-template probabilities and
+derives everything as for CLIP; ``generate`` mode stores each template's parsed answer (-1:
+unparseable) and a sample of the raw answers in the entry's meta. A generate-mode candidate set is
+the union of the parsed answers; a sample whose every answer was unparseable gets the set of all
+classes (no information), counted as ``no_answer_frac``.
 
 Ground-truth labels are read only to compute ``Annotation.stats``.
 """
@@ -42,8 +50,10 @@ from orchestrator.annotation.synthetic import USES_Q, flip_candidates
 from orchestrator.annotation.templates import templates_for
 from orchestrator.config import (
     ClipAnnotatorSpec,
+    EnsembleAnnotatorSpec,
     GivenAnnotatorSpec,
     SyntheticAnnotatorSpec,
+    VlmAnnotatorSpec,
 )
 from trainables.data.annotation import (
     Annotation,
@@ -65,7 +75,13 @@ PROBS_FORMAT = 1
 """The same for the CLIP probabilities entries (part of :func:`clip_probs_key`); kept apart so that
 a change to the derived arrays does not throw away the expensive probabilities."""
 
-Spec = SyntheticAnnotatorSpec | ClipAnnotatorSpec | GivenAnnotatorSpec
+VLM_FORMAT = 1
+"""The same for the VLM outputs entries (part of :func:`vlm_outputs_key`)."""
+
+RAW_SAMPLE = 50
+"""Raw answers kept per template in a generate-mode entry's meta (the annotation run's artifact)."""
+
+Spec = SyntheticAnnotatorSpec | ClipAnnotatorSpec | VlmAnnotatorSpec | EnsembleAnnotatorSpec | GivenAnnotatorSpec
 
 
 # --------------------------------------------------------------------------------------------
@@ -93,7 +109,7 @@ def _weights_identity(pretrained: str | None) -> Any:
     return pretrained
 
 
-def clip_class_names(dataset: Dataset, spec: ClipAnnotatorSpec) -> list[str]:
+def clip_class_names(dataset: Dataset, spec: ClipAnnotatorSpec | VlmAnnotatorSpec) -> list[str]:
     """The class descriptions the annotator prompts with (the spec's override or the data set's)."""
     names = list(spec.class_names) if spec.class_names is not None else list(dataset.class_names)
     if len(names) != dataset.num_classes:
@@ -110,6 +126,8 @@ def clip_probs_key(dataset: Dataset, spec: ClipAnnotatorSpec) -> str:
 
     from orchestrator.annotation.clip import (
         PREPROCESS_VERSION,
+        is_sigmoid,
+        model_config,
         model_name_for,
         read_model_config,
     )
@@ -129,6 +147,54 @@ def clip_probs_key(dataset: Dataset, spec: ClipAnnotatorSpec) -> str:
             "logit_scale": spec.logit_scale,
             "precision": spec.precision,
             "open_clip": open_clip.__version__,
+            # only SigLIP keys carry it, so CLIP keys stay what they were
+            **({"scoring": "sigmoid"} if is_sigmoid(model_config(spec)) else {}),
+        },
+        length=24,
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _directory_identity(path: str, stamp: tuple) -> dict[str, str]:
+    """sha256 of every file of a local model directory (weights, configs, tokenizer, processor,
+    chat template); ``stamp`` (names, sizes, mtimes) only makes the memo notice a change."""
+    return {name: _file_sha256(str(Path(path) / name), size, mtime) for name, size, mtime in stamp}
+
+
+def vlm_model_identity(model: str, revision: str | None) -> Any:
+    """A hub id and revision name a model; a local directory is identified by its files' content."""
+    from orchestrator.annotation.vlm import is_local
+
+    if not is_local(model):
+        return {"hub": model, "revision": revision}
+    root = Path(model).expanduser().resolve()
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    stamp = tuple((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    return {"files": _directory_identity(str(root), stamp)}
+
+
+def vlm_outputs_key(dataset: Dataset, spec: VlmAnnotatorSpec) -> str:
+    """Key of a VLM's per-template outputs: model (and processor) identity, templates, class names,
+    answer mode, decoding settings, precision, parser and transformers versions; no candidate options."""
+    import transformers
+
+    from orchestrator.annotation.answers import PARSER_VERSION
+    from orchestrator.annotation.templates import vlm_templates_for
+
+    generate = spec.answer_mode == "generate"
+    return signature(
+        {
+            "format": VLM_FORMAT,
+            "kind": "vlm_outputs",
+            "dataset": dataset.identity,
+            "model": vlm_model_identity(spec.model, spec.revision),
+            "templates": vlm_templates_for(spec.templates),
+            "class_names": clip_class_names(dataset, spec),
+            "answer_mode": spec.answer_mode,
+            "decoding": {"greedy": True, "max_new_tokens": spec.max_new_tokens} if generate else None,
+            "parser": PARSER_VERSION if generate else None,
+            "precision": spec.precision,
+            "transformers": transformers.__version__,
         },
         length=24,
     )
@@ -172,6 +238,28 @@ def annotation_key(
             content["confidences"] = c if isinstance(c, str) else {"clip_probs": clip_probs_key(dataset, c)}
     elif isinstance(spec, GivenAnnotatorSpec):
         content = {"kind": "given", "dataset": dataset.identity}
+    elif isinstance(spec, EnsembleAnnotatorSpec):
+        mean = spec.combine == "mean_probs"
+        content = {
+            "kind": "ensemble",
+            "members": [annotation_key(dataset, m) for m in spec.members],
+            "combine": spec.combine,
+            "candidate_mode": spec.candidate_mode if mean else None,
+            "top_k": spec.top_k if mean and spec.candidate_mode == "top_k" else None,
+            "prob_ratio": spec.prob_ratio if mean and spec.candidate_mode == "prob_ratio" else None,
+            "single_template": spec.single_template,
+            "prefilter_fraction": spec.prefilter_fraction,
+        }
+    elif isinstance(spec, VlmAnnotatorSpec):
+        score = spec.answer_mode == "score"
+        content = {
+            "kind": "vlm",
+            "outputs": vlm_outputs_key(dataset, spec),
+            "candidate_mode": spec.candidate_mode if score else "union",
+            "top_k": spec.top_k if score and spec.candidate_mode == "top_k" else None,
+            "prob_ratio": spec.prob_ratio if score and spec.candidate_mode == "prob_ratio" else None,
+            "single_template": spec.single_template,
+        }
     else:
         content = {
             "kind": "clip",
@@ -192,7 +280,7 @@ def _versions() -> dict[str, str]:
     import sys
 
     versions = {"numpy": np.__version__}
-    for name in ("torch", "open_clip"):
+    for name in ("torch", "open_clip", "transformers"):
         module = sys.modules.get(name)
         if module is not None:
             versions[name] = getattr(module, "__version__", "?")
@@ -289,6 +377,14 @@ def _annotate_or_load(
         if (entry / "meta.json").is_file():
             return load_cached(cache_dir, key)
         return _annotate_given(dataset, spec, key, entry)
+    if isinstance(spec, EnsembleAnnotatorSpec):
+        from orchestrator.annotation.ensemble_stage import annotate_ensemble
+
+        return annotate_ensemble(dataset, spec, key, entry, cache_dir, progress)
+    if isinstance(spec, VlmAnnotatorSpec):
+        from orchestrator.annotation.vlm_stage import annotate_vlm_cached
+
+        return annotate_vlm_cached(dataset, spec, key, entry, cache_dir, progress)
     return _annotate_clip(dataset, spec, key, entry, cache_dir, progress)
 
 
@@ -376,6 +472,26 @@ def _run_clip(
     return probs_train, probs_test
 
 
+def derived_from_probs(
+    dataset: Dataset, spec: ClipAnnotatorSpec | VlmAnnotatorSpec, probs_train: np.ndarray, probs_test: np.ndarray
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Candidate sets, noisy and soft labels of per-template probabilities, and their statistics."""
+    arrays = {
+        "cand_train": cands.candidates(probs_train, spec.candidate_mode, spec.top_k, spec.prob_ratio),
+        "noisy_label": cands.single_labels(probs_train, spec.single_template),
+        "noisy_label_avg": cands.average_labels(probs_train),
+        "soft_train": cands.soft_labels(probs_train),
+        "soft_single_train": renormalised(probs_train[:, spec.single_template]),
+    }
+    stats = {
+        **dataset_candidate_stats(dataset, arrays["cand_train"]),
+        "num_train": float(len(dataset.train_y)),
+        "num_test": float(len(dataset.test_y)),
+        **zero_shot_stats(probs_train, probs_test, dataset, spec.single_template),
+    }
+    return arrays, stats
+
+
 def _annotate_clip(
     dataset: Dataset,
     spec: ClipAnnotatorSpec,
@@ -401,19 +517,7 @@ def _annotate_clip(
         probs_train, probs_test = found_probs[0]["probs_train"], found_probs[0]["probs_test"]
     else:
         probs_train, probs_test = _run_clip(dataset, spec, class_names, probs_entry, progress)
-    arrays = {
-        "cand_train": cands.candidates(probs_train, spec.candidate_mode, spec.top_k, spec.prob_ratio),
-        "noisy_label": cands.single_labels(probs_train, spec.single_template),
-        "noisy_label_avg": cands.average_labels(probs_train),
-        "soft_train": cands.soft_labels(probs_train),
-        "soft_single_train": renormalised(probs_train[:, spec.single_template]),
-    }
-    stats = {
-        **dataset_candidate_stats(dataset, arrays["cand_train"]),
-        "num_train": float(len(dataset.train_y)),
-        "num_test": float(len(dataset.test_y)),
-        **zero_shot_stats(probs_train, probs_test, dataset, spec.single_template),
-    }
+    arrays, stats = derived_from_probs(dataset, spec, probs_train, probs_test)
     meta = {
         "key": key,
         "kind": "clip",

@@ -1,4 +1,4 @@
-"""Prompt templates for the CLIP annotator.
+"""Prompt templates of the CLIP annotator and question templates of image-text-to-text annotators.
 
 Each template has exactly one ``{}`` that receives a class description. Two named sets exist:
 
@@ -10,6 +10,12 @@ Each template has exactly one ``{}`` that receives a class description. Two name
   ``Prompt_Engineering_for_ImageNet`` notebook; also ``open_clip.OPENAI_IMAGENET_TEMPLATES``), in
   that order. Their template 0 is ``"a bad photo of a {}."``: to take the single noisy label from
   ``"a photo of a {}."`` with this set, use ``single_template: 39``.
+
+Question templates of the ``vlm`` annotator instead list every class as a choice, through the
+placeholders ``{classes}`` (names, comma-separated) and ``{options}`` (one ``A. name`` line per
+class): named sets ``paper_choices`` (the paper's style, 5 questions), ``lettered`` (2
+multiple-choice questions) and ``single``; any other placeholder, or a template without choices,
+is refused when the grid is validated.
 """
 
 from __future__ import annotations
@@ -146,3 +152,84 @@ def templates_for(spec_templates: str | list[str] | tuple[str, ...]) -> list[str
     if bad:
         raise ValueError(f"each template needs exactly one '{{}}' for the class name; bad: {bad}")
     return templates
+
+
+# --------------------------------------------------------------------------------------------
+# Question templates of image-text-to-text (LLaVA-style) annotators
+
+VLM_PLACEHOLDERS = {
+    "classes": "every class name, comma-separated, in label order",
+    "options": "one line per class, 'A. name' (letters up to 26 classes, numbers above)",
+}
+"""Placeholders a question template may use; it needs at least one of them (the choices)."""
+
+VLM_PAPER_TEMPLATES: tuple[str, ...] = (
+    "What is the main object in this image? Choose one of the following: {classes}. Answer with the name only.",
+    "Which of these categories does the image belong to: {classes}? Answer with one category.",
+    "Classify this image into one of the classes {classes}. Reply with the class name.",
+    "Question: what is shown in the picture? Options: {classes}. Answer:",
+    "Look at the image and pick the label that fits it best from this list: {classes}. Give only the label.",
+)
+"""The Co-Reg paper's style (section III): several questions, each listing every class name as a
+choice; the paper does not print its LLaVA prompts, so these are written in that style."""
+
+VLM_LETTERED_TEMPLATES: tuple[str, ...] = (
+    "What is shown in this image?\n{options}\nAnswer with the option's letter from the given choices directly.",
+    "Which option describes the image best?\n{options}\nAnswer with the letter only.",
+)
+"""Multiple-choice style (LLaVA-1.5's own evaluation prompt for lettered choices): answers may be a
+choice label."""
+
+VLM_TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
+    "paper_choices": VLM_PAPER_TEMPLATES,
+    "lettered": VLM_LETTERED_TEMPLATES,
+    "single": VLM_PAPER_TEMPLATES[:1],
+}
+
+
+def vlm_template_problems(template: str) -> list[str]:
+    """Why ``template`` is not a valid question template (empty: it is)."""
+    import string
+
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as err:
+        return [f"{template!r}: {err} (write a literal brace as '{{{{' or '}}}}')"]
+    problems = [
+        f"{template!r}: unknown placeholder {{{f}}}; allowed: "
+        + ", ".join(f"{{{p}}}" for p in VLM_PLACEHOLDERS)
+        for f in fields
+        if f not in VLM_PLACEHOLDERS
+    ]
+    if not any(f in VLM_PLACEHOLDERS for f in fields):
+        problems.append(f"{template!r}: lists no choices; it needs {{classes}} or {{options}}")
+    return problems
+
+
+def vlm_templates_for(spec_templates: str | list[str] | tuple[str, ...]) -> list[str]:
+    """Resolve a VLM annotator's ``templates:`` (a set name or an explicit list) to question templates."""
+    if isinstance(spec_templates, str):
+        try:
+            return list(VLM_TEMPLATE_SETS[spec_templates])
+        except KeyError:
+            raise ValueError(
+                f"unknown VLM template set {spec_templates!r}; allowed: {', '.join(VLM_TEMPLATE_SETS)} or a list"
+            ) from None
+    templates = list(spec_templates)
+    problems = [p for t in templates for p in vlm_template_problems(t)] or ([] if templates else ["the list is empty"])
+    if problems:
+        raise ValueError("; ".join(problems))
+    return templates
+
+
+def fill_question(template: str, class_names: list[str]) -> str:
+    """The question of ``template`` for these class names."""
+    from orchestrator.annotation.answers import choice_label
+
+    options = "\n".join(f"{choice_label(i, len(class_names))}. {n}" for i, n in enumerate(class_names))
+    return template.format(classes=", ".join(class_names), options=options)
+
+
+def is_lettered(template: str) -> bool:
+    """The template labels its choices (answers may then be a choice label)."""
+    return "{options}" in template

@@ -8,6 +8,10 @@ Cache layout under ``cache_dir``::
 
     <key>/                    arrays.npz (cand_train, noisy labels, soft labels) + meta.json
     clip_probs/<probs key>/   arrays.npz (probs_train, probs_test: (N, T, C) float16) + meta.json
+    vlm_outputs/<key>/        the vlm annotator's: probs_* (score) or answers_* (generate) + meta.json
+
+An annotation's meta names its model outputs entry (``probs_key``, in ``probs_dir``; default
+``clip_probs``).
 
 Entries are written atomically (a temporary sibling directory renamed into place), so concurrent
 writers of one key are safe: the first rename wins and both hold identical content.
@@ -80,6 +84,8 @@ class Annotation:
     soft_single_train: np.ndarray | None = None  # (N, C) float32, probabilities of template ``single_template``
     probs_train: np.ndarray | None = None  # (N, T, C) float16
     probs_test: np.ndarray | None = None  # (M, T, C) float16
+    answers_train: np.ndarray | None = None  # (N, T) int16, a generating VLM's parsed answers, -1 unparseable
+    answers_test: np.ndarray | None = None  # (M, T) int16
     stats: dict[str, float] = field(default_factory=dict)
     """partial_acc, mean_set_size, eta_realised, num_train, num_test (+ zs_acc_* for a VLM)."""
     meta: dict[str, Any] = field(default_factory=dict)
@@ -228,11 +234,9 @@ def load_cached(cache_dir: Path, key: str, *, with_probs: bool = True) -> Annota
     arrays, meta = found
     probs: dict[str, np.ndarray] = {}
     if with_probs and meta.get("probs_key"):
-        probs_found = read_entry(cache_dir / "clip_probs" / meta["probs_key"])
+        where = cache_dir / meta.get("probs_dir", "clip_probs")
+        probs_found = read_entry(where / meta["probs_key"])
         if probs_found is None:
-            raise FileNotFoundError(
-                f"annotation {key}: its CLIP probabilities {meta['probs_key']} are missing from "
-                f"{cache_dir / 'clip_probs'}"
-            )
+            raise FileNotFoundError(f"annotation {key}: its model outputs {meta['probs_key']} are missing from {where}")
         probs = probs_found[0]
     return Annotation(key=key, cached=True, stats=meta["stats"], meta=meta, **arrays, **probs)

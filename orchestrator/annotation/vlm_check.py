@@ -1,0 +1,88 @@
+"""Checks of a ``vlm`` annotator's model files before Ray starts (the sweep and ``--dry-run``).
+
+A local directory must hold what ``AutoProcessor`` and ``AutoModelForImageTextToText`` read: the
+model config, weights, a tokenizer and the image processor's config; each missing one is named. A
+hub id must be in the local Hugging Face cache, or the hub must answer (else the actors would fail
+minutes later, one after another).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from orchestrator.annotation.clip_check import reachable
+from orchestrator.config import VlmAnnotatorSpec
+
+REQUIRED = {
+    "model config": ("config.json",),
+    "weights": ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin"),
+    "tokenizer": ("tokenizer.json", "tokenizer.model", "vocab.json"),
+    "image processor config": ("processor_config.json", "preprocessor_config.json"),
+}
+"""What a local model directory needs: for each part, any one of these file patterns."""
+
+HUB_FILES = ("config.json", "tokenizer_config.json")
+
+
+def missing_parts(directory: Path) -> list[str]:
+    """The parts of :data:`REQUIRED` a local model directory lacks, each with the files looked for."""
+    return [
+        f"{part} ({' or '.join(patterns)})"
+        for part, patterns in REQUIRED.items()
+        if not any(next(directory.glob(p), None) is not None for p in patterns)
+    ]
+
+
+def _hub_problem(repo: str, revision: str | None) -> str | None:
+    """Why a hub id cannot be loaded here (None: it is cached, or the hub answers)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    missing = [f for f in HUB_FILES if not isinstance(try_to_load_from_cache(repo, f, revision=revision), str)]
+    if not missing:
+        return None
+    where = f"not in the local Hugging Face cache ({constants.HF_HUB_CACHE}; missing {', '.join(missing)})"
+    if constants.HF_HUB_OFFLINE:
+        return f"{where} and HF_HUB_OFFLINE is set"
+    if not reachable(constants.ENDPOINT):
+        host = urlsplit(constants.ENDPOINT).hostname
+        return f"{where} and the hub ({host}) cannot be reached; download the model elsewhere and set model: /path/to/directory"
+    return None
+
+
+def vlm_problems(where: str, ann: VlmAnnotatorSpec, datasets: Any) -> list[str]:
+    """The model files and class names of one ``vlm`` annotator, one line per problem."""
+    from orchestrator.annotation.vlm import is_local
+
+    problems = []
+    if is_local(ann.model):
+        directory = Path(ann.model).expanduser()
+        if not directory.is_dir():
+            problems.append(f"{where}.model: no such model directory {ann.model}")
+        else:
+            problems += [f"{where}.model: {directory} has no {part}" for part in missing_parts(directory)]
+    else:
+        reason = _hub_problem(ann.model, ann.revision)
+        if reason:
+            problems.append(f"{where}.model: hub model {ann.model!r} is {reason}")
+    for ds in datasets:
+        if ann.class_names is not None and len(ann.class_names) != len(ds.class_names):
+            problems.append(f"{where}.class_names: {len(ann.class_names)} names but {ds.name} has {len(ds.class_names)} classes")
+    return problems
+
+
+def engine_line(where: str, ann: VlmAnnotatorSpec) -> str:
+    """Which engine will annotate (printed by ``--dry-run``)."""
+    import importlib.util
+
+    import transformers
+
+    note = ""
+    if importlib.util.find_spec("vllm") is not None:
+        note = "; vLLM is installed but not used (this annotator runs on transformers)"
+    gpus = f"{ann.gpus_per_actor:g} GPU" if ann.gpus_per_actor > 0 else "CPU"
+    return (
+        f"{where} ({ann.name}): engine transformers {transformers.__version__} (AutoModelForImageTextToText), "
+        f"answer_mode {ann.answer_mode}, {ann.num_actors} actor(s) x {gpus}, {ann.precision}{note}"
+    )
