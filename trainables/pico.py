@@ -42,9 +42,9 @@ Implementation details / deviations:
    are ~20x larger and far more coherent than the warm-up's, the shared projector steps past the
    embeddings' norm, the queries collapse onto one direction, the loss sits at log(queue size),
    the prototypes become identical and disambiguation turns to noise. Measured on digits (q 0.3,
-   eta 0.3, 30 epochs; README "The PiCO family's warm-up in a short run"); the reference code does
-   the same in that setting and is cured by the same reset. Only the queue, or only the key net,
-   is not enough. :meth:`ContrastiveClassifier.restart_contrast`.
+   eta 0.3, 30 epochs; README "The PiCO family's warm-up in a short run"): 71.8% -> 95.7%. The
+   reference collapses far less there: its queue starts as random keys of small norm that dilute
+   the warm-up's, where ours starts empty. :meth:`ContrastiveClassifier.restart_contrast`.
 7. ``pseudo_labels()`` = conf; ``clean_mask()`` is None (PiCO trusts S). The reference also logs
    the best test accuracy over epochs; the loop reports the last epoch and a label-free selection.
 """

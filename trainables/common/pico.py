@@ -77,8 +77,8 @@ class ContrastiveClassifier:
         gradients against that contrast set are large and all point the same way; one step moves
         the shared projector further than the embeddings' norm, the queries collapse onto one
         direction (pairwise cosine ~1), the loss sits at log(queue size), the prototypes become
-        identical and disambiguation turns to noise. Resetting all three together avoids it;
-        resetting only the queue or only the key net does not (measured on digits, README).
+        identical and disambiguation turns to noise. Resetting all three together avoids it
+        (measured on digits, README).
         """
         copy_into_key_net(self.key_net, self.net)
         self.queue.clear()
