@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from orchestrator.annotation import candidates as cands
-from orchestrator.annotation.stage import _versions, annotate, candidate_stats, derived_from_probs
+from orchestrator.annotation.stage import _versions, annotate, dataset_candidate_stats, derived_from_probs
 from orchestrator.config import EnsembleAnnotatorSpec
 from trainables.data.annotation import Annotation, load_cached, write_entry
 from trainables.data.datasets import Dataset

@@ -31,7 +31,7 @@ import numpy as np
 from orchestrator.annotation.stage import (
     RAW_SAMPLE,
     _versions,
-    candidate_stats,
+    dataset_candidate_stats,
     clip_class_names,
     derived_from_probs,
     vlm_outputs_key,
