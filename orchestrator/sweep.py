@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import socket
 import sys
@@ -302,6 +303,8 @@ class Sweep:
         self.grid_sig = signature(grid.model_dump())
         self.tracker = Tracker(grid.resolved_tracking_uri, grid.experiment, artifact_location=grid.artifact_location)
         self.parent, self.resumed = open_sweep_run(self.tracker, grid, grid_path, self.grid_sig, resume)
+        view = runs.run_list_view(s.objective for s in self.studies)
+        self.tracker.client.set_experiment_tag(self.tracker.experiment_id, runs.VIEW_STATE_TAG, json.dumps(view))
         self.optuna_storage = f"sqlite:///{grid.storage_path / 'optuna.db'}"
         self.cache_dir = grid.storage_path / "annotations"
         self.annotations: dict[tuple, Any] = {}
@@ -336,7 +339,7 @@ class Sweep:
         to_resume = searcher.resumable()
         to_ask = max(searcher.remaining() - to_resume, 0)  # the budget counts interrupted trials too
         self._announce(to_resume, to_ask)
-        callback = MlflowTrialCallback(self.tracker, self.parent)
+        callback = MlflowTrialCallback(self.tracker, self.parent, self.run_names())
         try:
             cells = [s.cell for s in self.studies]
             self.annotations.update(annotate_cells(cells, self.datasets, self.cache_dir, self.tracker, self.parent))
@@ -354,6 +357,11 @@ class Sweep:
         finally:
             searcher.abandon_live()
             self._close(callback)
+
+    def run_names(self) -> runs.RunNames:
+        """Trial runs named by the cell axes that vary in this sweep (``coreg q=0.3 eta=0.1 s0``)."""
+        several = frozenset(s.study_id for s in self.studies if s.method.search.num_samples > 1)
+        return runs.RunNames(runs.varying_axes(s.cell.spec() for s in self.studies), several)
 
     def _announce(self, to_resume: int, to_ask: int) -> None:
         grid, studies = self.grid, self.studies
@@ -399,9 +407,16 @@ class Sweep:
             f"\nresults: MLflow experiment {self.grid.experiment!r} (parent run {self.parent}, status {self.status}"
             + (f", {closed} unfinished trial runs marked KILLED; run the same command again to resume them" if closed else "")
             + f")\n  mlflow ui --backend-store-uri {runs.redact(self.grid.resolved_tracking_uri)}\n"
+            f"  run list: {runs.run_list_url(ui_address(self.grid.resolved_tracking_uri), self.tracker.experiment_id)}\n"
             f"  optuna-dashboard {self.optuna_storage}\n  ray results: {self.grid.storage_path / 'ray_results'}",
             flush=True,
         )
+
+
+def ui_address(tracking_uri: str) -> str:
+    """Where the MLflow UI of ``tracking_uri`` is: the tracking server itself, else what ``mlflow ui``
+    serves on by default."""
+    return runs.redact(tracking_uri) if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -142,6 +142,51 @@ def test_parent_run_carries_the_results_tables_and_best_runs_are_tagged(sweep):
     assert "--ablation no_prototypes" in coreg.data.tags["mlflow.note.content"]
 
 
+def test_runs_have_short_names_system_tags_and_the_cell_winner_is_tagged(sweep):
+    grid, summary, _ = sweep
+    client = MlflowClient(grid.resolved_tracking_uri)
+    exp = client.get_experiment_by_name("e2e")
+    trials = runs_of(client, exp.experiment_id, f"tags.`mlflow.parentRunId` = '{summary['parent_run_id']}' and tags.kind = 'trial'")
+    # one cell: no cell axis in the names; cc samples two trials, numbered by their Optuna trial
+    assert sorted(r.info.run_name for r in trials) == ["cc s0 #0", "cc s0 #1", "coreg s0", "proden s0"]
+    parent = client.get_run(summary["parent_run_id"])
+    for r in [*trials, parent]:
+        assert r.data.tags["mlflow.source.name"] == "orchestrator.sweep" and r.data.tags["mlflow.user"]
+        assert len(r.data.tags["mlflow.source.git.commit"]) == 40
+    # the winner of the cell: the row with the best mean selected accuracy, its chosen run only
+    rows = {r["row"]: r for r in summary["rows"]}
+    best_row = max(rows, key=lambda k: rows[k]["selected_acc_mean"])
+    winners = [r for r in trials if r.data.tags["cell_winner"] == "true"]
+    assert [r.info.run_id for r in winners] == [rows[best_row]["best_runs"].split(":")[1]]
+    assert all(r.data.tags["best_in_cell"] == "true" for r in winners)
+    assert sum(r.data.tags["best_in_cell"] == "true" for r in trials) == 3  # one per study
+
+
+def test_the_parent_run_holds_summary_metrics_a_results_table_and_the_run_list_view(sweep, monkeypatch):
+    import json
+
+    grid, summary, _ = sweep
+    client = MlflowClient(grid.resolved_tracking_uri)
+    exp = client.get_experiment_by_name("e2e")
+    parent = summary["parent_run_id"]
+    metrics = client.get_run(parent).data.metrics
+    for row in summary["rows"]:
+        assert metrics[f"digits/{row['row']}/acc_selected_mean"] == pytest.approx(row["selected_acc_mean"])
+        assert metrics[f"digits/{row['row']}/objective_mean"] == pytest.approx(row["objective_mean"])
+        assert metrics[f"digits/{row['row']}/acc_selected_std"] == 0.0  # one seed
+    # search_runs queries the results on the sweep run
+    found = runs_of(client, exp.experiment_id, "tags.kind = 'sweep' and metrics.`digits/coreg/acc_selected_mean` > 0")
+    assert [r.info.run_id for r in found] == [parent]
+    # the table is logged once even though the second sweep published again (replaced, not appended)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", grid.resolved_tracking_uri)  # load_table searches the default store
+    table = client.load_table(exp.experiment_id, "tables/results.json", run_ids=[parent])
+    assert sorted(table["row"]) == ["cc", "coreg", "proden"]
+    # the experiment's saved run-list view: trial runs, with the result columns
+    view = json.loads(exp.tags["mlflow.sharedViewState.results"])
+    assert view["searchFilter"] == "tags.kind = 'trial'"
+    assert {"metrics.`test/acc_selected`", "metrics.`val/covering_rate`", "tags.`cell_winner`"} <= set(view["selectedColumns"])
+
+
 def test_clip_annotated_sweep_end_to_end(tmp_path, ray_session):
     """The CLIP path through the real entry point: a tiny random open_clip model from a config
     annotates digits on Ray Data, the annotation run carries zero-shot statistics, trials train on
