@@ -32,22 +32,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
-from mlflow.utils.mlflow_tags import (
-    MLFLOW_GIT_COMMIT,
-    MLFLOW_GIT_DIRTY,
-    MLFLOW_PARENT_RUN_ID,
-    MLFLOW_PROJECT_ENTRY_POINT,
-    MLFLOW_RUN_NAME,
-    MLFLOW_SOURCE_NAME,
-    MLFLOW_SOURCE_TYPE,
-    MLFLOW_USER,
-)
-
 if TYPE_CHECKING:  # the rerun page imports this module without torch
     from trainables.spec import CellSpec, TrialSpec
 
-PARENT_TAG = MLFLOW_PARENT_RUN_ID
-RUN_NAME_TAG = MLFLOW_RUN_NAME
+# MLflow's own tags (``mlflow.utils.mlflow_tags``), spelled out: importing mlflow takes seconds,
+# and the grid is validated through this module before anything is logged.
+PARENT_TAG = MLFLOW_PARENT_RUN_ID = "mlflow.parentRunId"
+RUN_NAME_TAG = MLFLOW_RUN_NAME = "mlflow.runName"
+MLFLOW_USER, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE = "mlflow.user", "mlflow.source.name", "mlflow.source.type"
+MLFLOW_GIT_COMMIT, MLFLOW_GIT_DIRTY = "mlflow.source.git.commit", "mlflow.source.git.dirty"
+MLFLOW_PROJECT_ENTRY_POINT = "mlflow.project.entryPoint"
 NOTE_TAG = "mlflow.note.content"
 """The run's description in the MLflow UI (the rerun commands)."""
 
@@ -212,6 +206,12 @@ def annotation_tags(cell: CellSpec, annotation_key: str, cached: bool) -> dict[s
     if cell.annotator_kind != "synthetic":
         tags[SEED] = ""
     return {KIND: ANNOTATION, ANNOTATION_KEY: annotation_key, CACHED: str(cached), **tags}
+
+
+def annotation_input_name(cell: CellSpec) -> str:
+    """The name of a trial's annotation as an ``mlflow.data`` input: ``digits flip q=0.3 eta=0.1``
+    (a synthetic annotator's candidate sets depend on the seed too: ``... seed=0``)."""
+    return cell_label(cell, with_seed=cell.annotator_kind == "synthetic")
 
 
 def annotation_run_name(tags: Mapping[str, str]) -> str:

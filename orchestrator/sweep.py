@@ -24,13 +24,32 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
-from orchestrator import runs
-from orchestrator.config import ClipAnnotatorSpec, Grid, GridError, load_grid
-from orchestrator.launch import annotate_cells, connect_ray, exit_code, run_trials
-from orchestrator.plan import Study, expand, method_training
-from trainables.data.spec import signature
-from trainables.loop import CHECKPOINT_FILE
-from trainables.spec import TrialSpec
+
+def arguments() -> argparse.ArgumentParser:
+    """The command line. Built before the imports below (torch, scikit-learn, MLflow: seconds), so
+    that ``--help`` and a mistyped option answer at once."""
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.sweep", description=__doc__.splitlines()[0])
+    parser.add_argument("grid", nargs="?", type=Path, help="grid file (default: the embedded default grid)")
+    parser.add_argument("--dry-run", action="store_true", help="validate the grid and print the plan, run nothing")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the earlier sweep of this grid (refused if there is none); running the same command "
+        "again without it resumes too, or starts the sweep if it never ran",
+    )
+    return parser
+
+
+if __name__ == "__main__":
+    arguments().parse_args()  # --help, or an unknown option: answered and exited here
+
+from orchestrator import runs  # noqa: E402
+from orchestrator.config import ClipAnnotatorSpec, Grid, GridError, load_grid  # noqa: E402
+from orchestrator.launch import annotate_cells, connect_ray, exit_code, run_trials  # noqa: E402
+from orchestrator.plan import Study, expand, method_training  # noqa: E402
+from trainables.data.spec import signature  # noqa: E402
+from trainables.loop import CHECKPOINT_FILE  # noqa: E402
+from trainables.spec import TrialSpec  # noqa: E402
 
 DEFAULT_GRID = Path(__file__).with_name("default_grid.yaml")
 
@@ -420,16 +439,7 @@ def ui_address(tracking_uri: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m orchestrator.sweep", description=__doc__.splitlines()[0])
-    parser.add_argument("grid", nargs="?", type=Path, help="grid file (default: the embedded default grid)")
-    parser.add_argument("--dry-run", action="store_true", help="validate the grid and print the plan, run nothing")
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the earlier sweep of this grid (refused if there is none); running the same command "
-        "again without it resumes too, or starts the sweep if it never ran",
-    )
-    args = parser.parse_args(argv)
+    args = arguments().parse_args(argv)
     grid_path = args.grid or DEFAULT_GRID
 
     def work() -> dict[str, Any] | None:

@@ -147,6 +147,20 @@ class Tracker:
 
     # Project-specific runs ---------------------------------------------------------------------
 
+    def log_annotation_input(self, run_id: str, spec: TrialSpec) -> None:
+        """The trial's annotation as an ``mlflow.data`` training input of its run (the run list's
+        Dataset column): named by its cell, its digest the annotation cache key, its source the
+        cache entry."""
+        from mlflow.data.dataset_source_registry import get_registered_sources
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        local = next(s for s in get_registered_sources() if s._get_source_type() == "local")  # a file path
+        source = local(str(Path(spec.cache_dir) / spec.annotation_key))
+        dataset = MetaDataset(source, name=runs.annotation_input_name(spec.cell), digest=spec.annotation_key[:36])
+        context = InputTag("mlflow.data.context", "train")
+        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[context])])
+
     def log_annotation(self, parent: str, annotation: Any, cell: CellSpec) -> str:
         tags = runs.annotation_tags(cell, annotation.key, annotation.cached)
         run_id = self.start_run(runs.annotation_run_name(tags), tags, parent)
@@ -189,6 +203,7 @@ class MlflowTrialCallback(Callback):
         self.tracker.log_params(run_id, flatten({k: config[k] for k in ("method", "cell", "params", "training", "objective")}))
         self.tracker.log_dict(run_id, config, runs.RESOLVED_CONFIG)
         self.tracker.set_tags(run_id, {runs.NOTE_TAG: runs.describe_trial(spec, run_id, self.tracker.uri)})
+        self.tracker.log_annotation_input(run_id, spec)
         self.runs[trial.trial_id] = run_id
         return run_id
 

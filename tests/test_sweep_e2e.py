@@ -160,6 +160,16 @@ def test_runs_have_short_names_system_tags_and_the_cell_winner_is_tagged(sweep):
     assert [r.info.run_id for r in winners] == [rows[best_row]["best_runs"].split(":")[1]]
     assert all(r.data.tags["best_in_cell"] == "true" for r in winners)
     assert sum(r.data.tags["best_in_cell"] == "true" for r in trials) == 3  # one per study
+    # the annotation the trials trained on is their mlflow.data input; the student a logged model of the run
+    (annotation,) = runs_of(client, exp.experiment_id, "tags.kind = 'annotation'")
+    for r in trials:
+        (used,) = r.inputs.dataset_inputs
+        assert used.dataset.name == "digits flip q=0.3 eta=0.3 seed=0"
+        assert annotation.data.tags["annotation_key"].startswith(used.dataset.digest)
+        assert [(t.key, t.value) for t in used.tags] == [("mlflow.data.context", "train")]
+        assert int(r.data.tags["student_kb"]) > 0
+        models = client.search_logged_models([exp.experiment_id], filter_string=f"source_run_id = '{r.info.run_id}'")
+        assert [m.name for m in models] == [f"{r.data.tags['method']}-student"]
 
 
 def test_the_parent_run_holds_summary_metrics_a_results_table_and_the_run_list_view(sweep, monkeypatch):

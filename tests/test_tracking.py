@@ -173,3 +173,13 @@ def test_summary_metric_names_are_valid_mlflow_names(tmp_path):
     for key in keys:
         client.log_metric(run_id, key, 0.5)  # refused by MLflow if a character were not allowed
     assert set(client.get_run(run_id).data.metrics) == set(keys)
+
+
+def test_the_mlflow_tag_names_spelled_out_in_the_run_layout_are_mlflow_s():
+    from mlflow.utils import mlflow_tags
+
+    from orchestrator import runs
+
+    for name in ("MLFLOW_PARENT_RUN_ID", "MLFLOW_RUN_NAME", "MLFLOW_USER", "MLFLOW_SOURCE_NAME", "MLFLOW_SOURCE_TYPE",
+                 "MLFLOW_GIT_COMMIT", "MLFLOW_GIT_DIRTY", "MLFLOW_PROJECT_ENTRY_POINT"):  # fmt: skip
+        assert getattr(runs, name) == getattr(mlflow_tags, name), name
