@@ -179,6 +179,15 @@ class RunNames:
 AXIS_SHORT = {"fraction": "frac"}
 
 
+PERCENT_METRICS = (TEST_ACC, TEST_ACC_SELECTED, "val/covering_rate", "pl/acc")
+"""Fractions shown in % on the console, as in the tables."""
+
+
+def shown(key: str, value: float) -> str:
+    """A metric as the console shows it: ``91.25%`` for an accuracy, else 4 decimals."""
+    return f"{100 * value:.2f}%" if key in PERCENT_METRICS or key.startswith("test/acc") else f"{value:.4f}"
+
+
 def progress_label(spec: TrialSpec) -> str:
     """How the console names a trial: its row label and cell (a rerun: its variant and seed)."""
     if spec.rerun_of is not None:

@@ -59,9 +59,10 @@ class Tracker:
         self, tracking_uri: str, experiment: str, artifact_location: str | None = None, entry_point: str = "orchestrator.sweep"
     ):
         self.uri = tracking_uri
-        self.client = MlflowClient(tracking_uri)
+        with _quiet("mlflow.store.db.utils", "alembic"):  # "Creating initial MLflow database tables..."
+            self.client = MlflowClient(tracking_uri)
+            found = self.client.get_experiment_by_name(experiment)
         self.system_tags = runs.system_tags(entry_point)
-        found = self.client.get_experiment_by_name(experiment)
         if found is None:
             self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_location)
         else:
@@ -316,6 +317,20 @@ class ArtifactWorker:
         return self.failed
 
 
+@contextlib.contextmanager
+def _quiet(*names: str):
+    """Only warnings and errors from the loggers ``names`` while inside."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, old in zip(loggers, levels):
+            lg.setLevel(old)
+
+
 def _error_text(trial) -> str:
     path = getattr(trial, "error_file", None) or getattr(getattr(trial, "run_metadata", None), "error_filename", None)
     if path and Path(path).exists():
@@ -362,7 +377,7 @@ class ConsoleProgress(Callback):
         self.done += 1
         last = trial.last_result or {}
         keys = (runs.TEST_ACC, runs.TEST_ACC_SELECTED, self.spec(trial).objective)
-        shown = ", ".join(f"{k}={last[k]:.4f}" for k in keys if k in last)
+        shown = ", ".join(f"{k}={runs.shown(k, last[k])}" for k in keys if k in last)
         self._line(trial, f"finished after {last.get(runs.EPOCH, '?')} epochs ({shown})")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:

@@ -90,7 +90,7 @@ def test_console_progress_counts_and_reports_running_epochs(capsys):
     progress.on_trial_complete(0, [], a)
     out = capsys.readouterr().out.splitlines()
     assert out == ["[trials 1 done, 0 failed, 1 running, 1 pending] coreg: finished after 30 epochs "
-                   "(test/acc=0.9000, val/covering_rate=0.8000)"]
+                   "(test/acc=90.00%, val/covering_rate=80.00%)"]
     quiet = ConsoleProgress(total=1, label_for=lambda spec: spec.method, every_s=3600.0)
     quiet.on_trial_result(0, [], a, {"epoch": 1})
     assert capsys.readouterr().out == ""
