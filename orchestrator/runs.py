@@ -297,6 +297,12 @@ def run_list_view(objective_keys: Iterable[str]) -> dict[str, Any]:
     }
 
 
+def ui_address(tracking_uri: str) -> str:
+    """Where the MLflow UI of ``tracking_uri`` is: the tracking server itself, else what ``mlflow ui``
+    serves on by default."""
+    return redact(tracking_uri) if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+
+
 def run_list_url(ui: str, experiment_id: str) -> str:
     """The MLflow UI page of the experiment's run list in the view of :func:`run_list_view`."""
     key = VIEW_STATE_TAG.rsplit(".", 1)[1]

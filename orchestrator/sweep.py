@@ -426,16 +426,10 @@ class Sweep:
             f"\nresults: MLflow experiment {self.grid.experiment!r} (parent run {self.parent}, status {self.status}"
             + (f", {closed} unfinished trial runs marked KILLED; run the same command again to resume them" if closed else "")
             + f")\n  mlflow ui --backend-store-uri {runs.redact(self.grid.resolved_tracking_uri)}\n"
-            f"  run list: {runs.run_list_url(ui_address(self.grid.resolved_tracking_uri), self.tracker.experiment_id)}\n"
+            f"  run list: {runs.run_list_url(runs.ui_address(self.grid.resolved_tracking_uri), self.tracker.experiment_id)}\n"
             f"  optuna-dashboard {self.optuna_storage}\n  ray results: {self.grid.storage_path / 'ray_results'}",
             flush=True,
         )
-
-
-def ui_address(tracking_uri: str) -> str:
-    """Where the MLflow UI of ``tracking_uri`` is: the tracking server itself, else what ``mlflow ui``
-    serves on by default."""
-    return runs.redact(tracking_uri) if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -313,9 +313,10 @@ def ray_head(ray_session, tmp_path_factory):
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _launch_from_the_browser(sweep, tmp_path, launcher, ablation: str):
-    """Open the rerun page in headless Chromium, click ``ablation`` on the Co-Reg trial, follow the
-    jobs page until the rerun ends; returns (its status, the jobs page text, the trial it reran)."""
+def _launch_from_the_browser(sweep, tmp_path, launcher, ablation: str, seeds: str = "", overrides: str = ""):
+    """Open the rerun page in headless Chromium, fill in ``seeds`` and ``overrides`` and click
+    ``ablation`` on the Co-Reg trial, check the confirmation page and launch, follow the jobs page
+    until the rerun ends; returns (its status, the jobs page text, the runs it made)."""
     import asyncio
     import json
     import threading
@@ -352,9 +353,24 @@ def _launch_from_the_browser(sweep, tmp_path, launcher, ablation: str):
             assert not await page.wait_for_text(["e2e", "FINISHED"], 30)
             await page.evaluate("document.querySelector('a[href^=\"/sweep/\"]').click()")
             assert not await page.wait_for_text(["Trial runs", "Test accuracy", proden.data.tags["cell"], launcher.kind], 30)
-            buttons = await page.evaluate(f"document.querySelectorAll('tr[data-run=\"{coreg.info.run_id}\"] button').length")
+            row = f"tr[data-run=\"{coreg.info.run_id}\"]"
+            buttons = await page.evaluate(f"document.querySelectorAll('{row} button').length")
             assert buttons == 1 + 5  # rerun + Co-Reg's five ablations
-            await page.evaluate(f"document.querySelector('tr[data-run=\"{coreg.info.run_id}\"] button[data-ablation=\"{ablation}\"]').click()")
+            # each run links to its MLflow page; only the cell winner's runs are highlighted
+            link = await page.evaluate(f"document.querySelector('{row} a').href")
+            assert link.endswith(f"/#/experiments/{exp.experiment_id}/runs/{coreg.info.run_id}")
+            highlighted = await page.evaluate("[...document.querySelectorAll('tr.best')].map(r => r.dataset.run)")
+            winners = runs_of(client, exp.experiment_id, f"tags.`mlflow.parentRunId` = '{parent}' and tags.cell_winner = 'true'")
+            assert sorted(highlighted) == sorted(r.info.run_id for r in winners) and len(highlighted) >= 1
+            fill = f"document.querySelector('{row} input[name=seeds]').value = {json.dumps(seeds)}; "
+            fill += f"document.querySelector('{row} input[name=overrides]').value = {json.dumps(overrides)};"
+            await page.evaluate(fill)
+            await page.evaluate(f"document.querySelector('{row} button[data-ablation=\"{ablation}\"]').click()")
+            expected = [f"--ablation {ablation}"] + ([f"--seeds {seeds}"] if seeds else []) + ([f"--set {overrides}"] if overrides else [])
+            missing = await page.wait_for_text(["Confirm the rerun", *expected], 30)
+            assert not missing, await page.evaluate("document.body.innerText")
+            assert launcher.jobs() == []  # nothing runs before the confirmation
+            await page.evaluate("document.querySelector('#confirm').click()")
             missing = await page.wait_for_text(["Launched reruns", f"--ablation {ablation}"], 30)
             assert not missing, await page.evaluate("document.body.innerText")
             deadline = time.monotonic() + 240
@@ -373,17 +389,21 @@ def _launch_from_the_browser(sweep, tmp_path, launcher, ablation: str):
         status, text = asyncio.run(drive(port))
     server.shutdown()
     assert (tmp_path / "jobs.png").stat().st_size > 10_000
-    new = runs_of(client, exp.experiment_id, f"tags.rerun_of = '{coreg.info.run_id}' and tags.variant = '{ablation}'")
+    variant = " ".join([ablation, *overrides.split()])
+    new = runs_of(client, exp.experiment_id, f"tags.rerun_of = '{coreg.info.run_id}' and tags.variant = '{variant}'")
     return status, text, new
 
 
 def test_rerun_page_launches_an_ablation_as_a_local_process_from_a_real_browser(sweep, tmp_path):
     from orchestrator.webui import LocalLauncher
 
-    status, text, new = _launch_from_the_browser(sweep, tmp_path, LocalLauncher(tmp_path), "no_unlabeled")
+    launcher = LocalLauncher(tmp_path)
+    status, text, new = _launch_from_the_browser(sweep, tmp_path, launcher, "no_unlabeled", "1", "training.lr=0.02")
     assert status == "SUCCEEDED", text[-3000:]
     assert len(new) == 1 and new[0].info.status == "FINISHED"
     assert new[0].data.params["params.use_unlabeled"] == "False"
+    assert (new[0].data.tags["seed"], new[0].data.params["training.lr"]) == ("1", "0.02")
+    assert new[0].info.run_name == "coreg [no_unlabeled training.lr=0.02] s1"
 
 
 def test_rerun_page_submits_an_ablation_as_a_ray_job_from_a_real_browser(sweep, tmp_path, ray_head):
