@@ -286,9 +286,10 @@ state: search filter, order and columns as JSON)."""
 
 def run_list_view(objective_keys: Iterable[str]) -> dict[str, Any]:
     """The trial runs, best selected accuracy first, with the columns a researcher compares:
-    method, cell axes, seed, selected and last test accuracy, the objectives, winner tags."""
+    selected and last test accuracy, the objectives, the winner tags, seed, collapse, variant
+    (few enough to fit a screen; the run name says the method and the varying cell axes)."""
     metrics = [TEST_ACC_SELECTED, TEST_ACC, *sorted(set(objective_keys))]
-    tags = [LABEL, "q", "eta", SEED, CELL_WINNER, BEST_IN_CELL, COLLAPSE, VARIANT]
+    tags = [CELL_WINNER, BEST_IN_CELL, SEED, COLLAPSE, VARIANT]  # method and cell are in the run name
     return {
         "searchFilter": f"tags.{KIND} = '{TRIAL}'",
         "orderByKey": f"metrics.`{TEST_ACC_SELECTED}`",
