@@ -332,6 +332,29 @@ async def check_ui(
     return results
 
 
+def check_page(url: str, needles: list[str], screenshot: Path | None, *, timeout: float = 60.0,
+               window: tuple[int, int] = (1400, 900), binary: str | None = None) -> list[str]:
+    """Open one page (any web app: the Optuna dashboard, the rerun page) in a headless Chromium,
+    wait for ``needles``, save a screenshot. Returns the needles still missing."""
+
+    async def run(port: int) -> list[str]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as response:
+            target = next(t for t in json.load(response) if t["type"] == "page")
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0) as ws:
+                page = Page(ws)
+                await page.call("Emulation.setDeviceMetricsOverride", width=window[0], height=window[1], deviceScaleFactor=1, mobile=False)
+                await page.open(url)
+                missing = await page.wait_for_text(needles, timeout)
+                await asyncio.sleep(1.5)  # plots draw after their data arrives
+                if screenshot is not None:
+                    await page.screenshot(screenshot)
+                return missing
+
+    with chromium(binary or find_chromium() or "chromium", *window) as port:
+        return asyncio.run(run(port))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("url", help="tracking server URL, e.g. http://127.0.0.1:5000")

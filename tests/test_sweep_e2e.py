@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import optuna
@@ -362,6 +363,9 @@ def _launch_from_the_browser(sweep, tmp_path, launcher, ablation: str, seeds: st
             highlighted = await page.evaluate("[...document.querySelectorAll('tr.best')].map(r => r.dataset.run)")
             winners = runs_of(client, exp.experiment_id, f"tags.`mlflow.parentRunId` = '{parent}' and tags.cell_winner = 'true'")
             assert sorted(highlighted) == sorted(r.info.run_id for r in winners) and len(highlighted) >= 1
+            shot = Path(os.environ.get("RERUN_PAGE_SCREENSHOT", tmp_path / "rerun_page.png"))
+            await page.evaluate(f"document.querySelector('{row}').scrollIntoView()")
+            await page.screenshot(shot)
             fill = f"document.querySelector('{row} input[name=seeds]').value = {json.dumps(seeds)}; "
             fill += f"document.querySelector('{row} input[name=overrides]').value = {json.dumps(overrides)};"
             await page.evaluate(fill)
@@ -389,6 +393,7 @@ def _launch_from_the_browser(sweep, tmp_path, launcher, ablation: str, seeds: st
         status, text = asyncio.run(drive(port))
     server.shutdown()
     assert (tmp_path / "jobs.png").stat().st_size > 10_000
+    assert Path(os.environ.get("RERUN_PAGE_SCREENSHOT", tmp_path / "rerun_page.png")).stat().st_size > 10_000
     variant = " ".join([ablation, *overrides.split()])
     new = runs_of(client, exp.experiment_id, f"tags.rerun_of = '{coreg.info.run_id}' and tags.variant = '{variant}'")
     return status, text, new
