@@ -51,6 +51,8 @@ SWEEP, TRIAL, ANNOTATION = "sweep", "trial", "annotation"
 # Tags of a sweep run
 GRID_SIGNATURE, GRID_FILE, RESUMES = "grid_signature", "grid_file", "resumes"
 TRIALS_FAILED, TRIALS_RUN = "trials_failed", "trials_run"
+MACHINE = "machine"
+"""What the sweep's driver ran on: CPU model and count, GPUs (README tables cite it)."""
 # Tags of a trial run (besides the cell's and :func:`trial_tags`)
 TUNE_TRIAL_ID, CHECKPOINT, RESUMED, RETRIES = "tune_trial_id", "checkpoint", "resumed", "retries"
 RESTARTED = "restarted"

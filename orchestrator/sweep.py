@@ -228,6 +228,21 @@ def log_grid_file(tracker, parent: str, grid_path: Path, tracking_uri: str | Non
         tracker.log_file(parent, copy)
 
 
+def machine() -> str:
+    """``Intel(R) Xeon(R) ... x 2 CPUs, no GPU``: the driver's machine (a local sweep's trials run
+    there too; on a cluster, its head node)."""
+    import platform
+
+    import torch
+
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+        model = names[0] if names else model
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return f"{model} x {os.cpu_count()} CPUs, " + (", ".join(gpus) if gpus else "no GPU")
+
+
 def open_sweep_run(tracker, grid: Grid, grid_path: Path | None, grid_sig: str, resume: bool) -> tuple[str, bool]:
     """Reuse the parent run of an earlier sweep of this grid (so a resumed sweep adds no duplicate
     runs) or start a new one. Returns (run id, resumed)."""
@@ -240,7 +255,7 @@ def open_sweep_run(tracker, grid: Grid, grid_path: Path | None, grid_sig: str, r
             )
         parent = tracker.start_run(
             runs.sweep_run_name(grid.experiment, time.strftime("%Y-%m-%d %H:%M:%S")),
-            runs.sweep_tags(grid_sig, str(grid_path or "")),
+            {**runs.sweep_tags(grid_sig, str(grid_path or "")), runs.MACHINE: machine()},
         )
         # Absolute storage: a rerun launched from another directory (a Ray job) finds the same files.
         resolved = {**grid.model_dump(mode="json"), "storage": str(grid.storage_path)}

@@ -431,3 +431,26 @@ def test_rerun_page_refuses_an_address_without_a_job_api():
 
     with pytest.raises(LauncherError, match="no Ray job API at http://127.0.0.1:9"):
         RayJobLauncher("http://127.0.0.1:9")
+
+
+def test_readme_tables_come_from_the_sweeps_own_results_with_machine_and_date(sweep, tmp_path):
+    import subprocess
+    import sys
+
+    grid, summary, _ = sweep
+    client = MlflowClient(grid.resolved_tracking_uri)
+    parent = client.get_run(summary["parent_run_id"])
+    assert "CPUs" in parent.data.tags["machine"]
+    readme = tmp_path / "README.md"
+    readme.write_text("# Project\n\nbefore\n<!-- results:e2e -->\nstale numbers 99.99\n<!-- /results:e2e -->\nafter\n")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "readme_tables.py"
+    argv = [sys.executable, str(script), str(readme), "e2e", "--tracking-uri", grid.resolved_tracking_uri, "--experiment", "e2e"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    text = readme.read_text()
+    assert "stale numbers" not in text and text.startswith("# Project\n\nbefore\n") and text.endswith("after\n")
+    tables = Path(client.download_artifacts(parent.info.run_id, "tables/results.md", str(tmp_path))).read_text()
+    assert tables.strip().replace("### ", "#### ") in text  # the sweep's own tables, headings one level down
+    assert f"Measured on {parent.data.tags['machine']}, " in text and parent.info.run_id in text
+    missing = subprocess.run([*argv[:3], "nope", *argv[4:]], capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "no block <!-- results:nope -->" in missing.stderr
