@@ -156,6 +156,10 @@ def varying_axes(cells: Iterable[CellSpec]) -> tuple[str, ...]:
     return tuple(a for a in (*CELL_AXES, SPLIT) if len({v[a] for v in values}) > 1)
 
 
+AXIS_SHORT = {"fraction": "frac"}
+"""How a run name writes an axis (the others by their tag name)."""
+
+
 @dataclass(frozen=True)
 class RunNames:
     """Short trial run names that fit MLflow's run list: ``coreg q=0.3 eta=0.1 s0``, the row label
@@ -176,9 +180,6 @@ class RunNames:
         if spec.study in self.numbered and spec.optuna_trial is not None:
             parts.append(f"#{spec.optuna_trial}")
         return " ".join(parts)
-
-
-AXIS_SHORT = {"fraction": "frac"}
 
 
 PERCENT_METRICS = (TEST_ACC, TEST_ACC_SELECTED, "val/covering_rate", "pl/acc")
