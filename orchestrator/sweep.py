@@ -89,6 +89,47 @@ def check_inputs(grid: Grid) -> dict[str, Any]:
     return datasets
 
 
+def checked_grid(path: Path) -> Grid:
+    """The grid file, validated. Refused with every problem at once: when the schema refuses it,
+    the data sets and the storage the file names are checked too, so that a missing data set is
+    not reported only after a parameter error is fixed."""
+    try:
+        return load_grid(path)
+    except GridError as err:
+        extra = _raw_input_problems(path)
+        if not extra:
+            raise
+        raise GridError("\n  ".join([str(err), "and its inputs:", *extra])) from None
+
+
+def _raw_input_problems(path: Path) -> list[str]:
+    """The problems :func:`check_inputs` finds in the data sets and storage of a grid file whose
+    schema was refused (entries the schema refuses are left to its message)."""
+    from orchestrator.config import read_yaml
+    from trainables.data.datasets import load_dataset
+    from trainables.data.spec import DatasetSpec
+
+    try:
+        raw = read_yaml(path)
+    except GridError:
+        return []
+    if not isinstance(raw, dict):
+        return []
+    problems = []
+    if isinstance(raw.get("storage"), str):
+        problems += storage_problems(Path(raw["storage"]).expanduser())
+    for i, entry in enumerate(raw.get("datasets") or []):
+        try:
+            spec = DatasetSpec(**entry)
+        except Exception:  # noqa: BLE001 - the schema's message names it
+            continue
+        try:
+            load_dataset(spec)
+        except (FileNotFoundError, RuntimeError, OSError, ValueError) as err:
+            problems.append(f"datasets[{i}] ({spec.name}): {err}")
+    return problems
+
+
 def _clip_problems(where: str, ann: ClipAnnotatorSpec, datasets: Any) -> list[str]:
     """The CLIP annotator's model config, model name, checkpoint file and class names."""
     problems = []
@@ -452,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     grid_path = args.grid or DEFAULT_GRID
 
     def work() -> dict[str, Any] | None:
-        grid = load_grid(grid_path)
+        grid = checked_grid(grid_path)
         if not args.dry_run:
             return run(grid, grid_path, resume=args.resume)
         studies = expand(grid)

@@ -77,3 +77,12 @@ def test_help_and_a_bad_grid_answer_fast_without_ray_mlflow_or_optuna():
     assert bad.stdout.split() == ["2"], bad.stdout + bad.stderr  # exit code 2, none of the three imported
     assert help_s < 4.0
     assert bad_s < 30.0
+
+
+def test_a_schema_error_and_a_missing_data_set_are_reported_in_one_round(capsys):
+    """The parameter error and the data set that is not there, both in the one refusal."""
+    path = ROOT / "tests" / "fixtures" / "grid_two_rounds_of_errors.yaml"
+    assert main([str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "methods[0].params.nope: unknown parameter of cc" in err
+    assert "datasets[0] (fashion_mnist): fashion_mnist: data set files not found" in err
