@@ -9,6 +9,8 @@ on a worker thread: :func:`run_trials` returns once they are all logged.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import signal
 import sys
@@ -35,6 +37,8 @@ def exit_code(work: Callable[[], dict[str, Any] | None], interrupted: str) -> in
     """Run a driver's command (``work``) the command-line way: SIGTERM stops it like Ctrl-C, and
     the exit code is 2 for a bad grid or argument, 130 when interrupted, 1 when trials failed."""
     stop_on_sigterm()
+    # MLflow's download bars ("Downloading artifacts: 100%|...") for a resolved config or a table.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         out = work() or {}
     except GridError as err:
@@ -63,9 +67,37 @@ def connect_ray(grid: Grid) -> None:
     elif os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=False)
     else:
-        ray.init(num_cpus=grid.ray.num_cpus, include_dashboard=False, log_to_driver=False)
+        # A Ray this process starts and owns: its token-authentication notice ("set RAY_AUTH_MODE
+        # to opt out") and "Started a local Ray instance" say nothing the user can act on.
+        with _quiet_loggers(*RAY_START_LOGGERS):
+            ray.init(num_cpus=grid.ray.num_cpus, include_dashboard=False, log_to_driver=False)
     if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_sigterm)  # ray.init replaces it with an immediate exit
+
+
+RAY_START_LOGGERS = ("ray._private.worker", "ray._private.authentication.authentication_token_setup")
+
+
+@contextlib.contextmanager
+def _quiet_loggers(*names: str, level: int = logging.ERROR):
+    """Only errors from the loggers ``names`` while inside."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(level)
+    try:
+        yield
+    finally:
+        for lg, old in zip(loggers, levels):
+            lg.setLevel(old)
+
+
+def quiet_tune() -> None:
+    """The console shows the project's lines: Tune's boxed configuration (internal class names)
+    and its TensorBoard hint (not installed) come from its new console output, which ``verbose=0``
+    does not turn off (the legacy one does); its "wrote the result files" line is info."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    logging.getLogger("ray.tune.tune").setLevel(logging.WARNING)
 
 
 def annotate_cells(
@@ -96,7 +128,11 @@ def annotate_cells(
         known = {runs.KIND: runs.ANNOTATION, runs.ANNOTATION_KEY: ann.key}
         if tracker is not None and not tracker.find_runs(known, parent=parent, max_results=1):
             tracker.log_annotation(parent, ann, cell.spec())
-        stats = ", ".join(f"{k}={v:.3f}" for k, v in ann.stats.items() if k in ("partial_acc", "mean_set_size", "zs_acc_test"))
+        stats = ", ".join(
+            f"{k}={v:.2f}" if k == "mean_set_size" else f"{k}={100 * v:.2f}%"
+            for k, v in ann.stats.items()
+            if k in ("partial_acc", "mean_set_size", "zs_acc_test")
+        )
         source = "cache" if ann.cached else f"{time.perf_counter() - tic:.1f}s"
         print(f"{prefix} {cell.label(with_seed=cell.annotator.kind == 'synthetic')}: {stats} ({source})", flush=True)
     return annotations
@@ -133,6 +169,7 @@ def run_trials(
     from orchestrator.tracking import ConsoleProgress
     from trainables.loop import train_trial
 
+    quiet_tune()
     resources = grid.resources
     tuner = tune.Tuner(
         tune.with_resources(trainable or train_trial, {"cpu": resources.cpus_per_trial, "gpu": resources.gpus_per_trial}),
@@ -146,7 +183,7 @@ def run_trials(
         run_config=tune.RunConfig(
             name=name,
             storage_path=str(grid.storage_path / "ray_results"),
-            callbacks=[callback, ConsoleProgress(num_samples)],
+            callbacks=[callback, ConsoleProgress(num_samples, label_for=callback.names)],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=grid.max_retries),
             verbose=0,

@@ -22,7 +22,15 @@ label in S), the mean |S| and the realised eta, averaged over seeds.
 Artifacts on the parent run: ``tables/results.md``, ``tables/results.csv`` (one line per row and
 column with the best run id of every seed), ``tables/results.html`` and ``tables/annotations.csv``.
 The chosen runs are tagged ``best_in_cell=true`` (every other trial run of the same row, cell and
-seed ``false``), so MLflow's search box finds them: ``tags.best_in_cell = 'true'``.
+seed ``false``), so MLflow's search box finds them: ``tags.best_in_cell = 'true'``. Every study has
+one: the tag says which hyperparameters won a study, not which method won the cell. That is
+``cell_winner=true``: the chosen runs of the row with the best mean selected test accuracy of the
+column (a reporting tag, like the bold entries; nothing is trained or selected from it).
+
+The parent run also gets the tables as metrics (:func:`orchestrator.runs.summary_metric`: mean and
+std of the selected test accuracy and of the objective, per column and row), so that MLflow's chart
+view and ``search_runs`` work on it, and as an ``mlflow.log_table`` table (``tables/results.json``)
+that ``mlflow.load_table`` reads back.
 """
 
 from __future__ import annotations
@@ -63,7 +71,8 @@ class Entry:
     last: list[float] = field(default_factory=list)
     selected: list[float] = field(default_factory=list)
     objective: list[float] = field(default_factory=list)
-    """The label-free objective of the chosen runs of a data set without labels (no accuracy exists)."""
+    """The label-free objective of each chosen run (empty for the zero-shot rows); a data set
+    without labels (no accuracy exists) has only these."""
     objective_name: str = ""
 
     @staticmethod
@@ -104,12 +113,33 @@ class Tables:
                     "test_acc_std": ls,
                     "selected_acc_mean": sm,
                     "selected_acc_std": ss,
+                    "objective_mean": self._stats_of(e.objective)[0],
+                    "objective_std": self._stats_of(e.objective)[1],
                     "best_in_column": self.is_best(e, "last"),
                     "best_in_column_selected": self.is_best(e, "selected"),
                     "best_runs": ";".join(f"seed{s}:{r}" for s, r in sorted(e.best_runs.items())),
                 }
             )
         return out
+
+    @staticmethod
+    def _stats_of(values: list[float]) -> tuple[float, float]:
+        return Entry._stats(values)
+
+    def summary_metrics(self) -> dict[str, float]:
+        """The parent run's metrics: per column and row of a trained method, mean and std of the
+        selected test accuracy and of the objective (fractions, like the trial runs' metrics)."""
+        out = {}
+        for e in self.entries:
+            if not e.objective:
+                continue
+            stats = (*e.selected_stats, *Entry._stats(e.objective))
+            out.update({runs.summary_metric(e.column, e.row, k): v for k, v in zip(runs.SUMMARY_STATS, stats)})
+        return out
+
+    def winners(self) -> set[str]:
+        """Run ids of the chosen runs of each column's winning row (best mean selected accuracy)."""
+        return {r for e in self.entries if e.objective and self.is_best(e, "selected") for r in e.best_runs.values()}
 
     def _entry(self, row: str, column: str) -> Entry | None:
         return next((e for e in self.entries if e.row == row and e.column == column), None)
@@ -264,6 +294,8 @@ def build(trial_runs: list[Any], annotation_runs: list[Any]) -> tuple[Tables, di
             continue
         entry.last.append(best.data.metrics[runs.TEST_ACC])
         entry.selected.append(best.data.metrics.get(runs.TEST_ACC_SELECTED, best.data.metrics[runs.TEST_ACC]))
+        if objective in best.data.metrics:
+            entry.objective.append(best.data.metrics[objective])
 
     found = list(entries.values()) + _zero_shot_entries(annotation_runs, cells, labels)
     rows_order = sorted({e.row for e in found}, key=lambda r: (r.split(" [")[0], r))
@@ -312,15 +344,26 @@ def _annotation_rows(runs: list[Any]) -> list[dict[str, Any]]:
     return out
 
 
+TABLE_COLUMNS = ("row", "column", "seeds", "selected_acc_mean", "selected_acc_std", "test_acc_mean", "test_acc_std",
+                 "objective_mean", "objective_std", "best_in_column_selected", "best_runs")
+"""The columns of the parent run's ``tables/results.json`` (``mlflow.log_table``)."""
+
+
 def publish(tracker, parent: str, title: str | None = None) -> Tables:
-    """Build the tables of the sweep ``parent``, tag the best runs and log the artifacts."""
+    """Build the tables of the sweep ``parent``, tag the best runs and the cell winners, log the
+    tables as artifacts, tables and summary metrics of the parent run."""
     trial_runs = tracker.children(parent, runs.TRIAL)
     tables, flags = build(trial_runs, tracker.children(parent, runs.ANNOTATION))
-    current = {r.info.run_id: r.data.tags.get(runs.BEST_IN_CELL) for r in trial_runs}
-    for run_id, is_best in flags.items():
-        value = "true" if is_best else "false"
-        if current.get(run_id) != value:
-            tracker.set_tags(run_id, {runs.BEST_IN_CELL: value})
+    winners = tables.winners()
+    for run in trial_runs:
+        if run.info.run_id not in flags:
+            continue  # unfinished or failed: in no table
+        wanted = {runs.BEST_IN_CELL: flags[run.info.run_id], runs.CELL_WINNER: run.info.run_id in winners}
+        changed = {k: str(v).lower() for k, v in wanted.items() if run.data.tags.get(k) != str(v).lower()}
+        if changed:
+            tracker.set_tags(run.info.run_id, changed)
+    tracker.log_metrics(parent, tables.summary_metrics(), step=0)
+    tracker.log_table(parent, {k: [row[k] for row in tables.rows] for k in TABLE_COLUMNS}, runs.RESULTS_TABLE)
     title = title or f"Results of {tracker.client.get_run(parent).info.run_name}"
     tracker.log_text(parent, tables.markdown(), runs.RESULTS_MD)
     tracker.log_text(parent, tables.csv(), runs.RESULTS_CSV)

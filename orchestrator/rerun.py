@@ -33,7 +33,7 @@ import yaml
 from orchestrator import runs
 from orchestrator.config import GridError, GridLoader, check_method_settings, parse_grid
 from orchestrator.launch import annotate_cells, connect_ray, exit_code, run_trials
-from orchestrator.plan import Cell
+from orchestrator.plan import Cell, expand_cells
 from trainables.spec import TrialSpec
 
 
@@ -170,8 +170,10 @@ def _run(specs: list[TrialSpec], grid, tracking_uri: str, parent: str) -> dict[s
 
     connect_ray(grid)
     specs = _with_annotations(specs)
-    tracker = Tracker(tracking_uri, grid.experiment)
-    callback = MlflowTrialCallback(tracker, parent)
+    tracker = Tracker(tracking_uri, grid.experiment, entry_point="orchestrator.rerun")
+    # Named like the sweep's runs, the variant after the label: ``coreg [no_prototypes] q=0.3 s1``.
+    names = runs.RunNames(runs.varying_axes(c.spec() for c in expand_cells(grid)))
+    callback = MlflowTrialCallback(tracker, parent, names)
     try:
         results = run_trials(
             grid, name=f"{grid.experiment}-rerun-{specs[0].rerun_of[:8]}", searcher=ListSearcher(specs),

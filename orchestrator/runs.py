@@ -9,21 +9,39 @@ Layout of a sweep (experiment = grid ``experiment``):
   its statistics as ``annotation/<stat>`` metrics;
 - a nested run per Tune trial (``kind=trial``) tagged with its cell, method, row label, signature,
   study and objective (reruns also ``rerun_of`` and ``variant``), its metrics under
-  :data:`REPORTED_PREFIXES` (step = epoch) and ``resolved_config.json``.
+  :data:`REPORTED_PREFIXES` (step = epoch) and ``resolved_config.json``, named short by
+  :class:`RunNames` (``coreg q=0.3 eta=0.1 s0``: only the cell axes that vary in the sweep);
+- once the tables are built, the parent run's summary metrics (:func:`summary_metric`, one per
+  column x row x statistic) and two tags on the trial runs: ``best_in_cell`` (the run a study's
+  label-free objective chose, one per row, cell and seed) and ``cell_winner`` (the chosen runs of
+  the row with the best mean selected test accuracy of its column);
+- every run carries MLflow's system tags (:func:`system_tags`: user, entry point, git commit of the
+  project), and the experiment a saved run-list view (:func:`run_list_view`) whose columns are
+  the results.
 """
 
 from __future__ import annotations
 
+import getpass
+import os
+import re
+import subprocess
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 from urllib.parse import urlsplit, urlunsplit
-
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 if TYPE_CHECKING:  # the rerun page imports this module without torch
     from trainables.spec import CellSpec, TrialSpec
 
-PARENT_TAG = MLFLOW_PARENT_RUN_ID
-RUN_NAME_TAG = MLFLOW_RUN_NAME
+# MLflow's own tags (``mlflow.utils.mlflow_tags``), spelled out: importing mlflow takes seconds,
+# and the grid is validated through this module before anything is logged.
+PARENT_TAG = MLFLOW_PARENT_RUN_ID = "mlflow.parentRunId"
+RUN_NAME_TAG = MLFLOW_RUN_NAME = "mlflow.runName"
+MLFLOW_USER, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE = "mlflow.user", "mlflow.source.name", "mlflow.source.type"
+MLFLOW_GIT_COMMIT, MLFLOW_GIT_DIRTY = "mlflow.source.git.commit", "mlflow.source.git.dirty"
+MLFLOW_PROJECT_ENTRY_POINT = "mlflow.project.entryPoint"
 NOTE_TAG = "mlflow.note.content"
 """The run's description in the MLflow UI (the rerun commands)."""
 
@@ -33,12 +51,20 @@ SWEEP, TRIAL, ANNOTATION = "sweep", "trial", "annotation"
 # Tags of a sweep run
 GRID_SIGNATURE, GRID_FILE, RESUMES = "grid_signature", "grid_file", "resumes"
 TRIALS_FAILED, TRIALS_RUN = "trials_failed", "trials_run"
+MACHINE = "machine"
+"""What the sweep's driver ran on: CPU model and count, GPUs (README tables cite it)."""
 # Tags of a trial run (besides the cell's and :func:`trial_tags`)
 TUNE_TRIAL_ID, CHECKPOINT, RESUMED, RETRIES = "tune_trial_id", "checkpoint", "resumed", "retries"
 RESTARTED = "restarted"
 """Why a resumed trial started again from its first epoch (its checkpoint was gone)."""
 ERROR, LAST_ERROR, ARTIFACTS_ERROR = "error", "last_error", "artifacts_error"
-FINAL_TEST_ACC, BEST_IN_CELL = "final_test_acc", "best_in_cell"
+FINAL_TEST_ACC = "final_test_acc"
+BEST_IN_CELL = "best_in_cell"
+"""``true`` on the run the study's label-free objective chose among the trials of one row, cell and
+seed (every study has one: it says which hyperparameters won, not which method)."""
+CELL_WINNER = "cell_winner"
+"""``true`` on the chosen runs of the row with the best mean selected test accuracy of their
+column (the method that wins the cell; reporting only, never a training decision)."""
 COLLAPSE = "collapse"
 """Label-free collapse found at the last epoch: ``none``, ``predictions``, ``embedding`` (``trainables/common/diagnostics.py``)."""
 METHOD, LABEL, VARIANT, RERUN_OF = "method", "label", "variant", "rerun_of"
@@ -63,6 +89,8 @@ ZS_ACC, ZS_ACC_AVG = "annotation/zs_acc_test", "annotation/zs_acc_avg_test"
 RESOLVED_CONFIG, GRID_RESOLVED, ANNOTATION_RECORD = "resolved_config.json", "grid_resolved.json", "annotation.json"
 RESULTS_MD, RESULTS_CSV, RESULTS_HTML = "tables/results.md", "tables/results.csv", "tables/results.html"
 ANNOTATIONS_CSV = "tables/annotations.csv"
+RESULTS_TABLE = "tables/results.json"
+"""The results as an MLflow table (``mlflow.log_table``; ``mlflow.load_table`` reads it back)."""
 # Params of an annotation run (flattened annotator spec)
 ANNOTATOR_KIND_PARAM = "annotator.kind"
 
@@ -122,8 +150,45 @@ def trial_tags(spec: TrialSpec) -> dict[str, str]:
     return tags
 
 
-def trial_run_name(spec: TrialSpec, tune_trial_id: str) -> str:
-    return f"{spec.method} {cell_label(spec.cell, every_axis=True)} #{tune_trial_id.rsplit('_', 1)[-1]}"
+def varying_axes(cells: Iterable[CellSpec]) -> tuple[str, ...]:
+    """The cell axes (and the predefined split) whose values differ across ``cells``."""
+    values = [cell_tags(c) for c in cells]
+    return tuple(a for a in (*CELL_AXES, SPLIT) if len({v[a] for v in values}) > 1)
+
+
+AXIS_SHORT = {"fraction": "frac"}
+"""How a run name writes an axis (the others by their tag name)."""
+
+
+@dataclass(frozen=True)
+class RunNames:
+    """Short trial run names that fit MLflow's run list: ``coreg q=0.3 eta=0.1 s0``, the row label
+    (a rerun's with its variant: ``coreg [no_prototypes] s1``), the cell axes that vary in the sweep,
+    the seed, and ``#n`` (the Optuna trial) for a study that samples several trials. The full cell
+    is in the ``cell`` tag and the run's description."""
+
+    varying: tuple[str, ...] = ()
+    numbered: frozenset[str] = frozenset()
+    """Studies with more than one trial."""
+
+    def __call__(self, spec: TrialSpec) -> str:
+        tags = cell_tags(spec.cell)
+        parts = [f"{spec.label} [{spec.variant}]" if spec.variant else spec.label]
+        for axis in self.varying:
+            parts.append(tags[axis] if axis in ("dataset", "annotator") else f"{AXIS_SHORT.get(axis, axis)}={tags[axis]}")
+        parts.append(f"s{spec.seed}")
+        if spec.study in self.numbered and spec.optuna_trial is not None:
+            parts.append(f"#{spec.optuna_trial}")
+        return " ".join(parts)
+
+
+PERCENT_METRICS = (TEST_ACC, TEST_ACC_SELECTED, "val/covering_rate", "pl/acc")
+"""Fractions shown in % on the console, as in the tables."""
+
+
+def shown(key: str, value: float) -> str:
+    """A metric as the console shows it: ``91.25%`` for an accuracy, else 4 decimals."""
+    return f"{100 * value:.2f}%" if key in PERCENT_METRICS or key.startswith("test/acc") else f"{value:.4f}"
 
 
 def progress_label(spec: TrialSpec) -> str:
@@ -155,9 +220,101 @@ def annotation_tags(cell: CellSpec, annotation_key: str, cached: bool) -> dict[s
     return {KIND: ANNOTATION, ANNOTATION_KEY: annotation_key, CACHED: str(cached), **tags}
 
 
+def annotation_input_name(cell: CellSpec) -> str:
+    """The name of a trial's annotation as an ``mlflow.data`` input: ``digits flip q=0.3 eta=0.1``
+    (a synthetic annotator's candidate sets depend on the seed too: ``... seed=0``)."""
+    return cell_label(cell, with_seed=cell.annotator_kind == "synthetic")
+
+
 def annotation_run_name(tags: Mapping[str, str]) -> str:
     name = f"annotation {tags['dataset']} {tags['annotator']}"
     return name + "".join(f" {axis}={tags[axis]}" for axis in ("q", "eta", SEED) if tags.get(axis))
+
+
+# System tags ---------------------------------------------------------------------------------
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _git(*args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", "-C", str(PROJECT_ROOT), *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def system_tags(entry_point: str) -> dict[str, str]:
+    """MLflow's system tags for a run the driver creates (the client API sets none): the user, the
+    entry point as the run's source (the run list's Source column), and the project's git commit
+    (its Version column) with ``mlflow.source.git.dirty`` when tracked files differ from it. Outside
+    a git checkout (an installed package) there is no commit tag."""
+    tags = {
+        MLFLOW_USER: os.environ.get("USER") or getpass.getuser(),
+        MLFLOW_SOURCE_NAME: entry_point,
+        MLFLOW_SOURCE_TYPE: "LOCAL",
+        MLFLOW_PROJECT_ENTRY_POINT: f"python -m {entry_point}",
+    }
+    commit = _git("rev-parse", "HEAD")
+    if commit:
+        tags[MLFLOW_GIT_COMMIT] = commit.strip()
+        tags[MLFLOW_GIT_DIRTY] = str(bool((_git("status", "--porcelain", "--untracked-files=no") or "").strip())).lower()
+    return tags
+
+
+# Summary metrics of the parent run and the saved run-list view --------------------------------
+
+SUMMARY_STATS = ("acc_selected_mean", "acc_selected_std", "objective_mean", "objective_std")
+"""Per column and row: the selected test accuracy and the label-free objective of the chosen runs,
+mean and std over seeds."""
+
+
+def metric_key(text: str) -> str:
+    """``text`` as a piece of an MLflow metric name (which allows letters, digits, ``_ - . / ``
+    and spaces): ``q=0.3 eta=0.1`` -> ``q_0.3 eta_0.1``, ``coreg [no_prototypes]`` -> ``coreg no_prototypes``."""
+    text = text.replace("[", "").replace("]", "")
+    return re.sub(r"[^\w\-. ]+", "_", text).strip("_ .") or "_"
+
+
+def summary_metric(column: str, row: str, stat: str) -> str:
+    """``q_0.3 eta_0.1/coreg/acc_selected_mean``: grouped by column, so the parent run's chart view
+    has one section per cell with its methods side by side."""
+    return f"{metric_key(column)}/{metric_key(row)}/{stat}"
+
+
+VIEW_STATE_TAG = "mlflow.sharedViewState.results"
+"""Experiment tag holding the run-list view opened by :func:`run_list_url` (MLflow's shared view
+state: search filter, order and columns as JSON)."""
+
+
+def run_list_view(objective_keys: Iterable[str]) -> dict[str, Any]:
+    """The trial runs, best selected accuracy first, with the columns a researcher compares:
+    selected and last test accuracy, the objectives, the winner tags, seed, collapse, variant
+    (few enough to fit a screen; the run name says the method and the varying cell axes)."""
+    metrics = [TEST_ACC_SELECTED, TEST_ACC, *sorted(set(objective_keys))]
+    tags = [CELL_WINNER, BEST_IN_CELL, SEED, COLLAPSE, VARIANT]  # method and cell are in the run name
+    return {
+        "searchFilter": f"tags.{KIND} = '{TRIAL}'",
+        "orderByKey": f"metrics.`{TEST_ACC_SELECTED}`",
+        "orderByAsc": False,
+        "selectedColumns": [f"metrics.`{m}`" for m in metrics] + [f"tags.`{t}`" for t in tags],
+    }
+
+
+def ui_address(tracking_uri: str) -> str:
+    """Where the MLflow UI of ``tracking_uri`` is: the tracking server itself, else what ``mlflow ui``
+    serves on by default."""
+    return redact(tracking_uri) if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+
+
+def run_list_url(ui: str, experiment_id: str) -> str:
+    """The MLflow UI page of the experiment's run list in the view of :func:`run_list_view`."""
+    key = VIEW_STATE_TAG.rsplit(".", 1)[1]
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={key}"
+
+
+def run_url(ui: str, experiment_id: str, run_id: str) -> str:
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def redact(uri: str) -> str:

@@ -230,6 +230,19 @@ class ListSearcher(Searcher):
     def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
         pass
 
+    def save(self, checkpoint_path: str) -> None:
+        """The trials not handed out yet (Tune checkpoints its searcher with the experiment)."""
+        import json
+
+        with open(checkpoint_path, "w") as f:
+            json.dump(self.todo, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        import json
+
+        with open(checkpoint_path) as f:
+            self.todo = json.load(f)
+
 
 class PerStudyScheduler(FIFOScheduler):
     """FIFO for every trial, plus ASHA within each study that enables it (keyed by the trial's study)."""

@@ -20,11 +20,17 @@ Details:
    shape, dtype); the signature pins the input tensor's shape and dtype (``(-1, C, H, W)`` uint8
    images or ``(-1, D)`` float32 features). Called unwrapped (``unwrap_python_model().predict``),
    grey images may also come as ``(N, H, W)``.
-3. It is written with ``mlflow.pyfunc.save_model`` and logged as run artifacts ``student/``: MLflow
-   3's ``log_model`` would put it under a separate LoggedModel location instead of the trial run and
-   needs the process-global fluent tracking URI, while the driver logs through explicit clients.
-4. The whole algorithm state is shipped (optimisers and per-sample state included), because
-   ``load_state_dict`` is the one generic way to restore any registered method.
+3. It is written with ``mlflow.pyfunc.save_model`` and logged twice through the driver's client
+   (MLflow 3's ``log_model`` needs the process-global fluent tracking URI): as run artifacts
+   ``student/`` (``runs:/<run_id>/student``, what ``mlflow models serve`` takes) and as an MLflow
+   LoggedModel named ``<method>-student`` whose source run is the trial (the run list's Models column; it
+   registers with ``mlflow.register_model(f"models:/{model_id}", name)``). Its size is the trial
+   run's ``student_kb`` tag.
+4. Only what inference needs is shipped (:func:`inference_state`): the state dicts of the
+   networks the algorithm's ``predict`` runs, found by running it once on an example with forward
+   hooks; optimisers, schedulers, MoCo queues, key networks, prototypes and per-sample state stay
+   in the checkpoint. The student rebuilds the algorithm and loads those networks
+   (:func:`load_inference_state`), the same for every registered method.
 5. Every registered method trains a network; the annotator's own zero-shot accuracy is a
    statistic of the annotation run (:mod:`orchestrator.report`), not a model.
 """
@@ -82,8 +88,8 @@ class StudentModel(PythonModel):
             num_samples=info["num_samples"],
             device=self.device,
         )
-        state = torch.load(context.artifacts["algorithm"], map_location=self.device, weights_only=True)
-        self.algo.load_state_dict(state)
+        state = torch.load(context.artifacts["networks"], map_location=self.device, weights_only=True)
+        load_inference_state(self.algo, state)
         generator = torch.Generator().manual_seed(0)  # unused by the plain view
         self.view = make_views(pre["kind"], mean=pre["mean"], std=pre["std"], hflip=False, generator=generator).plain
 
@@ -116,6 +122,53 @@ def has_parameters(algo: Any) -> bool:
                 yield from modules(value, depth - 1)
 
     return any(p.requires_grad for m in modules(algo, 2) for p in m.parameters())
+
+
+def _modules(obj: Any, path: str = "", depth: int = 2) -> Iterator[tuple[str, nn.Module]]:
+    """(attribute path, network) of every ``nn.Module`` the algorithm holds, directly or in a member
+    object / list (``net``, ``nets.0``, ``pico.encoder_k``)."""
+    if isinstance(obj, nn.Module):
+        yield path, obj
+    elif isinstance(obj, (list, tuple)):
+        for i, item in enumerate(obj):
+            yield from _modules(item, f"{path}.{i}" if path else str(i), depth)
+    elif depth > 0 and hasattr(obj, "__dict__") and not isinstance(obj, type):
+        for name, value in vars(obj).items():
+            yield from _modules(value, f"{path}.{name}" if path else name, depth - 1)
+
+
+def _resolve(obj: Any, path: str) -> nn.Module:
+    for part in path.split("."):
+        obj = obj[int(part)] if isinstance(obj, (list, tuple)) else getattr(obj, part)
+    return obj
+
+
+@torch.no_grad()
+def inference_state(algo: Any, example: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+    """The state dicts of the networks ``algo.predict`` runs on ``example`` (preprocessed
+    samples), by attribute path: what the student needs, without the training-only state."""
+    used: set[str] = set()
+    found = {}
+    for path, module in _modules(algo):
+        if all(module is not other for other in found.values()):  # an alias (a key net shared) counts once
+            found[path] = module
+    hooks = [
+        sub.register_forward_hook(lambda *_, path=path: used.add(path))
+        for path, module in found.items()
+        for sub in module.modules()
+    ]
+    try:
+        algo.predict(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {path: {k: v.detach().cpu().clone() for k, v in found[path].state_dict().items()} for path in sorted(used)}
+
+
+def load_inference_state(algo: Any, state: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Load :func:`inference_state` into a freshly built algorithm (its other state stays initial)."""
+    for path, module_state in state.items():
+        _resolve(algo, path).load_state_dict(module_state)
 
 
 def model_info(spec: TrialSpec, dataset: Any, num_samples: int) -> dict[str, Any]:
@@ -152,13 +205,14 @@ def requirements() -> list[str]:
 
 
 def save_student(
-    path: Path, algorithm_state: dict[str, Any], info: dict[str, Any], example: np.ndarray | None = None
+    path: Path, networks: dict[str, dict[str, torch.Tensor]], info: dict[str, Any], example: np.ndarray | None = None
 ) -> None:
     """Write the student as an MLflow model directory at ``path`` (which must not exist yet).
-    ``example``: a few raw samples, saved as the model's input example (and serving example)."""
+    ``networks``: :func:`inference_state`. ``example``: a few raw samples, saved as the model's
+    input example (and serving example)."""
     with tempfile.TemporaryDirectory() as tmp:
-        state_file = Path(tmp) / "algorithm.pt"
-        torch.save(algorithm_state, state_file)
+        state_file = Path(tmp) / "networks.pt"
+        torch.save(networks, state_file)
         trial = TrialSpec.from_config(info["config"])
         metadata = {  # copies: shared objects would become YAML aliases in the MLmodel file
             "class_names": list(info["class_names"]),
@@ -172,7 +226,7 @@ def save_student(
             mlflow.pyfunc.save_model(
                 str(path),
                 python_model=__file__,  # "models from code": this file is the model's code, see the end of it
-                artifacts={"algorithm": str(state_file)},
+                artifacts={"networks": str(state_file)},
                 model_config=info,
                 code_paths=[str(TRAINABLES_DIR)],
                 signature=signature(info),
@@ -203,16 +257,47 @@ def load_trained(checkpoint_dir: Path, dataset: Any) -> tuple[Any, dict[str, Any
 
 
 def log_student(client: Any, run_id: str, checkpoint_dir: Path, dataset: Any) -> bool:
-    """Log the checkpoint's model as ``student/`` of ``run_id``. Every registered method trains a
+    """Log the checkpoint's model as ``student/`` of ``run_id`` and as a LoggedModel
+    ``<method>-student`` of the run, with its size as the run's ``student_kb`` tag. Every registered method trains a
     network: one without trainable parameters is refused (ValueError)."""
-    algo, algorithm_state, info = load_trained(checkpoint_dir, dataset)
+    from trainables.common.augment import make_views
+
+    algo, _, info = load_trained(checkpoint_dir, dataset)
     if not has_parameters(algo):
         raise ValueError(f"{info['config']['method']} has no trainable parameters: nothing to deploy")
+    pre = info["preprocessing"]
+    view = make_views(pre["kind"], mean=pre["mean"], std=pre["std"], hflip=False, generator=torch.Generator()).plain
+    example = dataset.test_x[:2] if len(dataset.test_x) else dataset.train_x[:2]  # unlabeled images: no test set
+    networks = inference_state(algo, view(torch.as_tensor(example)))
     with tempfile.TemporaryDirectory() as tmp:
-        example = dataset.test_x[:2] if len(dataset.test_x) else dataset.train_x[:2]  # unlabeled images: no test set
-        save_student(Path(tmp) / STUDENT_PATH, algorithm_state, info, example=example)
-        client.log_artifacts(run_id, str(Path(tmp) / STUDENT_PATH), STUDENT_PATH)
+        local = Path(tmp) / STUDENT_PATH
+        save_student(local, networks, info, example=example)
+        client.log_artifacts(run_id, str(local), STUDENT_PATH)
+        _log_model(client, run_id, local, info)
+        size = sum(f.stat().st_size for f in local.rglob("*") if f.is_file())
+    client.set_tag(run_id, STUDENT_SIZE_TAG, f"{size / 1024:.0f}")
     return True
+
+
+STUDENT_SIZE_TAG = "student_kb"
+"""The student model directory's size in KiB (its networks, code and environment files)."""
+
+
+def _log_model(client: Any, run_id: str, local: Path, info: dict[str, Any]) -> str:
+    """``local`` as a LoggedModel ``<method>-student`` whose source and output run is ``run_id``."""
+    from mlflow.entities import LoggedModelOutput
+
+    trial = TrialSpec.from_config(info["config"])
+    experiment_id = client.get_run(run_id).info.experiment_id
+    tags = {"method": trial.method, "signature": trial.signature}
+    # Not named like the run's ``student/`` folder: MLflow would list a run artifact path that
+    # starts with a logged model's name through that model (and the process-global tracking URI).
+    name = f"{trial.method}-student"
+    model = client.create_logged_model(experiment_id, name=name, source_run_id=run_id, tags=tags, model_type="pyfunc")
+    client.log_model_artifacts(model.model_id, str(local))
+    client.finalize_logged_model(model.model_id, "READY")
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
+    return model.model_id
 
 
 @functools.lru_cache(maxsize=2)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import socket
 import sys
@@ -23,13 +24,32 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
-from orchestrator import runs
-from orchestrator.config import ClipAnnotatorSpec, Grid, GridError, VlmAnnotatorSpec, load_grid
-from orchestrator.launch import annotate_cells, connect_ray, exit_code, run_trials
-from orchestrator.plan import Study, dataset_specs, expand, method_training
-from trainables.data.spec import signature
-from trainables.loop import CHECKPOINT_FILE
-from trainables.spec import TrialSpec
+
+def arguments() -> argparse.ArgumentParser:
+    """The command line. Built before the imports below (torch, scikit-learn, MLflow: seconds), so
+    that ``--help`` and a mistyped option answer at once."""
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.sweep", description=__doc__.splitlines()[0])
+    parser.add_argument("grid", nargs="?", type=Path, help="grid file (default: the embedded default grid)")
+    parser.add_argument("--dry-run", action="store_true", help="validate the grid and print the plan, run nothing")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the earlier sweep of this grid (refused if there is none); running the same command "
+        "again without it resumes too, or starts the sweep if it never ran",
+    )
+    return parser
+
+
+if __name__ == "__main__":
+    arguments().parse_args()  # --help, or an unknown option: answered and exited here
+
+from orchestrator import runs  # noqa: E402
+from orchestrator.config import ClipAnnotatorSpec, Grid, GridError, VlmAnnotatorSpec, load_grid  # noqa: E402
+from orchestrator.launch import annotate_cells, connect_ray, exit_code, run_trials  # noqa: E402
+from orchestrator.plan import Study, dataset_specs, expand, method_training  # noqa: E402
+from trainables.data.spec import signature  # noqa: E402
+from trainables.loop import CHECKPOINT_FILE  # noqa: E402
+from trainables.spec import TrialSpec  # noqa: E402
 
 DEFAULT_GRID = Path(__file__).with_name("default_grid.yaml")
 
@@ -83,6 +103,47 @@ def model_annotators(grid: Grid) -> list[tuple[str, Any]]:
         if getattr(ann, "confidences", None) is not None:
             out.append((f"annotators[{i}].confidences", ann.confidences))
     return [(where, ann) for where, ann in out if isinstance(ann, (ClipAnnotatorSpec, VlmAnnotatorSpec))]
+
+
+def checked_grid(path: Path) -> Grid:
+    """The grid file, validated. Refused with every problem at once: when the schema refuses it,
+    the data sets and the storage the file names are checked too, so that a missing data set is
+    not reported only after a parameter error is fixed."""
+    try:
+        return load_grid(path)
+    except GridError as err:
+        extra = _raw_input_problems(path)
+        if not extra:
+            raise
+        raise GridError("\n  ".join([str(err), "and its inputs:", *extra])) from None
+
+
+def _raw_input_problems(path: Path) -> list[str]:
+    """The problems :func:`check_inputs` finds in the data sets and storage of a grid file whose
+    schema was refused (entries the schema refuses are left to its message)."""
+    from orchestrator.config import read_yaml
+    from trainables.data.datasets import load_dataset
+    from trainables.data.spec import DatasetSpec
+
+    try:
+        raw = read_yaml(path)
+    except GridError:
+        return []
+    if not isinstance(raw, dict):
+        return []
+    problems = []
+    if isinstance(raw.get("storage"), str):
+        problems += storage_problems(Path(raw["storage"]).expanduser())
+    for i, entry in enumerate(raw.get("datasets") or []):
+        try:
+            spec = DatasetSpec(**entry)
+        except Exception:  # noqa: BLE001 - the schema's message names it
+            continue
+        try:
+            load_dataset(spec)
+        except (FileNotFoundError, RuntimeError, OSError, ValueError) as err:
+            problems.append(f"datasets[{i}] ({spec.name}): {err}")
+    return problems
 
 
 def _clip_problems(where: str, ann: ClipAnnotatorSpec, datasets: Any) -> list[str]:
@@ -248,6 +309,21 @@ def log_grid_file(tracker, parent: str, grid_path: Path, tracking_uri: str | Non
         tracker.log_file(parent, copy)
 
 
+def machine() -> str:
+    """``Intel(R) Xeon(R) ... x 2 CPUs, no GPU``: the driver's machine (a local sweep's trials run
+    there too; on a cluster, its head node)."""
+    import platform
+
+    import torch
+
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+        model = names[0] if names else model
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return f"{model} x {os.cpu_count()} CPUs, " + (", ".join(gpus) if gpus else "no GPU")
+
+
 def open_sweep_run(tracker, grid: Grid, grid_path: Path | None, grid_sig: str, resume: bool) -> tuple[str, bool]:
     """Reuse the parent run of an earlier sweep of this grid (so a resumed sweep adds no duplicate
     runs) or start a new one. Returns (run id, resumed)."""
@@ -260,7 +336,7 @@ def open_sweep_run(tracker, grid: Grid, grid_path: Path | None, grid_sig: str, r
             )
         parent = tracker.start_run(
             runs.sweep_run_name(grid.experiment, time.strftime("%Y-%m-%d %H:%M:%S")),
-            runs.sweep_tags(grid_sig, str(grid_path or "")),
+            {**runs.sweep_tags(grid_sig, str(grid_path or "")), runs.MACHINE: machine()},
         )
         # Absolute storage: a rerun launched from another directory (a Ray job) finds the same files.
         resolved = {**grid.model_dump(mode="json"), "storage": str(grid.storage_path)}
@@ -341,6 +417,8 @@ class Sweep:
         self.grid_sig = signature(grid.model_dump())
         self.tracker = Tracker(grid.resolved_tracking_uri, grid.experiment, artifact_location=grid.artifact_location)
         self.parent, self.resumed = open_sweep_run(self.tracker, grid, grid_path, self.grid_sig, resume)
+        view = runs.run_list_view(s.objective for s in self.studies)
+        self.tracker.client.set_experiment_tag(self.tracker.experiment_id, runs.VIEW_STATE_TAG, json.dumps(view))
         self.optuna_storage = f"sqlite:///{grid.storage_path / 'optuna.db'}"
         self.cache_dir = grid.storage_path / "annotations"
         self.annotations: dict[tuple, Any] = {}
@@ -375,7 +453,7 @@ class Sweep:
         to_resume = searcher.resumable()
         to_ask = max(searcher.remaining() - to_resume, 0)  # the budget counts interrupted trials too
         self._announce(to_resume, to_ask)
-        callback = MlflowTrialCallback(self.tracker, self.parent)
+        callback = MlflowTrialCallback(self.tracker, self.parent, self.run_names())
         try:
             cells = [s.cell for s in self.studies]
             self.annotations.update(annotate_cells(cells, self.datasets, self.cache_dir, self.tracker, self.parent))
@@ -393,6 +471,11 @@ class Sweep:
         finally:
             searcher.abandon_live()
             self._close(callback)
+
+    def run_names(self) -> runs.RunNames:
+        """Trial runs named by the cell axes that vary in this sweep (``coreg q=0.3 eta=0.1 s0``)."""
+        several = frozenset(s.study_id for s in self.studies if s.method.search.num_samples > 1)
+        return runs.RunNames(runs.varying_axes(s.cell.spec() for s in self.studies), several)
 
     def _announce(self, to_resume: int, to_ask: int) -> None:
         grid, studies = self.grid, self.studies
@@ -438,26 +521,18 @@ class Sweep:
             f"\nresults: MLflow experiment {self.grid.experiment!r} (parent run {self.parent}, status {self.status}"
             + (f", {closed} unfinished trial runs marked KILLED; run the same command again to resume them" if closed else "")
             + f")\n  mlflow ui --backend-store-uri {runs.redact(self.grid.resolved_tracking_uri)}\n"
+            f"  run list: {runs.run_list_url(runs.ui_address(self.grid.resolved_tracking_uri), self.tracker.experiment_id)}\n"
             f"  optuna-dashboard {self.optuna_storage}\n  ray results: {self.grid.storage_path / 'ray_results'}",
             flush=True,
         )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m orchestrator.sweep", description=__doc__.splitlines()[0])
-    parser.add_argument("grid", nargs="?", type=Path, help="grid file (default: the embedded default grid)")
-    parser.add_argument("--dry-run", action="store_true", help="validate the grid and print the plan, run nothing")
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the earlier sweep of this grid (refused if there is none); running the same command "
-        "again without it resumes too, or starts the sweep if it never ran",
-    )
-    args = parser.parse_args(argv)
+    args = arguments().parse_args(argv)
     grid_path = args.grid or DEFAULT_GRID
 
     def work() -> dict[str, Any] | None:
-        grid = load_grid(grid_path)
+        grid = checked_grid(grid_path)
         if not args.dry_run:
             return run(grid, grid_path, resume=args.resume)
         studies = expand(grid)

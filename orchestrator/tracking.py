@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import queue
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
 from ray.tune import Callback
 
 from orchestrator import runs
@@ -53,17 +55,21 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
 class Tracker:
     """Thin wrapper over :class:`MlflowClient` with this project's run layout."""
 
-    def __init__(self, tracking_uri: str, experiment: str, artifact_location: str | None = None):
+    def __init__(
+        self, tracking_uri: str, experiment: str, artifact_location: str | None = None, entry_point: str = "orchestrator.sweep"
+    ):
         self.uri = tracking_uri
-        self.client = MlflowClient(tracking_uri)
-        found = self.client.get_experiment_by_name(experiment)
+        with _quiet("mlflow.store.db.utils", "alembic"):  # "Creating initial MLflow database tables..."
+            self.client = MlflowClient(tracking_uri)
+            found = self.client.get_experiment_by_name(experiment)
+        self.system_tags = runs.system_tags(entry_point)
         if found is None:
             self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_location)
         else:
             self.experiment_id = found.experiment_id
 
     def start_run(self, name: str, tags: dict[str, str], parent: str | None = None) -> str:
-        tags = {runs.RUN_NAME_TAG: name, **tags}
+        tags = {**self.system_tags, runs.RUN_NAME_TAG: name, **tags}
         if parent is not None:
             tags[runs.PARENT_TAG] = parent
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=name)
@@ -96,6 +102,21 @@ class Tracker:
     def log_text(self, run_id: str, text: str, name: str) -> None:
         self.client.log_text(run_id, text, name)
 
+    def log_table(self, run_id: str, columns: dict[str, list[Any]], artifact_file: str) -> None:
+        """A table in the format of ``MlflowClient.log_table`` (JSON ``split`` orientation, listed
+        in the run's ``mlflow.loggedArtifacts`` tag, read back by ``mlflow.load_table``), replaced
+        when logged again: ``log_table`` would append the rows to the earlier ones."""
+        import pandas as pd
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(artifact_file).name
+            pd.DataFrame(columns).to_json(path, orient="split", index=False)
+            self.client.log_artifact(run_id, str(path), str(Path(artifact_file).parent))
+        listed = json.loads(self.client.get_run(run_id).data.tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
+        entry = {"path": artifact_file, "type": "table"}
+        if entry not in listed:
+            self.set_tags(run_id, {MLFLOW_LOGGED_ARTIFACTS: json.dumps([*listed, entry])})
+
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)
 
@@ -127,6 +148,20 @@ class Tracker:
 
     # Project-specific runs ---------------------------------------------------------------------
 
+    def log_annotation_input(self, run_id: str, spec: TrialSpec) -> None:
+        """The trial's annotation as an ``mlflow.data`` training input of its run (the run list's
+        Dataset column): named by its cell, its digest the annotation cache key, its source the
+        cache entry."""
+        from mlflow.data.dataset_source_registry import get_registered_sources
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        local = next(s for s in get_registered_sources() if s._get_source_type() == "local")  # a file path
+        source = local(str(Path(spec.cache_dir) / spec.annotation_key))
+        dataset = MetaDataset(source, name=runs.annotation_input_name(spec.cell), digest=spec.annotation_key[:36])
+        context = InputTag("mlflow.data.context", "train")
+        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[context])])
+
     def log_annotation(self, parent: str, annotation: Any, cell: CellSpec) -> str:
         tags = runs.annotation_tags(cell, annotation.key, annotation.cached)
         run_id = self.start_run(runs.annotation_run_name(tags), tags, parent)
@@ -145,9 +180,10 @@ class MlflowTrialCallback(Callback):
     A finished trial's run ends FINISHED at once; its plots and student are made by a worker thread
     (:class:`ArtifactWorker`), off Tune's event loop. :meth:`finish` waits for them."""
 
-    def __init__(self, tracker: Tracker, parent_run_id: str):
+    def __init__(self, tracker: Tracker, parent_run_id: str, names: runs.RunNames = runs.RunNames()):
         self.tracker = tracker
         self.parent = parent_run_id
+        self.names = names
         self.spec = TrialSpecs()
         self.runs: dict[str, str] = {}  # tune trial id -> mlflow run id
         self.logged_until: dict[str, int] = {}  # tune trial id -> last epoch already in MLflow
@@ -163,11 +199,12 @@ class MlflowTrialCallback(Callback):
             self.runs[trial.trial_id] = self._reopen(trial, spec.mlflow_run_id)
             return spec.mlflow_run_id
         tags = {runs.KIND: runs.TRIAL, runs.TUNE_TRIAL_ID: trial.trial_id, **runs.trial_tags(spec)}
-        run_id = self.tracker.start_run(runs.trial_run_name(spec, trial.trial_id), tags, self.parent)
+        run_id = self.tracker.start_run(self.names(spec), tags, self.parent)
         config = spec.to_config()
         self.tracker.log_params(run_id, flatten({k: config[k] for k in ("method", "cell", "params", "training", "objective")}))
         self.tracker.log_dict(run_id, config, runs.RESOLVED_CONFIG)
         self.tracker.set_tags(run_id, {runs.NOTE_TAG: runs.describe_trial(spec, run_id, self.tracker.uri)})
+        self.tracker.log_annotation_input(run_id, spec)
         self.runs[trial.trial_id] = run_id
         return run_id
 
@@ -280,6 +317,20 @@ class ArtifactWorker:
         return self.failed
 
 
+@contextlib.contextmanager
+def _quiet(*names: str):
+    """Only warnings and errors from the loggers ``names`` while inside."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, old in zip(loggers, levels):
+            lg.setLevel(old)
+
+
 def _error_text(trial) -> str:
     path = getattr(trial, "error_file", None) or getattr(getattr(trial, "run_metadata", None), "error_filename", None)
     if path and Path(path).exists():
@@ -326,7 +377,7 @@ class ConsoleProgress(Callback):
         self.done += 1
         last = trial.last_result or {}
         keys = (runs.TEST_ACC, runs.TEST_ACC_SELECTED, self.spec(trial).objective)
-        shown = ", ".join(f"{k}={last[k]:.4f}" for k in keys if k in last)
+        shown = ", ".join(f"{k}={runs.shown(k, last[k])}" for k in keys if k in last)
         self._line(trial, f"finished after {last.get(runs.EPOCH, '?')} epochs ({shown})")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:

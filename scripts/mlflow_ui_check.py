@@ -14,11 +14,19 @@ The MLflow UI is a React app: each page is opened by its hash route and the scri
    through the tracking API) are replaced by the run's own top-level artifacts, so the check also
    works for sweeps that predate the tables;
 3. the artifacts page of a finished trial run that has plots lists ``plots/`` (opened: the learning
-   curves are shown), ``student/`` and ``resolved_config.json``.
+   curves are shown), ``student/`` and ``resolved_config.json``;
+4. the experiment's saved results view (``?viewStateShareKey=results``, the experiment tag the
+   sweep writes) lists the trial runs by their short names with the result columns
+   (``test/acc_selected``, ``cell_winner``);
+5. the parent run's chart view (``.../runs/<parent>/model-metrics``) shows its summary metrics;
+6. the compare view (``#/compare-runs``) of the chosen runs (``best_in_cell``) of one cell's
+   methods shows each of them.
 
 Screenshots (``--screenshot PATH``): the runs page with the nested runs expanded at PATH, the
 parent run's artifacts page showing the first expected artifact at ``PATH`` with suffix
-``_artifacts``, and the trial run's learning curves with suffix ``_trial``.
+``_artifacts``, the trial run's learning curves with suffix ``_trial``, and ``_results``,
+``_charts``, ``_compare`` for checks 4-6 (those run only for a sweep that has the results view,
+summary metrics and chosen runs).
 
 Chromium is driven through the DevTools protocol with aiohttp's websocket client (an MLflow
 dependency). Exit status 0 when every check passed, 1 otherwise (one line per check), 2 when no
@@ -39,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -48,6 +57,8 @@ import aiohttp
 
 DEFAULT_ARTIFACTS = ("tables/results.md", "tables/results.csv", "tables/results.html")
 NEWEST_FIRST = ["attributes.start_time DESC"]
+VIEW_TAG = "mlflow.sharedViewState.results"
+"""The experiment tag of the sweep's saved results view (``orchestrator.runs.VIEW_STATE_TAG``)."""
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 # The expander of a parent run's row in the runs table (MLflow 3's RunNameCellRenderer).
 EXPANDER = 'button[data-component-id*="runnamecellrenderer"]'
@@ -59,6 +70,11 @@ TIDY = """(() => {
   const mode = [...document.querySelectorAll('div[role="button"]')].find(d => d.innerText.trim() === 'Model training');
   if (mode) mode.click();
   return Boolean(close || mode);
+})()"""
+CLOSE_ASSISTANT = """(() => {
+  const close = document.querySelector('[data-component-id="mlflow.assistant.chat_panel.close"]');
+  if (close) close.click();
+  return Boolean(close);
 })()"""
 
 
@@ -83,6 +99,13 @@ class Expected:
     """A trial run with plots: its artifacts page is checked too."""
     trial_artifacts: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    view: bool = False
+    """The experiment has the saved results view."""
+    trial_names: list[str] = field(default_factory=list)
+    summary_metrics: list[str] = field(default_factory=list)
+    """The parent run's summary metrics (``<column>/<row>/<stat>``)."""
+    compared: dict[str, str] = field(default_factory=dict)
+    """Run id -> name of the chosen runs of one cell's methods (the compare view)."""
 
 
 def expected_from_tracking(url: str, experiment: str, run_id: str | None, artifacts: list[str]) -> Expected:
@@ -113,6 +136,14 @@ def expected_from_tracking(url: str, experiment: str, run_id: str | None, artifa
         notes.append(f"checking the run's own artifacts instead: {', '.join(have) or 'none'}")
     nested = [r.info.run_name for r in children]
     expected = Expected(exp.experiment_id, run_id, parent.info.run_name, nested, have, notes=notes)
+    trials = [c for c in children if c.data.tags.get("kind") == "trial"]
+    expected.view = VIEW_TAG in exp.tags
+    expected.trial_names = sorted(r.info.run_name for r in trials)
+    expected.summary_metrics = sorted(k for k in parent.data.metrics if k.endswith("/acc_selected_mean"))
+    chosen = [r for r in trials if r.data.tags.get("best_in_cell") == "true"]
+    if chosen:
+        cell = chosen[0].data.tags.get("cell")
+        expected.compared = {r.info.run_id: r.info.run_name for r in chosen if r.data.tags.get("cell") == cell}
     for child in children:
         if child.data.tags.get("kind") == "trial" and child.info.status == "FINISHED":
             tops = {a.path for a in client.list_artifacts(child.info.run_id)}
@@ -250,6 +281,32 @@ async def check_artifacts(
     return missing
 
 
+async def check_results_pages(page: Page, base: str, exp: Expected, timeout: float, screenshot: Path | None):
+    """Checks 4-6: the saved results view, the parent run's charts, the compare view of one cell."""
+    results = []
+    pages = []
+    if exp.view:
+        url = f"{base}/#/experiments/{exp.experiment_id}/runs?viewStateShareKey=results"
+        pages.append(("results", url, [*exp.trial_names, "test/acc_selected", "cell_winner"], "the results view lists the trial runs with the result columns"))
+    if exp.summary_metrics:
+        url = f"{base}/#/experiments/{exp.experiment_id}/runs/{exp.parent_id}/model-metrics"
+        sections = sorted({k.rsplit("/", 1)[0] for k in exp.summary_metrics})[:3]  # one section per column/row
+        pages.append(("charts", url, [*sections, "acc_selected_mean"], "the parent run's charts show its summary metrics"))
+    if len(exp.compared) > 1:
+        ids = json.dumps(sorted(exp.compared))
+        url = f"{base}/#/compare-runs?runs={urllib.parse.quote(ids)}&experiments={urllib.parse.quote(json.dumps([exp.experiment_id]))}"
+        pages.append(("compare", url, sorted(exp.compared.values()), "the compare view shows one cell's chosen runs"))
+    for suffix, url, needles, what in pages:
+        await page.open(url)
+        missing = await page.wait_for_text(needles, timeout)
+        await page.evaluate(CLOSE_ASSISTANT)
+        await asyncio.sleep(1.5)  # charts draw after their data arrives
+        results.append(outcome(what, missing))
+        if (shot := shot_path(screenshot, suffix)) is not None:
+            await page.screenshot(shot)
+    return results
+
+
 async def check_ui(
     port: int, url: str, exp: Expected, *, timeout: float, max_nested: int, screenshot: Path | None, window: tuple[int, int]
 ) -> list[tuple[bool, str]]:
@@ -271,7 +328,31 @@ async def check_ui(
                 shot = shot_path(screenshot, "trial")
                 missing = await check_artifacts(page, base, exp, exp.trial_id, paths, timeout, shot)
                 results.append(outcome(f"a trial run's artifacts page lists {', '.join(paths)}", missing))
+            results += await check_results_pages(page, base, exp, timeout, screenshot)
     return results
+
+
+def check_page(url: str, needles: list[str], screenshot: Path | None, *, timeout: float = 60.0,
+               window: tuple[int, int] = (1400, 900), binary: str | None = None) -> list[str]:
+    """Open one page (any web app: the Optuna dashboard, the rerun page) in a headless Chromium,
+    wait for ``needles``, save a screenshot. Returns the needles still missing."""
+
+    async def run(port: int) -> list[str]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as response:
+            target = next(t for t in json.load(response) if t["type"] == "page")
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0) as ws:
+                page = Page(ws)
+                await page.call("Emulation.setDeviceMetricsOverride", width=window[0], height=window[1], deviceScaleFactor=1, mobile=False)
+                await page.open(url)
+                missing = await page.wait_for_text(needles, timeout)
+                await asyncio.sleep(1.5)  # plots draw after their data arrives
+                if screenshot is not None:
+                    await page.screenshot(screenshot)
+                return missing
+
+    with chromium(binary or find_chromium() or "chromium", *window) as port:
+        return asyncio.run(run(port))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -307,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     for ok, what in results:
         print(f"{'ok' if ok else 'FAILED'}: {what}")
     if args.screenshot is not None:
-        shots = [args.screenshot, shot_path(args.screenshot, "artifacts"), shot_path(args.screenshot, "trial")]
+        shots = [args.screenshot] + [shot_path(args.screenshot, s) for s in ("artifacts", "trial", "results", "charts", "compare")]
         print("screenshots: " + ", ".join(str(p) for p in shots if p.exists()))
     return 0 if all(ok for ok, _ in results) else 1
 

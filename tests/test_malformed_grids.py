@@ -52,3 +52,37 @@ def test_malformed_grid_is_refused(path: Path, capsys, monkeypatch):
     with pytest.raises(GridError) as info:
         load_grid(path)
     assert expect in str(info.value), str(info.value)
+
+
+def test_help_and_a_bad_grid_answer_fast_without_ray_mlflow_or_optuna():
+    """``--help`` is answered before the heavy imports; a bad grid is refused before Ray, MLflow or
+    Optuna is imported (what is left is torch and scikit-learn, which the grid schema's method
+    dataclasses need). Times are printed (``pytest -s``); the bounds are generous for a busy machine."""
+    import subprocess
+    import sys
+    import time
+
+    tic = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "orchestrator.sweep", "--help"], cwd=ROOT, capture_output=True, text=True)
+    help_s = time.perf_counter() - tic
+    assert done.returncode == 0 and "--dry-run" in done.stdout
+    probe = (
+        "import sys; from orchestrator.sweep import main; rc = main([sys.argv[1]]); "
+        "print(rc, *sorted(m for m in ('ray', 'mlflow', 'optuna') if m in sys.modules))"
+    )
+    tic = time.perf_counter()
+    bad = subprocess.run([sys.executable, "-c", probe, str(FILES[0])], cwd=ROOT, capture_output=True, text=True)
+    bad_s = time.perf_counter() - tic
+    print(f"sweep --help: {help_s:.2f} s; bad grid refused: {bad_s:.2f} s")
+    assert bad.stdout.split() == ["2"], bad.stdout + bad.stderr  # exit code 2, none of the three imported
+    assert help_s < 4.0
+    assert bad_s < 30.0
+
+
+def test_a_schema_error_and_a_missing_data_set_are_reported_in_one_round(capsys):
+    """The parameter error and the data set that is not there, both in the one refusal."""
+    path = ROOT / "tests" / "fixtures" / "grid_two_rounds_of_errors.yaml"
+    assert main([str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "methods[0].params.nope: unknown parameter of cc" in err
+    assert "datasets[0] (fashion_mnist): fashion_mnist: data set files not found" in err

@@ -60,7 +60,7 @@ def sweep(server, tmp_path_factory, ray_session):
                 "annotators": [{"kind": "synthetic", "name": "flip"}],
                 "grid": {"q": [0.3], "eta": [0.3], "seeds": [0]},
                 "training": {"epochs": EPOCHS, "batch_size": 32, "backbone": "small_cnn"},
-                "methods": [{"name": "coreg", "params": {"warmup_epochs": 1, "queue_size": 64}}],
+                "methods": [{"name": "coreg", "params": {"warmup_epochs": 1, "queue_size": 64}}, {"name": "cc"}],
                 "resources": {"cpus_per_trial": 1},
             }
         )
@@ -83,12 +83,12 @@ def test_sweep_lands_on_the_server_with_statuses_and_artifacts(server, sweep, tm
 
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     kinds = sorted(r.data.tags["kind"] for r in children)
-    assert kinds == ["annotation", "trial"]
+    assert kinds == ["annotation", "trial", "trial"]  # coreg and cc (two methods: the compare view)
     assert all(r.info.status == "FINISHED" for r in children)
     (annotation,) = [r for r in children if r.data.tags["kind"] == "annotation"]
     assert "annotation.json" in [a.path for a in client.list_artifacts(annotation.info.run_id)]
 
-    (trial,) = [r for r in children if r.data.tags["kind"] == "trial"]
+    (trial,) = [r for r in children if r.data.tags["kind"] == "trial" and r.data.tags["method"] == "coreg"]
     assert "artifacts_error" not in trial.data.tags
     assert len(client.get_metric_history(trial.info.run_id, "test/acc")) == EPOCHS
     top = {a.path for a in client.list_artifacts(trial.info.run_id)}
@@ -123,8 +123,10 @@ def test_the_mlflow_ui_shows_the_sweep_in_a_real_browser(server, sweep, tmp_path
     if done.returncode == 2 and "no Chromium found" in done.stderr:
         pytest.skip("no chromium binary on PATH (apt-get install chromium)")
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
-    assert done.stdout.count("ok: ") == 4, done.stdout  # parent, nested runs, parent artifacts, trial artifacts
-    for path in (shot, shot.with_name(f"{shot.stem}_artifacts.png"), shot.with_name(f"{shot.stem}_trial.png")):
+    # parent, nested runs, parent artifacts, trial artifacts, results view, parent charts, compare view
+    assert done.stdout.count("ok: ") == 7, done.stdout
+    shots = [shot] + [shot.with_name(f"{shot.stem}_{s}.png") for s in ("artifacts", "trial", "results", "charts", "compare")]
+    for path in shots:
         image = imread(path)
         assert image.shape[:2] == (900, 1400)
         assert np.asarray(image).std() > 0.05  # a rendered page, not a blank one

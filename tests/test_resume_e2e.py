@@ -8,6 +8,7 @@ with ``--resume`` semantics and checks MLflow, Optuna and the result directory.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -213,6 +214,11 @@ def test_sigterm_stops_the_driver_like_ctrl_c(tmp_path, ray_session):
     assert sweep.info.status == "KILLED"
     assert not client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
     assert "run the same command again to resume them" in output
+    # The console holds the project's lines: no library notice or banner, accuracies in %.
+    for noise in ("Token authentication", "Started a local Ray instance", "Configuration for experiment",
+                  "tensorboard", "Downloading artifacts", "save not implemented", "Creating initial MLflow database"):  # fmt: skip
+        assert noise not in output, noise
+    assert re.search(r"cc s0 #\d: finished after \d+ epochs \(test/acc=\d+\.\d\d%", output), output[-3000:]
 
     # ... and the same grid again finishes the stopped trial in its own run, every epoch logged once.
     killed = next(r for r in trial_runs(client, "sigterm") if r.info.status == "KILLED")

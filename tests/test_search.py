@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import warnings
 from types import SimpleNamespace
 
@@ -141,6 +143,17 @@ def test_asha_stops_bad_trials_within_a_study_only(tmp_path):
     assert scheduler.on_trial_result(None, worse, {"epoch": 1, "val/covering_rate": 0.0}) == TrialScheduler.CONTINUE
 
 
+def _browser_check():
+    """scripts/mlflow_ui_check.py (its headless-Chromium helpers), or None without a chromium."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import mlflow_ui_check
+
+    return mlflow_ui_check if mlflow_ui_check.find_chromium() else None
+
+
 def test_optuna_dashboard_serves_the_studies_with_their_objective(tmp_path):
     """The sweep's last lines tell the user to run ``optuna-dashboard <storage>``: it is installed
     and shows each study's objective by name."""
@@ -154,7 +167,9 @@ def test_optuna_dashboard_serves_the_studies_with_their_objective(tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     plans = studies()
     s = searcher(plans, storage)
-    s.suggest("t0")
+    for i in range(2 * len(plans)):  # two finished trials per study: the dashboard plots their history
+        s.suggest(f"t{i}")
+        s.on_trial_complete(f"t{i}", {plans[0].objective: 0.5 + 0.1 * i, "epoch": 1})
     port = free_port()
     dashboard = str(Path(sys.executable).parent / "optuna-dashboard")
     argv = [dashboard, storage, "--host", "127.0.0.1", "--port", str(port)]
@@ -164,4 +179,12 @@ def test_optuna_dashboard_serves_the_studies_with_their_objective(tmp_path):
         assert plans[0].study_id in listed
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{listed[plans[0].study_id]}", timeout=10) as response:
             detail = json.load(response)
-    assert detail["objective_names"] == [plans[0].objective]
+        assert detail["objective_names"] == [plans[0].objective]
+        # ... and in a real browser: the study's page with its name, objective and trials
+        ui = _browser_check()
+        if ui is not None:
+            shot = Path(os.environ.get("OPTUNA_SCREENSHOT", tmp_path / "optuna.png"))
+            url = f"http://127.0.0.1:{port}/dashboard/studies/{listed[plans[0].study_id]}"
+            missing = ui.check_page(url, [plans[0].study_id, plans[0].objective, "History"], shot, timeout=90)
+            assert not missing, missing
+            assert shot.stat().st_size > 10_000

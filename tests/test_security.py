@@ -119,7 +119,7 @@ def page(tmp_path):
 
     app = App(f"sqlite:///{tmp_path / 'mlflow.db'}", Recording())
     launched: list[tuple] = []
-    app.launch = lambda run_id, ablation: launched.append((run_id, ablation)) or "job-1"
+    app.launch = lambda request: launched.append((request.run_id, request.ablation)) or "job-1"
     server = make_server(app)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield app, server.server_port, launched
@@ -139,16 +139,19 @@ def _request(port: int, method: str, path: str, body: str = "", **headers: str) 
 
 def test_a_launch_needs_the_pages_token(page):
     app, port, launched = page
-    assert _request(port, "POST", "/launch", "run_id=abc") == 403
-    assert _request(port, "POST", "/launch", "run_id=abc&token=guess") == 403
+    assert _request(port, "POST", "/launch", "run_id=abc&confirm=1") == 403
+    assert _request(port, "POST", "/launch", "run_id=abc&token=guess&confirm=1") == 403
     assert launched == []
-    assert _request(port, "POST", "/launch", f"run_id=abc&ablation=supcon&token={app.token}") == 303
+    # without the confirmation step nothing runs (here: no such run, refused with its reason)
+    assert _request(port, "POST", "/launch", f"run_id=abc&ablation=supcon&token={app.token}") == 400
+    assert launched == []
+    assert _request(port, "POST", "/launch", f"run_id=abc&ablation=supcon&token={app.token}&confirm=1") == 303
     assert launched == [("abc", "supcon")]
 
 
 def test_cross_origin_posts_and_foreign_host_names_are_refused(page):
     app, port, launched = page
-    body = f"run_id=abc&token={app.token}"
+    body = f"run_id=abc&token={app.token}&confirm=1"
     assert _request(port, "POST", "/launch", body, Origin="http://evil.example") == 403
     assert _request(port, "GET", "/jobs", Host=f"evil.example:{port}") == 403  # DNS rebinding
     assert _request(port, "POST", "/launch", body, Host=f"evil.example:{port}") == 403
@@ -254,3 +257,23 @@ def test_a_second_driver_on_the_same_storage_is_refused(tmp_path):
         with pytest.raises(SweepLockedError, match="another sweep is running on storage"):
             run(grid)
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_the_jobs_page_reloads_while_a_rerun_runs_and_keeps_long_logs_in_a_scrolled_box(tmp_path):
+    from orchestrator.webui import REFRESH_S, App, Job
+
+    class Listing:
+        kind = "listing"
+        found: list = []
+
+        def jobs(self):
+            return self.found
+
+    app = App(f"sqlite:///{tmp_path / 'mlflow.db'}", Listing())
+    Listing.found = [Job("rerun-1", "python -m orchestrator.rerun x", status="RUNNING", log="line\n" * 10_000)]
+    running = app.jobs()
+    assert f"<meta http-equiv='refresh' content='{REFRESH_S}'>" in running
+    assert running.count("line") <= 3000 // 5 + 1  # the end of the log only
+    assert "pre{" in running and "max-height" in running and "overflow:auto" in running
+    Listing.found = [Job("rerun-1", "python -m orchestrator.rerun x", status="SUCCEEDED")]
+    assert "http-equiv='refresh'" not in app.jobs()

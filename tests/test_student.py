@@ -3,6 +3,8 @@ trial predicted, from raw images, also where the project is not installed."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import subprocess
 import sys
@@ -186,7 +188,35 @@ def test_every_method_has_a_network_to_deploy(method):
         seed=0,
     )
     spec = ALGORITHMS[method]
-    assert has_parameters(spec.build(spec.params(), ctx))
+    algo = spec.build(spec.params(), ctx)
+    assert has_parameters(algo)
+
+    # The student ships only the networks predict() runs, and they give the same predictions.
+    from orchestrator.student import inference_state, load_inference_state
+
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    networks = inference_state(algo, x)
+    assert networks and all(not k.startswith(("optimizer", "scheduler")) for k in networks)
+    shipped = {name for state in networks.values() for name in state}
+    assert not any("queue" in name for name in shipped), sorted(shipped)  # MoCo queues stay in the checkpoint
+    torch.manual_seed(1)
+    fresh = spec.build(spec.params(), dataclasses.replace(ctx, seed=1))
+    assert not torch.allclose(fresh.predict(x), algo.predict(x))  # other initial weights
+    load_inference_state(fresh, networks)
+    torch.testing.assert_close(fresh.predict(x), algo.predict(x))
+    assert sum(v.numel() for state in networks.values() for v in state.values()) <= sum(
+        v.numel() for v in _tensors(algo.state_dict())
+    )
+
+
+def _tensors(state) -> list[torch.Tensor]:
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, dict):
+        return [t for v in state.values() for t in _tensors(v)]
+    if isinstance(state, (list, tuple)):
+        return [t for v in state for t in _tensors(v)]
+    return []
 
 
 def test_a_method_without_parameters_is_refused_a_student(trial, logged, monkeypatch):
@@ -234,3 +264,27 @@ def test_a_resumed_trial_plots_the_epochs_an_earlier_driver_logged(logged):
     resumed = [{"epoch": 3, "test/acc": 0.33}, {"epoch": 4, "test/acc": 0.4}]  # from the checkpoint of epoch 2 on
     history = _with_logged_epochs(client, run_id, resumed)
     assert [(r["epoch"], r["test/acc"]) for r in history] == [(1, 0.1), (2, 0.2), (3, 0.33), (4, 0.4)]
+
+
+def test_the_student_is_a_registrable_logged_model_with_its_size_reported(trial, logged, tmp_path, monkeypatch):
+    client, run_id, _ = logged
+    run = client.get_run(run_id)
+    found = client.search_logged_models([run.info.experiment_id], filter_string="name = 'proden-student'")
+    (model,) = [m for m in found if m.source_run_id == run_id]
+    assert str(model.status).endswith("READY") and model.tags["method"] == "proden"
+    assert {a.path for a in client.list_logged_model_artifacts(model.model_id)} >= {"MLmodel", "artifacts"}
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", client.tracking_uri)  # the registry resolves models:/ there
+    version = mlflow.register_model(f"models:/{model.model_id}", "digits-student")
+    assert str(version.version) == "1" and version.run_id == run_id
+    registered = mlflow.pyfunc.load_model("models:/digits-student/1")
+    assert registered.metadata.metadata["method"] == "proden"
+    loaded = mlflow.pyfunc.load_model(client.download_artifacts(run_id, "student", str(tmp_path)))
+    assert loaded.metadata.metadata["method"] == "proden"
+    # only the network predict() runs: the shipped weights file is a fraction of the checkpoint
+    size_kb = int(run.data.tags["student_kb"])
+    weights = Path(client.download_artifacts(run_id, "student/artifacts/networks.pt", str(tmp_path / "w")))
+    from trainables.loop import CHECKPOINT_FILE
+
+    checkpoint_file = trial[2] / CHECKPOINT_FILE
+    assert weights.stat().st_size < checkpoint_file.stat().st_size / 2
+    assert 0 < size_kb < 1024, size_kb

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import optuna
@@ -144,6 +145,61 @@ def test_parent_run_carries_the_results_tables_and_best_runs_are_tagged(sweep):
         assert f"python -m orchestrator.rerun {r.info.run_id}" in r.data.tags["mlflow.note.content"]
     coreg = next(r for r in trials if r.data.tags["method"] == "coreg")
     assert "--ablation no_prototypes" in coreg.data.tags["mlflow.note.content"]
+
+
+def test_runs_have_short_names_system_tags_and_the_cell_winner_is_tagged(sweep):
+    grid, summary, _ = sweep
+    client = MlflowClient(grid.resolved_tracking_uri)
+    exp = client.get_experiment_by_name("e2e")
+    trials = runs_of(client, exp.experiment_id, f"tags.`mlflow.parentRunId` = '{summary['parent_run_id']}' and tags.kind = 'trial'")
+    # one cell: no cell axis in the names; cc samples two trials, numbered by their Optuna trial
+    assert sorted(r.info.run_name for r in trials) == ["cc s0 #0", "cc s0 #1", "coreg s0", "proden s0"]
+    parent = client.get_run(summary["parent_run_id"])
+    for r in [*trials, parent]:
+        assert r.data.tags["mlflow.source.name"] == "orchestrator.sweep" and r.data.tags["mlflow.user"]
+        assert len(r.data.tags["mlflow.source.git.commit"]) == 40
+    # the winner of the cell: the row with the best mean selected accuracy, its chosen run only
+    rows = {r["row"]: r for r in summary["rows"]}
+    best_row = max(rows, key=lambda k: rows[k]["selected_acc_mean"])
+    winners = [r for r in trials if r.data.tags["cell_winner"] == "true"]
+    assert [r.info.run_id for r in winners] == [rows[best_row]["best_runs"].split(":")[1]]
+    assert all(r.data.tags["best_in_cell"] == "true" for r in winners)
+    assert sum(r.data.tags["best_in_cell"] == "true" for r in trials) == 3  # one per study
+    # the annotation the trials trained on is their mlflow.data input; the student a logged model of the run
+    (annotation,) = runs_of(client, exp.experiment_id, "tags.kind = 'annotation'")
+    for r in trials:
+        (used,) = r.inputs.dataset_inputs
+        assert used.dataset.name == "digits flip q=0.3 eta=0.3 seed=0"
+        assert annotation.data.tags["annotation_key"].startswith(used.dataset.digest)
+        assert [(t.key, t.value) for t in used.tags] == [("mlflow.data.context", "train")]
+        assert int(r.data.tags["student_kb"]) > 0
+        models = client.search_logged_models([exp.experiment_id], filter_string=f"source_run_id = '{r.info.run_id}'")
+        assert [m.name for m in models] == [f"{r.data.tags['method']}-student"]
+
+
+def test_the_parent_run_holds_summary_metrics_a_results_table_and_the_run_list_view(sweep, monkeypatch):
+    import json
+
+    grid, summary, _ = sweep
+    client = MlflowClient(grid.resolved_tracking_uri)
+    exp = client.get_experiment_by_name("e2e")
+    parent = summary["parent_run_id"]
+    metrics = client.get_run(parent).data.metrics
+    for row in summary["rows"]:
+        assert metrics[f"digits/{row['row']}/acc_selected_mean"] == pytest.approx(row["selected_acc_mean"])
+        assert metrics[f"digits/{row['row']}/objective_mean"] == pytest.approx(row["objective_mean"])
+        assert metrics[f"digits/{row['row']}/acc_selected_std"] == 0.0  # one seed
+    # search_runs queries the results on the sweep run
+    found = runs_of(client, exp.experiment_id, "tags.kind = 'sweep' and metrics.`digits/coreg/acc_selected_mean` > 0")
+    assert [r.info.run_id for r in found] == [parent]
+    # the table is logged once even though the second sweep published again (replaced, not appended)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", grid.resolved_tracking_uri)  # load_table searches the default store
+    table = client.load_table(exp.experiment_id, "tables/results.json", run_ids=[parent])
+    assert sorted(table["row"]) == ["cc", "coreg", "proden"]
+    # the experiment's saved run-list view: trial runs, with the result columns
+    view = json.loads(exp.tags["mlflow.sharedViewState.results"])
+    assert view["searchFilter"] == "tags.kind = 'trial'"
+    assert {"metrics.`test/acc_selected`", "metrics.`val/covering_rate`", "tags.`cell_winner`"} <= set(view["selectedColumns"])
 
 
 def test_clip_annotated_sweep_end_to_end(tmp_path, ray_session):
@@ -351,9 +407,10 @@ def ray_head(ray_session, tmp_path_factory):
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _launch_from_the_browser(sweep, tmp_path, launcher, ablation: str):
-    """Open the rerun page in headless Chromium, click ``ablation`` on the Co-Reg trial, follow the
-    jobs page until the rerun ends; returns (its status, the jobs page text, the trial it reran)."""
+def _launch_from_the_browser(sweep, tmp_path, launcher, ablation: str, seeds: str = "", overrides: str = ""):
+    """Open the rerun page in headless Chromium, fill in ``seeds`` and ``overrides`` and click
+    ``ablation`` on the Co-Reg trial, check the confirmation page and launch, follow the jobs page
+    until the rerun ends; returns (its status, the jobs page text, the runs it made)."""
     import asyncio
     import json
     import threading
@@ -390,9 +447,27 @@ def _launch_from_the_browser(sweep, tmp_path, launcher, ablation: str):
             assert not await page.wait_for_text(["e2e", "FINISHED"], 30)
             await page.evaluate("document.querySelector('a[href^=\"/sweep/\"]').click()")
             assert not await page.wait_for_text(["Trial runs", "Test accuracy", proden.data.tags["cell"], launcher.kind], 30)
-            buttons = await page.evaluate(f"document.querySelectorAll('tr[data-run=\"{coreg.info.run_id}\"] button').length")
+            row = f"tr[data-run=\"{coreg.info.run_id}\"]"
+            buttons = await page.evaluate(f"document.querySelectorAll('{row} button').length")
             assert buttons == 1 + 5  # rerun + Co-Reg's five ablations
-            await page.evaluate(f"document.querySelector('tr[data-run=\"{coreg.info.run_id}\"] button[data-ablation=\"{ablation}\"]').click()")
+            # each run links to its MLflow page; only the cell winner's runs are highlighted
+            link = await page.evaluate(f"document.querySelector('{row} a').href")
+            assert link.endswith(f"/#/experiments/{exp.experiment_id}/runs/{coreg.info.run_id}")
+            highlighted = await page.evaluate("[...document.querySelectorAll('tr.best')].map(r => r.dataset.run)")
+            winners = runs_of(client, exp.experiment_id, f"tags.`mlflow.parentRunId` = '{parent}' and tags.cell_winner = 'true'")
+            assert sorted(highlighted) == sorted(r.info.run_id for r in winners) and len(highlighted) >= 1
+            shot = Path(os.environ.get("RERUN_PAGE_SCREENSHOT", tmp_path / "rerun_page.png"))
+            await page.evaluate(f"document.querySelector('{row}').scrollIntoView()")
+            await page.screenshot(shot)
+            fill = f"document.querySelector('{row} input[name=seeds]').value = {json.dumps(seeds)}; "
+            fill += f"document.querySelector('{row} input[name=overrides]').value = {json.dumps(overrides)};"
+            await page.evaluate(fill)
+            await page.evaluate(f"document.querySelector('{row} button[data-ablation=\"{ablation}\"]').click()")
+            expected = [f"--ablation {ablation}"] + ([f"--seeds {seeds}"] if seeds else []) + ([f"--set {overrides}"] if overrides else [])
+            missing = await page.wait_for_text(["Confirm the rerun", *expected], 30)
+            assert not missing, await page.evaluate("document.body.innerText")
+            assert launcher.jobs() == []  # nothing runs before the confirmation
+            await page.evaluate("document.querySelector('#confirm').click()")
             missing = await page.wait_for_text(["Launched reruns", f"--ablation {ablation}"], 30)
             assert not missing, await page.evaluate("document.body.innerText")
             deadline = time.monotonic() + 240
@@ -411,17 +486,22 @@ def _launch_from_the_browser(sweep, tmp_path, launcher, ablation: str):
         status, text = asyncio.run(drive(port))
     server.shutdown()
     assert (tmp_path / "jobs.png").stat().st_size > 10_000
-    new = runs_of(client, exp.experiment_id, f"tags.rerun_of = '{coreg.info.run_id}' and tags.variant = '{ablation}'")
+    assert Path(os.environ.get("RERUN_PAGE_SCREENSHOT", tmp_path / "rerun_page.png")).stat().st_size > 10_000
+    variant = " ".join([ablation, *overrides.split()])
+    new = runs_of(client, exp.experiment_id, f"tags.rerun_of = '{coreg.info.run_id}' and tags.variant = '{variant}'")
     return status, text, new
 
 
 def test_rerun_page_launches_an_ablation_as_a_local_process_from_a_real_browser(sweep, tmp_path):
     from orchestrator.webui import LocalLauncher
 
-    status, text, new = _launch_from_the_browser(sweep, tmp_path, LocalLauncher(tmp_path), "no_unlabeled")
+    launcher = LocalLauncher(tmp_path)
+    status, text, new = _launch_from_the_browser(sweep, tmp_path, launcher, "no_unlabeled", "1", "training.lr=0.02")
     assert status == "SUCCEEDED", text[-3000:]
     assert len(new) == 1 and new[0].info.status == "FINISHED"
     assert new[0].data.params["params.use_unlabeled"] == "False"
+    assert (new[0].data.tags["seed"], new[0].data.params["training.lr"]) == ("1", "0.02")
+    assert new[0].info.run_name == "coreg [no_unlabeled training.lr=0.02] s1"
 
 
 def test_rerun_page_submits_an_ablation_as_a_ray_job_from_a_real_browser(sweep, tmp_path, ray_head):
@@ -444,3 +524,26 @@ def test_rerun_page_refuses_an_address_without_a_job_api():
 
     with pytest.raises(LauncherError, match="no Ray job API at http://127.0.0.1:9"):
         RayJobLauncher("http://127.0.0.1:9")
+
+
+def test_readme_tables_come_from_the_sweeps_own_results_with_machine_and_date(sweep, tmp_path):
+    import subprocess
+    import sys
+
+    grid, summary, _ = sweep
+    client = MlflowClient(grid.resolved_tracking_uri)
+    parent = client.get_run(summary["parent_run_id"])
+    assert "CPUs" in parent.data.tags["machine"]
+    readme = tmp_path / "README.md"
+    readme.write_text("# Project\n\nbefore\n<!-- results:e2e -->\nstale numbers 99.99\n<!-- /results:e2e -->\nafter\n")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "readme_tables.py"
+    argv = [sys.executable, str(script), str(readme), "e2e", "--tracking-uri", grid.resolved_tracking_uri, "--experiment", "e2e"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    text = readme.read_text()
+    assert "stale numbers" not in text and text.startswith("# Project\n\nbefore\n") and text.endswith("after\n")
+    tables = Path(client.download_artifacts(parent.info.run_id, "tables/results.md", str(tmp_path))).read_text()
+    assert tables.strip().replace("### ", "#### ") in text  # the sweep's own tables, headings one level down
+    assert f"Measured on {parent.data.tags['machine']}, " in text and parent.info.run_id in text
+    missing = subprocess.run([*argv[:3], "nope", *argv[4:]], capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "no block <!-- results:nope -->" in missing.stderr

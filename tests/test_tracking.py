@@ -90,7 +90,7 @@ def test_console_progress_counts_and_reports_running_epochs(capsys):
     progress.on_trial_complete(0, [], a)
     out = capsys.readouterr().out.splitlines()
     assert out == ["[trials 1 done, 0 failed, 1 running, 1 pending] coreg: finished after 30 epochs "
-                   "(test/acc=0.9000, val/covering_rate=0.8000)"]
+                   "(test/acc=90.00%, val/covering_rate=80.00%)"]
     quiet = ConsoleProgress(total=1, label_for=lambda spec: spec.method, every_s=3600.0)
     quiet.on_trial_result(0, [], a, {"epoch": 1})
     assert capsys.readouterr().out == ""
@@ -126,3 +126,60 @@ def test_a_resolved_config_of_an_earlier_version_reads_back_with_its_signature()
     old = {k: v for k, v in spec.to_config().items() if v is not None and k not in ("label", "device")}
     read = TrialSpec.from_config(old)
     assert read == spec and read.signature == spec.signature == old["signature"]
+
+
+def test_run_names_are_short_and_name_only_the_cell_axes_that_vary():
+    from orchestrator import runs
+
+    grid = parse_grid({"experiment": "names", "datasets": [{"name": "digits"}], "annotators": [{"kind": "synthetic", "name": "flip"}],
+                       "grid": {"q": [0.1, 0.3], "eta": [0.2], "seeds": [0, 1]},
+                       "methods": [{"name": "coreg"}, {"name": "cc", "search": {"num_samples": 2}}]})  # fmt: skip
+    studies = expand(grid)
+    specs = [s.trial_config({}, annotation_key="k", cache_dir="/c", cpus=1, optuna_trial=1) for s in studies]
+    several = frozenset(s.study_id for s in studies if s.method.search.num_samples > 1)
+    names = runs.RunNames(runs.varying_axes(s.cell for s in specs), several)
+    assert names.varying == ("q",)  # one data set, annotator and eta: not in the names; the seed always is
+    assert sorted(names(s) for s in specs) == [
+        "cc q=0.1 s0 #1", "cc q=0.1 s1 #1", "cc q=0.3 s0 #1", "cc q=0.3 s1 #1",
+        "coreg q=0.1 s0", "coreg q=0.1 s1", "coreg q=0.3 s0", "coreg q=0.3 s1",
+    ]  # fmt: skip
+    rerun = specs[0].replace(variant="no_prototypes", rerun_of="abc")
+    assert names(rerun).startswith("coreg [no_prototypes] q=0.1")
+    assert max(len(names(s)) for s in specs) <= 20  # fits MLflow's run-name column
+
+
+def test_system_tags_name_the_user_entry_point_and_the_commit_of_the_project():
+    import subprocess
+
+    from orchestrator import runs
+
+    tags = runs.system_tags("orchestrator.rerun")
+    assert tags["mlflow.source.name"] == "orchestrator.rerun" and tags["mlflow.user"]
+    assert tags["mlflow.project.entryPoint"] == "python -m orchestrator.rerun"
+    head = subprocess.run(["git", "-C", str(runs.PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # a git checkout (an installed package has no commit tag)
+        assert tags["mlflow.source.git.commit"] == head.stdout.strip()
+        assert tags["mlflow.source.git.dirty"] in ("true", "false")
+
+
+def test_summary_metric_names_are_valid_mlflow_names(tmp_path):
+    from orchestrator import runs
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    run_id = client.create_run(client.create_experiment("x")).info.run_id
+    keys = [runs.summary_metric("q=0.3 eta=0.1", "coreg [no_prototypes]", "acc_selected_mean"),
+            runs.summary_metric("cifar10 clip", "cc [training.lr=0.01]", "objective_std")]  # fmt: skip
+    assert keys == ["q_0.3 eta_0.1/coreg no_prototypes/acc_selected_mean", "cifar10 clip/cc training.lr_0.01/objective_std"]
+    for key in keys:
+        client.log_metric(run_id, key, 0.5)  # refused by MLflow if a character were not allowed
+    assert set(client.get_run(run_id).data.metrics) == set(keys)
+
+
+def test_the_mlflow_tag_names_spelled_out_in_the_run_layout_are_mlflow_s():
+    from mlflow.utils import mlflow_tags
+
+    from orchestrator import runs
+
+    for name in ("MLFLOW_PARENT_RUN_ID", "MLFLOW_RUN_NAME", "MLFLOW_USER", "MLFLOW_SOURCE_NAME", "MLFLOW_SOURCE_TYPE",
+                 "MLFLOW_GIT_COMMIT", "MLFLOW_GIT_DIRTY", "MLFLOW_PROJECT_ENTRY_POINT"):  # fmt: skip
+        assert getattr(runs, name) == getattr(mlflow_tags, name), name
