@@ -53,6 +53,20 @@ def runs_of(client: MlflowClient, experiment_id: str, filter_string: str):
     return client.search_runs([experiment_id], filter_string=filter_string, max_results=1000)
 
 
+def _sweep_once(tmp_path: Path, grid: dict) -> tuple[dict, MlflowClient, list]:
+    """Write ``grid`` to a file, sweep it through the real entry point (no trial may fail), and
+    return the summary, a client of its tracking store and the sweep's nested runs."""
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump(grid))
+    loaded = load_grid(grid_file)
+    summary = run(loaded, grid_file)
+    assert summary["failed"] == 0
+    client = MlflowClient(loaded.resolved_tracking_uri)
+    exp = client.get_experiment_by_name(grid["experiment"])
+    children = runs_of(client, exp.experiment_id, f"tags.`mlflow.parentRunId` = '{summary['parent_run_id']}'")
+    return summary, client, children
+
+
 def test_sweep_lands_nested_runs_with_metrics_and_tags(sweep):
     grid, summary, _ = sweep
     client = MlflowClient(grid.resolved_tracking_uri)
@@ -207,35 +221,27 @@ def test_clip_annotated_sweep_end_to_end(tmp_path, ray_session):
     annotates digits on Ray Data, the annotation run carries zero-shot statistics, trials train on
     the union-of-templates candidate sets."""
     tiny = Path(__file__).parent / "fixtures" / "tiny_clip.json"
-    grid_file = tmp_path / "grid.yaml"
-    grid_file.write_text(
-        yaml.safe_dump(
-            {
-                "experiment": "e2e-clip",
-                "storage": str(tmp_path / "results"),
-                "datasets": [{"name": "digits", "subsample": 200, "test_subsample": 100}],
-                "annotators": [
-                    {
-                        "kind": "clip",
-                        "name": "tiny_clip",
-                        "pretrained": None,
-                        "model_config_path": str(tiny),
-                        "templates": ["a photo of a {}", "a drawing of a {}", "a blurry photo of the {}"],
-                        "batch_size": 64,
-                    }
-                ],
-                "grid": {"seeds": [0]},
-                "training": {"epochs": 2, "batch_size": 32, "backbone": "small_cnn"},
-                "methods": [{"name": "cc"}],
-            }
-        )
+    summary, client, children = _sweep_once(
+        tmp_path,
+        {
+            "experiment": "e2e-clip",
+            "storage": str(tmp_path / "results"),
+            "datasets": [{"name": "digits", "subsample": 200, "test_subsample": 100}],
+            "annotators": [
+                {
+                    "kind": "clip",
+                    "name": "tiny_clip",
+                    "pretrained": None,
+                    "model_config_path": str(tiny),
+                    "templates": ["a photo of a {}", "a drawing of a {}", "a blurry photo of the {}"],
+                    "batch_size": 64,
+                }
+            ],
+            "grid": {"seeds": [0]},
+            "training": {"epochs": 2, "batch_size": 32, "backbone": "small_cnn"},
+            "methods": [{"name": "cc"}],
+        },
     )
-    grid = load_grid(grid_file)
-    summary = run(grid, grid_file)
-    assert summary["failed"] == 0
-    client = MlflowClient(grid.resolved_tracking_uri)
-    exp = client.get_experiment_by_name("e2e-clip")
-    children = runs_of(client, exp.experiment_id, f"tags.`mlflow.parentRunId` = '{summary['parent_run_id']}'")
     (annotation,) = [r for r in children if r.data.tags["kind"] == "annotation"]
     stats = annotation.data.metrics
     for key in ("zs_acc_train", "zs_acc_test", "zs_acc_avg_train", "zs_acc_avg_test", "partial_acc", "mean_set_size"):
@@ -255,36 +261,28 @@ def test_vlm_annotated_sweep_end_to_end(tmp_path, ray_session, tiny_vlm_dir):
     """An image-text-to-text annotator through the real entry point: a tiny random LLaVA (local
     directory) scores every class name on Ray Data; Co-Reg trains on the candidate sets, KD on the
     probabilities, and the zero-shot rows come from the annotation run."""
-    grid_file = tmp_path / "grid.yaml"
-    grid_file.write_text(
-        yaml.safe_dump(
-            {
-                "experiment": "e2e-vlm",
-                "storage": str(tmp_path / "results"),
-                "datasets": [{"name": "digits", "subsample": 160, "test_subsample": 60}],
-                "annotators": [
-                    {
-                        "kind": "vlm",
-                        "name": "tiny_llava",
-                        "model": str(tiny_vlm_dir),
-                        "templates": ["Which is it: {classes}? Answer:", "Pick one:\n{options}\nAnswer with the letter."],
-                        "answer_mode": "score",
-                        "batch_size": 32,
-                    }
-                ],
-                "grid": {"seeds": [0]},
-                "training": {"epochs": 2, "batch_size": 32, "backbone": "small_cnn"},
-                "methods": [{"name": "coreg", "params": {"warmup_epochs": 1, "queue_size": 64}}, {"name": "kd"}],
-                "resources": {"cpus_per_trial": 1, "max_concurrent_trials": 2},
-            }
-        )
+    summary, client, children = _sweep_once(
+        tmp_path,
+        {
+            "experiment": "e2e-vlm",
+            "storage": str(tmp_path / "results"),
+            "datasets": [{"name": "digits", "subsample": 160, "test_subsample": 60}],
+            "annotators": [
+                {
+                    "kind": "vlm",
+                    "name": "tiny_llava",
+                    "model": str(tiny_vlm_dir),
+                    "templates": ["Which is it: {classes}? Answer:", "Pick one:\n{options}\nAnswer with the letter."],
+                    "answer_mode": "score",
+                    "batch_size": 32,
+                }
+            ],
+            "grid": {"seeds": [0]},
+            "training": {"epochs": 2, "batch_size": 32, "backbone": "small_cnn"},
+            "methods": [{"name": "coreg", "params": {"warmup_epochs": 1, "queue_size": 64}}, {"name": "kd"}],
+            "resources": {"cpus_per_trial": 1, "max_concurrent_trials": 2},
+        },
     )
-    grid = load_grid(grid_file)
-    summary = run(grid, grid_file)
-    assert summary["failed"] == 0
-    client = MlflowClient(grid.resolved_tracking_uri)
-    exp = client.get_experiment_by_name("e2e-vlm")
-    children = runs_of(client, exp.experiment_id, f"tags.`mlflow.parentRunId` = '{summary['parent_run_id']}'")
     (annotation,) = [r for r in children if r.data.tags["kind"] == "annotation"]
     assert annotation.data.params["annotator.kind"] == "vlm"
     stats = annotation.data.metrics
@@ -308,27 +306,19 @@ def test_vlm_annotated_sweep_end_to_end(tmp_path, ray_session, tiny_vlm_dir):
 def test_generating_vlm_sweep_logs_unparseable_rates_and_raw_answers(tmp_path, ray_session, tiny_vlm_dir):
     """Generate mode through the real entry point: per-template unparseable rates as metrics of the
     annotation run, the raw answers in its annotation.json, the unparseable column in the tables."""
-    grid_file = tmp_path / "grid.yaml"
-    grid_file.write_text(
-        yaml.safe_dump(
-            {
-                "experiment": "e2e-vlm-generate",
-                "storage": str(tmp_path / "results"),
-                "datasets": [{"name": "digits", "subsample": 100, "test_subsample": 40}],
-                "annotators": [{"kind": "vlm", "name": "tiny_llava", "model": str(tiny_vlm_dir), "templates": "lettered",
-                                "max_new_tokens": 3, "batch_size": 32}],  # fmt: skip
-                "grid": {"seeds": [0]},
-                "training": {"epochs": 1, "batch_size": 32, "backbone": "small_cnn"},
-                "methods": [{"name": "cc"}],
-            }
-        )
+    summary, client, children = _sweep_once(
+        tmp_path,
+        {
+            "experiment": "e2e-vlm-generate",
+            "storage": str(tmp_path / "results"),
+            "datasets": [{"name": "digits", "subsample": 100, "test_subsample": 40}],
+            "annotators": [{"kind": "vlm", "name": "tiny_llava", "model": str(tiny_vlm_dir), "templates": "lettered",
+                            "max_new_tokens": 3, "batch_size": 32}],  # fmt: skip
+            "grid": {"seeds": [0]},
+            "training": {"epochs": 1, "batch_size": 32, "backbone": "small_cnn"},
+            "methods": [{"name": "cc"}],
+        },
     )
-    grid = load_grid(grid_file)
-    summary = run(grid, grid_file)
-    assert summary["failed"] == 0
-    client = MlflowClient(grid.resolved_tracking_uri)
-    exp = client.get_experiment_by_name("e2e-vlm-generate")
-    children = runs_of(client, exp.experiment_id, f"tags.`mlflow.parentRunId` = '{summary['parent_run_id']}'")
     (annotation,) = [r for r in children if r.data.tags["kind"] == "annotation"]
     stats = annotation.data.metrics
     rates = [stats[f"annotation/unparseable_rate_t{t}"] for t in range(2)]
