@@ -32,13 +32,23 @@ Implementation details / deviations from the reference (github Portugas0807/Co-R
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+# Loading, preprocessing and the checks of a model config live on the learning side, where CoOp and
+# the clip_peft backbone rebuild the annotator's model; re-exported here for the annotator's callers.
+from trainables.common.clip_model import (  # noqa: F401
+    TEXT_CHUNK,
+    ClipLoadError,
+    load_clip_model,
+    looks_like_path as _looks_like_path,
+    preprocess_images,
+    read_model_config,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -48,13 +58,6 @@ if TYPE_CHECKING:
 
 PREPROCESS_VERSION = 1
 """Bump when :func:`preprocess_images` changes what it computes (it is part of the cache key)."""
-
-TEXT_CHUNK = 1024
-"""Prompts encoded per forward pass of the text tower."""
-
-
-class ClipLoadError(RuntimeError):
-    """The open_clip model or its weights could not be built."""
 
 
 def model_name_for(spec: ClipAnnotatorSpec) -> str:
@@ -77,21 +80,6 @@ def model_name_for(spec: ClipAnnotatorSpec) -> str:
     return stem
 
 
-def read_model_config(path: str | Path) -> dict[str, Any]:
-    """Load and check an open_clip model config JSON (open_clip itself skips invalid files silently)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"model_config_path {path}: no such file")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"model_config_path {path}: not valid JSON: {err}") from None
-    missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in cfg]
-    if missing:
-        raise ValueError(f"model_config_path {path}: an open_clip model config needs {missing}")
-    return cfg
-
-
 def model_config(spec: ClipAnnotatorSpec) -> dict[str, Any]:
     """The open_clip model config of an annotator spec ({} when open_clip does not know the name)."""
     import open_clip
@@ -104,100 +92,6 @@ def model_config(spec: ClipAnnotatorSpec) -> dict[str, Any]:
 def is_sigmoid(cfg: dict[str, Any]) -> bool:
     """A SigLIP-style model: a learned logit bias, trained with a sigmoid loss."""
     return cfg.get("init_logit_bias") is not None
-
-
-def _looks_like_path(pretrained: str) -> bool:
-    if pretrained.startswith("hf-hub:"):
-        return False
-    return "/" in pretrained or "\\" in pretrained or pretrained.endswith((".bin", ".pt", ".pth", ".safetensors"))
-
-
-def load_clip_model(
-    model: str,
-    pretrained: str | None,
-    model_config_path: str | None = None,
-    precision: str = "fp32",
-    device: str = "cpu",
-    init_seed: int = 0,
-) -> tuple[torch.nn.Module, Callable[[list[str]], torch.Tensor], dict[str, Any]]:
-    """Build an open_clip model in eval mode, its tokenizer and its preprocess config."""
-    import open_clip
-    import torch
-
-    if model_config_path is not None:
-        read_model_config(model_config_path)
-        if Path(model_config_path).stem != model:
-            raise ValueError(f"model {model!r} must be the file name of model_config_path {model_config_path}")
-        open_clip.add_model_config(Path(model_config_path).expanduser())
-    if pretrained is not None and _looks_like_path(pretrained):
-        pretrained = str(Path(pretrained).expanduser())
-        if not Path(pretrained).is_file():
-            raise FileNotFoundError(
-                f"CLIP checkpoint {pretrained}: no such file (pretrained: is a tag or a checkpoint path)"
-            )
-    try:
-        # Random init draws from torch's global generator: seed it locally so that every actor of
-        # a pool (and a later re-run) holds identical weights, without disturbing the caller.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(init_seed)
-            net = open_clip.create_model(model, pretrained=pretrained, precision=precision, device=device)
-    except Exception as err:
-        raise ClipLoadError(
-            f"could not build open_clip model {model!r} with pretrained={pretrained!r}: {err}. "
-            "A pretrained tag needs internet access (or a populated Hugging Face cache, HF_HUB_CACHE); "
-            "offline, fetch the checkpoint elsewhere and set pretrained: /path/to/checkpoint"
-        ) from err
-    net.eval()
-    return net, open_clip.get_tokenizer(model), dict(open_clip.get_model_preprocess_cfg(net))
-
-
-def preprocess_images(images: torch.Tensor, cfg: dict[str, Any]) -> torch.Tensor:
-    """uint8 (B, C, H, W) on any device -> normalised float32 (B, 3, S, S), as open_clip's eval transform.
-
-    ``cfg`` is ``open_clip.get_model_preprocess_cfg(model)``: size, mean, std, interpolation
-    (bicubic / bilinear), resize_mode (shortest: resize the short side then centre crop; longest:
-    resize the long side then centre pad with ``fill_color``; squash: resize to the size).
-    Resizing stays in uint8 so that torchvision's antialiased kernels round and clamp like PIL's
-    (on CPU they agree with PIL within about two grey levels per pixel; a float resize differs by
-    up to ~18 levels).
-    """
-    import torch
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms.v2 import functional as TF
-
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"expected uint8 images (B, 1 or 3, H, W), got {images.dtype} {tuple(images.shape)}")
-    size = cfg.get("size", 224)
-    th, tw = (size, size) if isinstance(size, int) else tuple(size)
-    mode = cfg.get("resize_mode", "shortest")
-    interpolation = InterpolationMode.BILINEAR if cfg.get("interpolation") == "bilinear" else InterpolationMode.BICUBIC
-    h, w = images.shape[-2:]
-    x = images
-    if mode == "squash":
-        x = TF.resize(x, [th, tw], interpolation=interpolation, antialias=True)
-    elif mode == "shortest":
-        if th == tw:
-            x = TF.resize(x, [th], interpolation=interpolation, antialias=True)  # torchvision's short-side rule
-        else:
-            # open_clip's ResizeKeepRatio: bicubic whatever the configured interpolation.
-            scale = min(h / th, w / tw)
-            x = TF.resize(
-                x, [round(h / scale), round(w / scale)], interpolation=InterpolationMode.BICUBIC, antialias=True
-            )
-        x = TF.center_crop(x, [th, tw])
-    elif mode == "longest":
-        scale = max(h / th, w / tw)
-        x = TF.resize(x, [round(h / scale), round(w / scale)], interpolation=interpolation, antialias=True)
-        ph, pw = max(th - x.shape[-2], 0), max(tw - x.shape[-1], 0)
-        x = TF.pad(x, [pw // 2, ph // 2, (pw + 1) // 2, (ph + 1) // 2], fill=int(cfg.get("fill_color", 0)))
-        x = TF.center_crop(x, [th, tw])
-    else:
-        raise ValueError(f"unknown open_clip resize_mode {mode!r}")
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)  # grey -> RGB after resizing, like open_clip's convert("RGB")
-    mean = torch.tensor(cfg["mean"], device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(cfg["std"], device=x.device).view(1, -1, 1, 1)
-    return (x.float() / 255.0 - mean) / std
 
 
 class ClipActor:
