@@ -570,6 +570,29 @@ def _space_problems(where: str, hint: Any, value: Any) -> list[str]:
     return problems
 
 
+def has_clip(ann: Any) -> bool:
+    """The annotator has a CLIP a trial can learn on: a CLIP annotator, or an ensemble with a CLIP member."""
+    return ann.kind == "clip" or (ann.kind == "ensemble" and any(m.kind == "clip" for m in ann.members))
+
+
+def _clip_problems(grid: Grid, where: str, method: MethodSpec, needs_clip: bool) -> list[str]:
+    """A method or backbone that learns on the annotator's CLIP (CoOp, ``clip_peft``) against the
+    annotators, and CoOp's few shots against the ``shots`` axis."""
+    training = method.training.apply(grid.training.apply(TrainSettings()))
+    what = method.name if needs_clip else f"{method.name} on the clip_peft backbone"
+    problems = []
+    if needs_clip or training.uses_clip:
+        for ann in grid.annotators:
+            if not has_clip(ann):
+                problems.append(
+                    f"{where}.name: {what} learns on the annotator's CLIP, and the {ann.kind} annotator "
+                    f"{ann.name!r} has none (use a clip annotator, or an ensemble with a clip member)"
+                )
+    if needs_clip and 0 in grid.grid.shots:
+        problems.append(f"{where}.name: {method.name} trains on the revealed few shots only; grid.shots holds 0 (give 1, 2, 4, ...)")
+    return problems
+
+
 def _check_methods(grid: Grid) -> list[str]:
     """Each method: its name, params overrides, target kind against the annotators, search space."""
     from search_spaces import parameter_names
@@ -589,6 +612,7 @@ def _check_methods(grid: Grid) -> list[str]:
         spec = ALGORITHMS[m.name]
         fields = {f.name for f in dataclasses.fields(spec.params)}
         problems += check_method_settings(m.name, m.params, {}, where)
+        problems += _clip_problems(grid, where, m, spec.needs_clip)
         try:  # the target kind may depend on the params (starred variants)
             consumes = spec.consumes_for({**dataclasses.asdict(spec.params()), **m.params})
         except (TypeError, ValueError):  # an invalid override, reported above

@@ -160,7 +160,7 @@ def expand(grid: Grid) -> list[Study]:
             spec = ALGORITHMS[method.name]
             params = {**dataclasses.asdict(spec.params()), **method.params}
             training = method_training(grid, method)
-            study_key = signature({"cell": cell.as_config(), "method": method.model_dump(exclude={"label"} if method.label is None else None), "training": dataclasses.asdict(training)}, 10)
+            study_key = signature({"cell": cell.as_config(), "method": method.model_dump(exclude={"label"} if method.label is None else None), "training": training.signed()}, 10)
             study_id = f"{grid.experiment}.{method.label or method.name}.{study_key}"
             studies.append(Study(study_id, cell, method, training, params))
     return studies

@@ -16,6 +16,7 @@ accuracy beside the ensemble's.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Annotated, Any, Callable, Iterator, Literal, Protocol, runtime_checkable
@@ -25,6 +26,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from trainables.data.annotation import Target
+from trainables.data.clip_source import LoadedClip
 
 
 @dataclass(frozen=True)
@@ -47,12 +49,39 @@ class TrainSettings:
     """L2 weight decay."""
     scheduler: Literal["cosine", "constant"] = "cosine"
     """Learning-rate schedule: ``cosine`` (decay to 0 over ``epochs``) or ``constant``."""
-    backbone: Literal["auto", "preact_resnet18", "small_cnn", "mlp"] = "auto"
-    """Backbone name (``preact_resnet18``, ``small_cnn``, ``mlp``) or ``auto`` (the dataset's default)."""
+    backbone: Literal["auto", "preact_resnet18", "small_cnn", "mlp", "clip_peft"] = "auto"
+    """Backbone name (``preact_resnet18``, ``small_cnn``, ``mlp``), ``clip_peft`` (the annotator's CLIP
+    image encoder tuned by ``peft``, its classifier initialised from the class names' text
+    embeddings: PartialCLIP) or ``auto`` (the dataset's default)."""
+    peft: Literal["lora", "adapter", "bias", "layernorm", "linear_probe", "full"] = "lora"
+    """``clip_peft`` only: what of the image encoder is tuned (the head always is): LoRA on the
+    attention projections, an AdaptFormer adapter beside each MLP, the biases, the LayerNorms,
+    nothing (linear probe) or everything (``trainables/common/peft.py``)."""
+    lora_rank: Annotated[int, Field(ge=1, le=1024)] = 8
+    """``clip_peft`` with ``peft: lora``: rank r of each low-rank update (scale alpha / r = 1)."""
+    adapter_dim: Annotated[int, Field(ge=1, le=4096)] = 64
+    """``clip_peft`` with ``peft: adapter``: bottleneck width of each AdaptFormer adapter."""
     val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
     """Fraction of the training pool held out (with candidate labels only) for the label-free objective."""
     checkpoint_every: Annotated[int, Field(ge=1)] = 1
     """Save a Tune checkpoint every this many epochs (and always at the last one)."""
+
+    def signed(self) -> dict[str, Any]:
+        """The settings that identify a run: every field, the ``clip_peft`` ones only with that
+        backbone (so the signatures of runs on the other backbones stay what they were)."""
+        out = dataclasses.asdict(self)
+        if self.backbone != "clip_peft":
+            for name in CLIP_PEFT_SETTINGS:
+                out.pop(name)
+        return out
+
+    @property
+    def uses_clip(self) -> bool:
+        return self.backbone == "clip_peft"
+
+
+CLIP_PEFT_SETTINGS = ("peft", "lora_rank", "adapter_dim")
+"""The :class:`TrainSettings` fields that apply to the ``clip_peft`` backbone only."""
 
 
 @dataclass
@@ -135,6 +164,9 @@ class BuildContext:
     train: TrainSettings
     device: torch.device
     seed: int
+    clip: LoadedClip | None = None
+    """The annotator's CLIP, for a method that ``needs_clip`` (CoOp) and the ``clip_peft`` backbone;
+    None for annotators without one."""
 
 
 @runtime_checkable
@@ -204,6 +236,9 @@ class AlgorithmSpec:
     ablations: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Named ablations: each maps to the params overrides that switch a component off."""
     description: str = ""
+    needs_clip: bool = False
+    """The method runs on the annotator's CLIP (``BuildContext.clip``; CoOp): refused before Ray
+    starts for annotators without one."""
     consumes_when: Callable[[Any], Target] | None = None
     """``params -> Target`` for a method whose variants learn from different targets (the starred
     rows: ``starred=True`` -> template average); None: always ``consumes``."""

@@ -24,9 +24,11 @@ import torch
 
 from trainables.api import Algorithm, BuildContext, Diagnosed, TrainData, TwoNetwork
 from trainables.common.augment import make_views
-from trainables.common.backbones import make_encoder
+from trainables.common.backbones import clip_encoder_factory, make_encoder
+from trainables.common.clip_model import clip_views, load_source
 from trainables.common.diagnostics import PROBE_SIZE, class_entropy, collapse_reason
 from trainables.data.annotation import load_cached
+from trainables.data.clip_source import LoadedClip, clip_source
 from trainables.data.datasets import Dataset, load_dataset
 from trainables.registry import ALGORITHMS
 from trainables.spec import TrialSpec
@@ -97,6 +99,28 @@ class TrialData:
     """Draws every augmentation; its state is checkpointed so a resumed run sees the same views."""
     probe: torch.Tensor
     """A fixed batch of plain-view training inputs for the label-free collapse diagnostics."""
+    clip: LoadedClip | None = None
+    """The annotator's CLIP, when the method or the backbone learns on it (:func:`uses_clip`)."""
+
+
+def uses_clip(trial: TrialSpec) -> bool:
+    """The trial learns on its annotator's CLIP: a method that needs it (CoOp) or the ``clip_peft`` backbone."""
+    return ALGORITHMS[trial.method].needs_clip or trial.training.uses_clip
+
+
+def load_trial_clip(trial: TrialSpec, device: torch.device) -> LoadedClip | None:
+    """The annotator's CLIP of a trial that :func:`uses_clip` (None otherwise), read from the
+    cached annotation's meta and built with the annotator's weights."""
+    if not uses_clip(trial):
+        return None
+    source = clip_source(Path(trial.cache_dir), trial.annotation_key)
+    if source is None:
+        what = trial.method if ALGORITHMS[trial.method].needs_clip else "the clip_peft backbone"
+        raise ValueError(
+            f"{what} learns on the annotator's CLIP, and annotator {trial.cell.annotator_name!r} "
+            f"({trial.cell.annotator_kind}) has none; use a clip annotator (or an ensemble with a clip member)"
+        )
+    return load_source(source, device)
 
 
 def prepare_data(trial: TrialSpec, device: torch.device) -> TrialData:
@@ -123,7 +147,12 @@ def prepare_data(trial: TrialSpec, device: torch.device) -> TrialData:
         return torch.as_tensor(a).to(device)
 
     aug_generator = torch.Generator().manual_seed(cell.seed + 1)
-    views = make_views(dataset.kind, mean=dataset.mean, std=dataset.std, hflip=dataset.hflip, generator=aug_generator)
+    clip = load_trial_clip(trial, device)
+    if clip is None:
+        views = make_views(dataset.kind, mean=dataset.mean, std=dataset.std, hflip=dataset.hflip, generator=aug_generator)
+    else:  # augment in [0, 1] at the stored size, then the CLIP transform
+        base = make_views(dataset.kind, mean=None, std=None, hflip=dataset.hflip, generator=aug_generator)
+        views = clip_views(base, clip.preprocess_cfg)
     soft = annotation.soft_targets(target)[split.train] if target.is_soft else None
     data = TrainData(
         x=to(dataset.train_x[split.train]),
@@ -149,6 +178,7 @@ def prepare_data(trial: TrialSpec, device: torch.device) -> TrialData:
         test_y=to(dataset.test_y),
         split=split,
         aug_generator=aug_generator,
+        clip=clip,
     )
 
 
@@ -161,6 +191,7 @@ def build_algorithm(trial: TrialSpec, td: TrialData, device: torch.device) -> Al
         default_backbone=ds.default_backbone,
         num_samples=td.data.num_samples,
         device=device,
+        clip=td.clip,
     )
 
 
@@ -172,10 +203,12 @@ def build_from_info(
     default_backbone: str,
     num_samples: int,
     device: torch.device,
+    clip: LoadedClip | None = None,
 ) -> Algorithm:
     """Build the trial's algorithm from what is known about the data, without the data: the
     deployable student (``orchestrator/student.py``) rebuilds a trained algorithm this way.
-    ``sample_shape`` is one stored sample's shape: (C, H, W) images or (D,) features."""
+    ``sample_shape`` is one stored sample's shape: (C, H, W) images or (D,) features. ``clip``:
+    the annotator's CLIP of a trial that :func:`uses_clip`."""
     spec = ALGORITHMS[trial.method]
     settings = trial.training
     backbone = default_backbone if settings.backbone == "auto" else settings.backbone
@@ -186,6 +219,10 @@ def build_from_info(
     def make() -> torch.nn.Module:
         return make_encoder(backbone, in_channels=in_channels, image_size=image_size, in_dim=in_dim)
 
+    if uses_clip(trial) and clip is None:
+        raise ValueError(f"trial {trial.label}: learns on the annotator's CLIP, and none was given")
+    if backbone == "clip_peft":
+        make = clip_encoder_factory(clip, settings)
     ctx = BuildContext(
         num_classes=num_classes,
         num_samples=num_samples,
@@ -193,6 +230,7 @@ def build_from_info(
         train=settings,
         device=device,
         seed=trial.seed,
+        clip=clip,
     )
     torch.manual_seed(trial.seed)
     return spec.build(spec.params(**trial.params), ctx)
@@ -300,6 +338,8 @@ def _saver(trial: TrialSpec, algo: Algorithm, td: TrialData, epoch: int, best: d
     def save(directory: Path) -> None:
         state = {"algorithm": algo.state_dict(), "epoch": epoch + 1, "best": dict(best), **_rng_state(td)}
         state.update(config=trial.to_config(), num_samples=td.data.num_samples)  # a rebuild without the data
+        if td.clip is not None:  # the student rebuilds the annotator's CLIP architecture
+            state["clip"] = td.clip.source.to_config()
         torch.save(state, directory / CHECKPOINT_FILE)
         if last and len(td.test_x):
             test_pred = predict(algo, td.test_x, td.data.views.plain).argmax(1)

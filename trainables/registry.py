@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from trainables import alim, cc, coreg, cr_dpll, dividemix, irnet, kd, lw, pico, pico_plus, proden, rc
+from trainables import alim, cc, coop, coreg, cr_dpll, dividemix, irnet, kd, lw, pico, pico_plus, proden, rc
 from trainables.api import AlgorithmSpec
 
-MODULES: tuple[ModuleType, ...] = (alim, cc, coreg, cr_dpll, irnet, lw, pico, pico_plus, proden, rc, dividemix, kd)
+MODULES: tuple[ModuleType, ...] = (alim, cc, coreg, cr_dpll, irnet, lw, pico, pico_plus, proden, rc, dividemix, kd, coop)
 
 
 def module_specs(module: ModuleType) -> tuple[AlgorithmSpec, ...]:

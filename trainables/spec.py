@@ -98,7 +98,7 @@ class TrialSpec:
         if key == "cell":
             return value.to_config()
         if key == "training":
-            return dataclasses.asdict(value)
+            return value.signed()
         return dict(value) if isinstance(value, Mapping) else value
 
     @property

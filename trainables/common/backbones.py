@@ -1,11 +1,24 @@
-"""Feature extractors (no classification head). Each has ``out_dim``, the width of its output."""
+"""Feature extractors (no classification head). Each has ``out_dim``, the width of its output.
+
+``clip_peft`` is the annotator's CLIP image encoder (:class:`ClipImageEncoder`, built by
+:func:`clip_encoder_factory`); it also carries ``head_init``, the weights its classifier starts from.
+"""
 
 from __future__ import annotations
 
+import copy
+from typing import Callable
+
+import torch
 from torch import Tensor, nn
 import torch.nn.functional as F
 
-BACKBONES = ("preact_resnet18", "small_cnn", "mlp")
+from trainables.api import TrainSettings
+from trainables.common.clip_model import text_classifier
+from trainables.common.peft import apply_peft
+from trainables.data.clip_source import LoadedClip
+
+BACKBONES = ("preact_resnet18", "small_cnn", "mlp", "clip_peft")
 
 
 def _conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -108,3 +121,35 @@ def make_encoder(name: str, *, in_channels: int, image_size: int, in_dim: int | 
             raise ValueError("backbone 'mlp' needs in_dim (the feature dimension)")
         return MLP(in_dim)
     raise KeyError(f"unknown backbone {name!r}; allowed: {', '.join(BACKBONES)}")
+
+
+class ClipImageEncoder(nn.Module):
+    """A CLIP image tower (with its PEFT modules) -> L2-normalised image embedding (B, D).
+
+    ``head_init`` = (logit_scale * T, 0) with T (C, D) the normalised text classifier: a linear head
+    started from it computes logit_scale * r . T^T, the annotator's zero-shot logits (PartialCLIP's
+    text-initialised classifier). ``nets.Net`` copies it into its classifier."""
+
+    def __init__(self, visual: nn.Module, out_dim: int, head_init: tuple[Tensor, Tensor]):
+        super().__init__()
+        self.visual = visual
+        self.out_dim = out_dim
+        self.head_init = head_init
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(self.visual(x), dim=-1)  # (B, D)
+
+
+def clip_encoder_factory(clip: LoadedClip, settings: TrainSettings) -> Callable[[], nn.Module]:
+    """``make()`` for the ``clip_peft`` backbone: encodes the annotator's class prompts once; each
+    call returns a fresh copy of the image tower with ``settings.peft`` applied (two-network
+    methods get two independent copies)."""
+    classes = text_classifier(clip)  # (C, D)
+    head = (clip.source.logit_scale * classes, torch.zeros(len(classes), device=classes.device))
+    visual = clip.model.visual
+
+    def make() -> nn.Module:
+        tower = apply_peft(copy.deepcopy(visual), settings.peft, lora_rank=settings.lora_rank, adapter_dim=settings.adapter_dim)
+        return ClipImageEncoder(tower, classes.shape[1], head)
+
+    return make

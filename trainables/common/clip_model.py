@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     import torch
 
     from trainables.api import Views
-    from trainables.data.clip_source import ClipSource
+    from trainables.data.clip_source import ClipSource, LoadedClip
 
 TEXT_CHUNK = 1024
 """Prompts encoded per forward pass of the text tower."""
@@ -140,25 +140,29 @@ def preprocess_images(images: torch.Tensor, cfg: dict[str, Any]) -> torch.Tensor
     return (x.float() / 255.0 - mean) / std
 
 
-def load_source(source: ClipSource, device: str | torch.device = "cpu") -> tuple[Any, Any, dict[str, Any]]:
-    """(model in float32 and eval mode, tokenizer, preprocess config) of ``source``. Trials train in
-    float32 whatever precision the annotator ran in (fp16 weights do not take SGD steps well)."""
-    return load_clip_model(
+def load_source(source: ClipSource, device: str | torch.device = "cpu") -> LoadedClip:
+    """The model of ``source`` in float32 and eval mode, its tokenizer and preprocess config. Trials
+    train in float32 whatever precision the annotator ran in (fp16 weights take SGD steps badly)."""
+    from trainables.data.clip_source import LoadedClip
+
+    model, tokenizer, cfg = load_clip_model(
         source.model, source.pretrained, source.model_config_path, "fp32", str(device), source.init_seed
     )
+    return LoadedClip(source, model, tokenizer, cfg)
 
 
-def text_classifier(model: Any, tokenizer: Any, source: ClipSource) -> torch.Tensor:
+def text_classifier(clip: LoadedClip) -> torch.Tensor:
     """(C, D) class embeddings of the annotator's prompts: per template L2-normalised, averaged over
     the templates and normalised again (CLIP's prompt ensembling, Radford et al. 2021, sec. 3.1.4).
     With one template this is exactly the annotator's classifier for that template."""
     import torch
     import torch.nn.functional as F
 
+    model, source = clip.model, clip.source
     prompts = [t.format(c) for t in source.templates for c in source.class_names]
     device = next(model.parameters()).device
     with torch.no_grad():
-        tokens = tokenizer(prompts)
+        tokens = clip.tokenizer(prompts)
         feats = torch.cat([model.encode_text(tokens[i : i + TEXT_CHUNK].to(device)).float() for i in range(0, len(prompts), TEXT_CHUNK)])
     feats = F.normalize(feats, dim=-1).view(len(source.templates), len(source.class_names), -1)  # (T, C, D)
     return F.normalize(feats.mean(0), dim=-1)  # (C, D)
@@ -182,3 +186,29 @@ def clip_views(base: Views, cfg: dict[str, Any]) -> Views:
         weak=lambda x: preprocess_images(to_uint8(base.weak(x)), cfg),
         strong=lambda x: preprocess_images(to_uint8(base.strong(x)), cfg),
     )
+
+
+def check_text_transformer(model: Any) -> None:
+    """Prompt learning needs open_clip's built-in text transformer (class ``CLIP``): SigLIP and the
+    other ``CustomTextCLIP`` models keep their text tower behind another interface."""
+    if type(model).__name__ != "CLIP" or not hasattr(model, "token_embedding"):
+        raise ValueError(
+            f"prompt learning needs an open_clip CLIP with its built-in text transformer; "
+            f"{type(model).__name__} (SigLIP or a custom text tower) is not supported"
+        )
+
+
+def encode_prompts(model: Any, prompts: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """open_clip ``CLIP.encode_text`` from token *embeddings*: (P, L, D_text) prompts whose token ids
+    are ``tokens`` (P, L) (only their end-of-text positions are read) -> (P, D) unnormalised text
+    features. CoOp's ``TextEncoder`` does the same on OpenAI's CLIP."""
+    import torch
+    from open_clip.transformer import text_global_pool
+
+    x = prompts + model.positional_embedding.to(prompts.dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask)
+    x = model.ln_final(x)  # (P, L, D_text)
+    x = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+    if model.text_projection is None:
+        return x
+    return model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection

@@ -21,6 +21,11 @@ class Net(nn.Module):
         width = encoder.out_dim
         self.encoder = encoder
         self.classifier = nn.Linear(width, num_classes)
+        head_init = getattr(encoder, "head_init", None)  # a CLIP encoder's text classifier (PartialCLIP)
+        if head_init is not None:
+            with torch.no_grad():
+                self.classifier.weight.copy_(head_init[0])
+                self.classifier.bias.copy_(head_init[1])
         self.projector = None
         if proj_dim is not None:
             self.projector = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, proj_dim))

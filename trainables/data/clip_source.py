@@ -48,6 +48,19 @@ class ClipSource:
         return cls(**{**raw, "templates": tuple(raw["templates"]), "class_names": tuple(raw["class_names"])})
 
 
+@dataclass
+class LoadedClip:
+    """A :class:`ClipSource` built (``trainables.common.clip_model.load_source``): what a method or
+    the ``clip_peft`` backbone is given in its build context."""
+
+    source: ClipSource
+    model: Any
+    """The open_clip model, float32, eval mode."""
+    tokenizer: Any
+    preprocess_cfg: dict[str, Any]
+    """open_clip's preprocess config of the model (size, mean, std, interpolation, resize mode)."""
+
+
 def _from_meta(meta: Mapping[str, Any]) -> ClipSource:
     ann = meta["annotator"]
     config_path = ann.get("model_config_path")
