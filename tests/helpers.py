@@ -3,12 +3,20 @@ and the build context of a small CNN on them."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
 from trainables.api import BuildContext, TrainData, TrainSettings
 from trainables.common.augment import make_views
-from trainables.common.backbones import make_encoder
+from trainables.common.backbones import clip_encoder_factory, make_encoder
+from trainables.common.clip_model import clip_views, load_source
+from trainables.data.clip_source import ClipSource, LoadedClip
+
+TINY_CLIP = Path(__file__).parent / "fixtures" / "tiny_clip.json"
 
 
 def tiny_images(n: int, g: torch.Generator) -> torch.Tensor:
@@ -48,14 +56,39 @@ def tiny_pll_data(
 
 
 def tiny_ctx(
-    num_samples: int, num_classes: int, *, epochs: int, batch_size: int, lr: float = 0.05, seed: int = 0
-) -> BuildContext:
-    """A small CNN on 8x8 one-channel images, on the CPU."""
+    num_samples: int, num_classes: int, *, epochs: int, batch_size: int, lr: float = 0.05, seed: int = 0,
+    clip: LoadedClip | None = None, **settings,
+) -> BuildContext:  # fmt: skip
+    """A small CNN on 8x8 one-channel images, on the CPU; with ``backbone="clip_peft"`` (in
+    ``settings``) the tiny CLIP ``clip``'s image tower instead. ``clip`` also reaches methods that need it."""
+    train = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, **settings)
+    make = lambda: make_encoder("small_cnn", in_channels=1, image_size=8)  # noqa: E731
+    if train.uses_clip:
+        make = clip_encoder_factory(clip, train)
     return BuildContext(
         num_classes=num_classes,
         num_samples=num_samples,
-        make_encoder=lambda: make_encoder("small_cnn", in_channels=1, image_size=8),
-        train=TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr),
+        make_encoder=make,
+        train=train,
         device=torch.device("cpu"),
         seed=seed,
+        clip=clip,
     )
+
+
+def tiny_clip_source(num_classes: int, templates: tuple[str, ...] = ("a photo of a {}",)) -> ClipSource:
+    """The tiny random open_clip model of tests/fixtures/tiny_clip.json, as an annotator's CLIP."""
+    names = tuple(f"number {i}" for i in range(num_classes))
+    return ClipSource("tiny_clip", None, str(TINY_CLIP), templates, names)
+
+
+@functools.lru_cache(maxsize=4)
+def tiny_clip(num_classes: int, templates: tuple[str, ...] = ("a photo of a {}",)) -> LoadedClip:
+    """:func:`tiny_clip_source` built (once per process: building it takes seconds)."""
+    return load_source(tiny_clip_source(num_classes, templates))
+
+
+def with_clip_views(data: TrainData, clip: LoadedClip, seed: int = 0) -> TrainData:
+    """``data`` with CLIP views (augmentations in [0, 1], then the tiny CLIP's transform), seeded as ``tiny_data``'s."""
+    base = make_views("image", mean=None, std=None, hflip=True, generator=torch.Generator().manual_seed(seed + 1))
+    return dataclasses.replace(data, views=clip_views(base, clip.preprocess_cfg))

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import random_candidates, tiny_ctx, tiny_data, tiny_images
+from helpers import random_candidates, tiny_clip, tiny_ctx, tiny_data, tiny_images, with_clip_views
 from trainables.api import Algorithm, AlgorithmSpec, Target, TrainData, TrainSettings
 from trainables.registry import ALGORITHMS, get
 
@@ -24,7 +24,13 @@ FAST = {"warmup_epochs": 1, "contrastive_start": 0, "queue_size": 128, "rampup_e
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _data(seed: int = 0) -> TrainData:
+def _data(seed: int = 0, spec: AlgorithmSpec | None = None) -> TrainData:
+    """The tiny data; with CLIP views for a method that learns on the annotator's CLIP (CoOp)."""
+    data = _cnn_data(seed)
+    return with_clip_views(data, tiny_clip(C), seed) if spec is not None and spec.needs_clip else data
+
+
+def _cnn_data(seed: int = 0) -> TrainData:
     g = torch.Generator().manual_seed(0)
     x = tiny_images(N, g)
     y = torch.randint(0, C, (N,), generator=g)
@@ -41,7 +47,8 @@ def _data(seed: int = 0) -> TrainData:
 def _build(spec: AlgorithmSpec, seed: int = 0) -> Algorithm:
     fields = {f.name for f in dataclasses.fields(spec.params)}
     params = spec.params(**{k: v for k, v in FAST.items() if k in fields})
-    return spec.build(params, tiny_ctx(N, C, epochs=EPOCHS + 1, batch_size=16, seed=seed))
+    clip = tiny_clip(C) if spec.needs_clip else None
+    return spec.build(params, tiny_ctx(N, C, epochs=EPOCHS + 1, batch_size=16, seed=seed, clip=clip))
 
 
 def _outputs(spec: AlgorithmSpec, algo: Algorithm, probe: torch.Tensor) -> torch.Tensor:
@@ -90,7 +97,7 @@ def trained(request):
     """(spec, algorithm after EPOCHS epochs, metrics of every epoch, predictions before training)."""
     spec = ALGORITHMS[request.param]
     algo = _build(spec)
-    data = _data()
+    data = _data(spec=spec)
     probe = data.views.plain(data.x[:8])
     before = _outputs(spec, algo, probe).clone()
     history = [algo.train_epoch(data, epoch) for epoch in range(EPOCHS)]
@@ -138,7 +145,7 @@ def test_checkpoint_round_trip_restores_everything(trained):
     restored = _build(spec, seed=123)  # different initial weights: the load must overwrite them
     restored.load_state_dict(torch.load(buffer))
 
-    probe = _data().views.plain(_data().x)
+    probe = _data(spec=spec).views.plain(_data().x)
     assert torch.equal(_outputs(spec, algo, probe), _outputs(spec, restored, probe))
     assert torch.equal(algo.pseudo_labels(), restored.pseudo_labels())
     mask, restored_mask = algo.clean_mask(), restored.clean_mask()
@@ -146,8 +153,8 @@ def test_checkpoint_round_trip_restores_everything(trained):
     _assert_same(algo.state_dict(), restored.state_dict())
 
     # resuming is exact: one more epoch with identically seeded data gives identical results
-    metrics = algo.train_epoch(_data(seed=7), EPOCHS)
-    restored_metrics = restored.train_epoch(_data(seed=7), EPOCHS)
+    metrics = algo.train_epoch(_data(seed=7, spec=spec), EPOCHS)
+    restored_metrics = restored.train_epoch(_data(seed=7, spec=spec), EPOCHS)
     assert metrics == restored_metrics
     assert torch.equal(_outputs(spec, algo, probe), _outputs(spec, restored, probe))
 
@@ -172,7 +179,7 @@ def _without_gradient(algo: Algorithm, data: TrainData) -> list[str]:
 def test_every_trainable_parameter_receives_a_gradient(name):
     """timm's backward test: in one epoch of the main phase every parameter that requires a
     gradient gets one; a parameter that never does is dead weight or a wiring bug."""
-    assert _without_gradient(_build(ALGORITHMS[name]), _data()) == []
+    assert _without_gradient(_build(ALGORITHMS[name]), _data(spec=ALGORITHMS[name])) == []
 
 
 def test_the_gradient_check_finds_a_parameter_that_gets_none():

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from trainables.api import AlgorithmSpec, BuildContext, Target, TrainData
 from trainables.common.clip_model import check_text_transformer, encode_prompts
 from trainables.common.metrics import MeanMeter
+from trainables.common.nets import seeded
 from trainables.common.optim import make_optimizer
 from trainables.common.single_net import training_view
 from trainables.data.clip_source import LoadedClip
@@ -119,7 +120,8 @@ class CoOp:
         if ctx.clip is None:
             raise ValueError("coop learns prompts for the annotator's CLIP; this cell's annotator has none")
         self.params = params
-        self.net = CoOpNet(ctx.clip, params).to(ctx.device)
+        with seeded(ctx.seed):  # the context's N(0, 0.02) draw depends on the seed only
+            self.net = CoOpNet(ctx.clip, params).to(ctx.device)
         self.optimizer, self.scheduler = make_optimizer([self.net.prompts.ctx], ctx.train, ctx.train.epochs)
         self.batch_size = ctx.train.batch_size
         self.targets = torch.full((ctx.num_samples, ctx.num_classes), 1.0 / ctx.num_classes, device=ctx.device)

@@ -7,8 +7,8 @@ encoder with one PEFT module and a classifier initialised from the class names' 
 - ``lora`` (Hu et al. 2022): W -> W + (alpha / r) B A on every attention block's input projection
   (q, k, v stacked) and output projection; A ~ Kaiming-uniform, B = 0 (the encoder starts
   unchanged), alpha = r. Written as a ``torch.nn.utils.parametrize`` parametrization, so that
-  :func:`merge_lora` folds it into plain weights (``leave_parametrized``) and the merged encoder
-  computes exactly what the adapted one did: the same weight tensor enters the same op.
+  :func:`merge_lora` folds it into plain weights and the merged encoder computes exactly what the
+  adapted one did: the same weight tensor enters the same op.
 - ``adapter`` (AdaptFormer, Chen et al. 2022, eq. 2): beside each block's MLP, on the same
   LayerNorm'ed input, s * up(ReLU(down(h))) with s = 0.1 and ``up`` zero-initialised.
 - ``bias`` (BitFit, Ben Zaken et al. 2022): every bias; ``layernorm``: every LayerNorm's scale and
@@ -111,14 +111,22 @@ def apply_peft(encoder: nn.Module, kind: str, *, lora_rank: int = 8, adapter_dim
 
 def merge_lora(module: nn.Module) -> int:
     """Fold every LoRA parametrization under ``module`` into its weight (in place); returns how many.
-    What remains is a plain network: the deployable student holds no adapter."""
+    What remains is a plain network of the original classes: the deployable student holds no adapter.
+
+    ``parametrize.remove_parametrizations`` is not used: it deletes the weight's property from the
+    injected class, which deep copies share (a momentum encoder, a second copy of the model)."""
     merged = 0
     for sub in list(module.modules()):
         if not parametrize.is_parametrized(sub):
             continue
-        for name in list(sub.parametrizations.keys()):
-            if any(isinstance(p, LoRA) for p in sub.parametrizations[name]):
-                parametrize.remove_parametrizations(sub, name, leave_parametrized=True)
-                getattr(sub, name).requires_grad_(False)
-                merged += 1
+        lists = dict(sub.parametrizations.items())
+        if not all(isinstance(p, LoRA) for plist in lists.values() for p in plist):
+            continue  # not ours: left as it is
+        with torch.no_grad():
+            weights = {name: getattr(sub, name).detach().clone() for name in lists}  # W + B A
+        del sub._modules["parametrizations"]
+        sub.__class__ = type(sub).__bases__[0]  # the class before parametrize injected its properties
+        for name, weight in weights.items():
+            sub.register_parameter(name, nn.Parameter(weight, requires_grad=False))
+        merged += len(weights)
     return merged

@@ -1,0 +1,154 @@
+"""CoOp and the clip_peft backbone on the tiny random open_clip model: what each trains, what it
+leaves frozen, where it starts from (the annotator's zero-shot classifier) and the merged student."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.utils import parametrize
+
+from helpers import TINY_CLIP, tiny_clip, tiny_ctx, tiny_images, tiny_data, with_clip_views
+from orchestrator.annotation.clip import ClipActor
+from trainables.common.clip_model import encode_prompts
+from trainables.common.peft import PEFT_CHOICES, LoRA, merge_lora
+from trainables.registry import ALGORITHMS
+
+N, C = 48, 4
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _clip_data(seed: int = 0, trusted: int = 12):
+    """Random 8x8 images with CLIP views; the first ``trusted`` samples are revealed shots."""
+    g = torch.Generator().manual_seed(seed)
+    x = tiny_images(N, g)
+    y = torch.arange(N) % C
+    cand = F.one_hot(y, C).float()
+    cand[trusted:] = (cand[trusted:] + F.one_hot((y[trusted:] + 1) % C, C)).clamp(max=1)  # two-label sets
+    return with_clip_views(tiny_data(x, cand, torch.arange(N) < trusted), tiny_clip(C)), y
+
+
+def _build(method: str, **settings):
+    spec = ALGORITHMS[method]
+    ctx = tiny_ctx(N, C, epochs=4, batch_size=16, lr=0.05, clip=tiny_clip(C), **settings)
+    return spec.build(spec.params(), ctx)
+
+
+def test_encode_prompts_is_encode_text_from_the_token_embeddings():
+    model, tokenizer = tiny_clip(C).model, tiny_clip(C).tokenizer
+    tokens = tokenizer(["a photo of a number 3.", "X X X X number 1."])
+    with torch.no_grad():
+        direct = model.encode_text(tokens)
+        via = encode_prompts(model, model.token_embedding(tokens), tokens)
+    torch.testing.assert_close(via, direct, rtol=0, atol=1e-6)
+
+
+def test_coop_updates_only_its_context():
+    data, _ = _clip_data()
+    algo = _build("coop")
+    clip_before = copy.deepcopy(tiny_clip(C).model.state_dict())
+    buffers_before = {k: v.clone() for k, v in algo.net.prompts.named_buffers()}
+    ctx_before = algo.net.prompts.ctx.detach().clone()
+    trainable = [name for name, p in algo.net.named_parameters() if p.requires_grad]
+    assert trainable == ["prompts.ctx"]
+    history = [algo.train_epoch(data, epoch) for epoch in range(3)]
+    # the constant warm-up epoch, then the cosine schedule where it would be anyway (the reference's Dassl)
+    assert history[0]["train/lr"] == pytest.approx(1e-5)
+    assert history[1]["train/lr"] == pytest.approx(0.05 * (1 + np.cos(np.pi * 1 / 4)) / 2)
+    assert not torch.equal(algo.net.prompts.ctx, ctx_before)
+    for key, value in tiny_clip(C).model.state_dict().items():  # both encoders, bit-identical
+        assert torch.equal(value, clip_before[key]), key
+    for key, value in algo.net.prompts.named_buffers():  # SOS, class-name tokens, EOS
+        assert torch.equal(value, buffers_before[key]), key
+    assert torch.equal(algo.clean_mask(), data.trusted)
+
+
+def test_coop_learns_from_the_shots_alone():
+    """Changing the candidate sets of the unrevealed samples changes nothing: CoOp sees only the shots."""
+    data, _ = _clip_data()
+    other = copy.copy(data)
+    other.cand = data.cand.clone()
+    other.cand[~data.trusted] = 1.0 - other.cand[~data.trusted]
+    outs = []
+    for d in (data, other):
+        d = with_clip_views(d, tiny_clip(C))  # fresh, identically seeded views
+        d.generator.manual_seed(2)
+        algo = _build("coop")
+        for epoch in range(2):
+            algo.train_epoch(d, epoch)
+        outs.append(algo.predict(d.views.plain(d.x[:8])))
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_coop_refuses_a_cell_without_shots():
+    data, _ = _clip_data(trusted=0)
+    with pytest.raises(ValueError, match="reveals none"):
+        _build("coop").train_epoch(data, 0)
+
+
+@pytest.mark.parametrize("peft", PEFT_CHOICES)
+def test_text_initialised_head_equals_the_zero_shot_classifier(peft):
+    """Before training, cc on clip_peft predicts the annotator's own zero-shot probabilities."""
+    data, _ = _clip_data()
+    algo = _build("cc", backbone="clip_peft", peft=peft)
+    images = data.x[:16]
+    probs = algo.predict(data.views.plain(images)).softmax(1)
+    actor = ClipActor(
+        model="tiny_clip", pretrained=None, model_config_path=str(TINY_CLIP), templates=["a photo of a {}"],
+        class_names=[f"number {i}" for i in range(C)],
+    )  # fmt: skip
+    zero_shot = actor({"index": np.arange(16), "image": images.numpy()})["probs"][:, 0]  # (16, C) float16
+    assert len({row.tobytes() for row in zero_shot}) > 8  # distinct rows: the comparison says something
+    np.testing.assert_allclose(probs.numpy(), zero_shot.astype(np.float32), atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "peft, expected",
+    [("bias", lambda n: n.endswith("bias")), ("layernorm", lambda n: ".ln_" in n or n.startswith("ln_")),
+     ("linear_probe", lambda n: False), ("full", lambda n: True)],
+)  # fmt: skip
+def test_each_peft_choice_trains_what_it_names(peft, expected):
+    algo = _build("cc", backbone="clip_peft", peft=peft)
+    visual = algo.model.net.encoder.visual
+    for name, p in visual.named_parameters():
+        assert p.requires_grad == expected(name), name
+    assert algo.model.net.classifier.weight.requires_grad  # the head always learns
+
+
+def test_lora_touches_only_its_adapters_and_the_merged_model_predicts_the_same():
+    data, _ = _clip_data()
+    algo = _build("cc", backbone="clip_peft", peft="lora", lora_rank=4)
+    net = algo.model.net
+    before = copy.deepcopy(net.state_dict())
+    lora_keys = {k for k in before if ".lora_" in k}
+    assert lora_keys and all(k.endswith(("lora_a", "lora_b")) for k in lora_keys)
+    for epoch in range(2):
+        algo.train_epoch(data, epoch)
+    after = net.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and changed <= lora_keys | {"classifier.weight", "classifier.bias"}
+    assert any(k.endswith("lora_b") for k in changed)  # B left zero: the adapters learned something
+
+    probe = data.views.plain(data.x)
+    merged = copy.deepcopy(net)
+    assert merge_lora(merged) == len(lora_keys) // 2
+    assert not any(parametrize.is_parametrized(m) for m in merged.modules())
+    assert not any(isinstance(m, LoRA) for m in merged.modules())
+    net.eval(), merged.eval()
+    with torch.no_grad():
+        adapted, plain = net(probe), merged(probe)
+    assert torch.equal(adapted, plain)
+
+
+def test_adapter_starts_as_the_identity_and_trains_only_itself():
+    data, _ = _clip_data()
+    algo = _build("cc", backbone="clip_peft", peft="adapter", adapter_dim=8)
+    net = algo.model.net
+    before = copy.deepcopy(net.state_dict())
+    algo.train_epoch(data, 0)
+    changed = {k for k, v in net.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed and all(".down." in k or ".up." in k or k.startswith("classifier.") for k in changed)
