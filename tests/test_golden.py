@@ -59,11 +59,16 @@ def _params(method: str) -> dict:
     return {k: v for k, v in FAST.items() if k in fields}
 
 
-def _history(tmp_path: Path, monkeypatch, method: str) -> list[dict[str, float]]:
+def _history(tmp_path: Path, monkeypatch, method: str, **training) -> list[dict[str, float]]:
+    """The first epochs of ``method``; a method or backbone on the annotator's CLIP (``training``:
+    ``backbone: clip_peft``) runs on the tiny CLIP annotation, CoOp with 2 revealed shots per class."""
     spec = ALGORITHMS[method]
-    vlm = spec.consumes_for(_params(method)).from_vlm
+    on_clip = spec.needs_clip or training.get("backbone") == "clip_peft"
+    vlm = spec.consumes_for(_params(method)).from_vlm or on_clip
     annotator = VLM_ANNOTATOR if vlm else {"kind": "synthetic"}
     axes = {"seeds": [3]} if vlm else {"q": [0.3], "eta": [0.3], "seeds": [3]}
+    if spec.needs_clip:
+        axes["shots"] = [2]
     grid = parse_grid(
         {
             "experiment": "golden",
@@ -71,7 +76,7 @@ def _history(tmp_path: Path, monkeypatch, method: str) -> list[dict[str, float]]
             "datasets": [DIGITS],
             "annotators": [annotator],
             "grid": axes,
-            "training": {"epochs": EPOCHS + 1, "batch_size": 32, "backbone": "small_cnn"},
+            "training": {"epochs": EPOCHS + 1, "batch_size": 32, "backbone": "small_cnn", **training},
             "methods": [{"name": method, "params": _params(method)}],
         }
     )
@@ -88,9 +93,14 @@ def _history(tmp_path: Path, monkeypatch, method: str) -> list[dict[str, float]]
     return [{k: v for k, v in m.items() if k.startswith("train/") or k in KEYS} for m in out]
 
 
-@pytest.mark.parametrize("method", sorted(ALGORITHMS))
+STUDENTS = {"cc@clip_peft": ("cc", {"backbone": "clip_peft", "peft": "lora", "lora_rank": 4, "lr": 0.01})}
+"""Pinned runs of a method on another backbone, keyed ``<method>@<backbone>``."""
+
+
+@pytest.mark.parametrize("method", sorted(ALGORITHMS) + sorted(STUDENTS))
 def test_first_epochs_match_the_pinned_run(tmp_path, monkeypatch, method):
-    history = _history(tmp_path, monkeypatch, method)
+    name, training = STUDENTS.get(method, (method, {}))
+    history = _history(tmp_path, monkeypatch, name, **training)
     if os.environ.get("PIN_GOLDEN"):
         pinned = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
         pinned[method] = history
