@@ -33,6 +33,12 @@ Details:
    (:func:`load_inference_state`), the same for every registered method.
 5. Every registered method trains a network; the annotator's own zero-shot accuracy is a
    statistic of the annotation run (:mod:`orchestrator.report`), not a model.
+6. A model on the annotator's CLIP (CoOp, the ``clip_peft`` backbone) names that CLIP in its
+   checkpoint; the student records its architecture (``clip``, rebuilt with random weights that the
+   shipped state replaces) and its image transform (``preprocessing.clip``), and requires open_clip.
+   LoRA adapters are merged into plain weights before the state is taken (:func:`merge_adapters`):
+   the deployed ``clip_peft`` model is the tuned image encoder and its head, nothing else. CoOp's
+   student is the whole frozen CLIP with the learned prompts (its text features are recomputed).
 """
 
 from __future__ import annotations
@@ -70,28 +76,16 @@ class StudentModel(PythonModel):
     """pyfunc wrapper: raw samples in, class ids / names / probabilities out."""
 
     def load_context(self, context) -> None:
-        from trainables.common.augment import make_views
-        from trainables.loop import build_from_info
-        from trainables.spec import TrialSpec
-
         info = context.model_config
         pre = info["preprocessing"]
         self.class_names = list(info["class_names"])
         self.input_shape = tuple(pre["input_shape"])
         self.dtype = np.dtype(pre["dtype"])
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.algo = build_from_info(
-            TrialSpec.from_config(info["config"]),
-            num_classes=len(self.class_names),
-            sample_shape=self.input_shape,
-            default_backbone=info["default_backbone"],
-            num_samples=info["num_samples"],
-            device=self.device,
-        )
+        self.algo = rebuild(info, self.device)
         state = torch.load(context.artifacts["networks"], map_location=self.device, weights_only=True)
         load_inference_state(self.algo, state)
-        generator = torch.Generator().manual_seed(0)  # unused by the plain view
-        self.view = make_views(pre["kind"], mean=pre["mean"], std=pre["std"], hflip=False, generator=generator).plain
+        self.view = plain_view(pre)
 
     def predict(self, context, model_input: np.ndarray, params: dict[str, Any] | None = None) -> pd.DataFrame:
         from trainables.loop import predict
@@ -105,6 +99,48 @@ class StudentModel(PythonModel):
         confidence, ids = (t.cpu().numpy() for t in probs.max(1))
         names = [self.class_names[i] for i in ids]
         return pd.DataFrame({"class_id": ids.astype(np.int64), "class_name": names, "probability": confidence})
+
+
+def rebuild(info: dict[str, Any], device: torch.device) -> Any:
+    """The algorithm of a student's ``info`` (:func:`model_info`), freshly built, its LoRA merged:
+    an annotator's CLIP is rebuilt with random weights (the student's own state replaces them)."""
+    from trainables.common.clip_model import load_source
+    from trainables.data.clip_source import ClipSource
+    from trainables.loop import build_from_info
+    from trainables.spec import TrialSpec
+
+    clip = load_source(ClipSource.from_config(info["clip"]).without_weights(), device) if info.get("clip") else None
+    algo = build_from_info(
+        TrialSpec.from_config(info["config"]),
+        num_classes=len(info["class_names"]),
+        sample_shape=tuple(info["preprocessing"]["input_shape"]),
+        default_backbone=info["default_backbone"],
+        num_samples=info["num_samples"],
+        device=device,
+        clip=clip,
+    )
+    merge_adapters(algo)
+    return algo
+
+
+def merge_adapters(algo: Any) -> int:
+    """Fold the LoRA adapters of every network the algorithm holds into plain weights (the
+    ``clip_peft`` backbone's; a no-op elsewhere). Returns the number of weights merged."""
+    from trainables.common.peft import merge_lora
+
+    return sum(merge_lora(module) for _, module in _modules(algo))
+
+
+def plain_view(pre: dict[str, Any]) -> Any:
+    """The trial's evaluation view from the student's preprocessing: the CLIP transform of a model
+    on the annotator's CLIP, else the data set's normalisation."""
+    from trainables.common.augment import make_views
+    from trainables.common.clip_model import preprocess_images
+
+    if pre.get("clip") is not None:
+        return lambda x: preprocess_images(x, pre["clip"])
+    generator = torch.Generator().manual_seed(0)  # unused by the plain view
+    return make_views(pre["kind"], mean=pre["mean"], std=pre["std"], hflip=False, generator=generator).plain
 
 
 def has_parameters(algo: Any) -> bool:
@@ -171,11 +207,15 @@ def load_inference_state(algo: Any, state: dict[str, dict[str, torch.Tensor]]) -
         _resolve(algo, path).load_state_dict(module_state)
 
 
-def model_info(spec: TrialSpec, dataset: Any, num_samples: int) -> dict[str, Any]:
-    """What the student needs besides the algorithm state (its pyfunc ``model_config``)."""
+def model_info(spec: TrialSpec, dataset: Any, num_samples: int, clip: Any = None) -> dict[str, Any]:
+    """What the student needs besides the algorithm state (its pyfunc ``model_config``). ``clip``:
+    the annotator's CLIP (a ``LoadedClip``) of a model on it: its architecture (rebuilt without the
+    annotator's weights) and its image transform."""
     kind = getattr(dataset, "kind", "image")
+    clip_pre = None if clip is None else {k: list(v) if isinstance(v, tuple) else v for k, v in clip.preprocess_cfg.items()}
     return {
         "config": spec.to_config(),
+        "clip": None if clip is None else clip.source.without_weights().to_config(),
         "class_names": list(dataset.class_names),
         "default_backbone": dataset.default_backbone,
         "num_samples": int(num_samples),
@@ -188,6 +228,7 @@ def model_info(spec: TrialSpec, dataset: Any, num_samples: int) -> dict[str, Any
             "scaling": "uint8 / 255, then (x - mean) / std per channel"
             if kind == "image"
             else "(x - mean) / std per dimension",
+            **({"clip": clip_pre, "scaling": "the annotator's CLIP transform (clip)"} if clip is not None else {}),
         },
     }
 
@@ -199,9 +240,11 @@ def signature(info: dict[str, Any]) -> ModelSignature:
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
-def requirements() -> list[str]:
+def requirements(clip: bool = False) -> list[str]:
+    """Pinned requirements; ``clip``: a model on the annotator's CLIP also needs open_clip."""
     pins = [f"mlflow=={mlflow.__version__}"]
-    return pins + [f"{name}=={version(name).split('+')[0]}" for name in REQUIREMENTS]
+    names = (*REQUIREMENTS, "open_clip_torch") if clip else REQUIREMENTS
+    return pins + [f"{name}=={version(name).split('+')[0]}" for name in names]
 
 
 def save_student(
@@ -232,18 +275,22 @@ def save_student(
                 signature=signature(info),
                 input_example=example,
                 metadata=metadata,
-                pip_requirements=requirements(),
+                pip_requirements=requirements(clip=info.get("clip") is not None),
             )
 
 
 def load_trained(checkpoint_dir: Path, dataset: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """(algorithm rebuilt from the checkpoint's config and loaded with its state on the CPU, that
-    state, the student's model info)."""
+    state, the student's model info). A model on the annotator's CLIP is rebuilt on it (the
+    checkpoint names it) and its LoRA adapters are then merged: the deployable model is plain."""
+    from trainables.common.clip_model import load_source
+    from trainables.data.clip_source import ClipSource
     from trainables.loop import build_from_info, load_checkpoint
 
     state = load_checkpoint(Path(checkpoint_dir))
     spec = TrialSpec.from_config(state["config"])
-    info = model_info(spec, dataset, state["num_samples"])
+    clip = load_source(ClipSource.from_config(state["clip"]).without_weights()) if state.get("clip") else None
+    info = model_info(spec, dataset, state["num_samples"], clip)
     algo = build_from_info(
         spec,
         num_classes=len(info["class_names"]),
@@ -251,8 +298,10 @@ def load_trained(checkpoint_dir: Path, dataset: Any) -> tuple[Any, dict[str, Any
         default_backbone=info["default_backbone"],
         num_samples=info["num_samples"],
         device=torch.device("cpu"),
+        clip=clip,
     )
     algo.load_state_dict(state["algorithm"])
+    merge_adapters(algo)
     return algo, state["algorithm"], info
 
 
@@ -260,13 +309,10 @@ def log_student(client: Any, run_id: str, checkpoint_dir: Path, dataset: Any) ->
     """Log the checkpoint's model as ``student/`` of ``run_id`` and as a LoggedModel
     ``<method>-student`` of the run, with its size as the run's ``student_kb`` tag. Every registered method trains a
     network: one without trainable parameters is refused (ValueError)."""
-    from trainables.common.augment import make_views
-
     algo, _, info = load_trained(checkpoint_dir, dataset)
     if not has_parameters(algo):
         raise ValueError(f"{info['config']['method']} has no trainable parameters: nothing to deploy")
-    pre = info["preprocessing"]
-    view = make_views(pre["kind"], mean=pre["mean"], std=pre["std"], hflip=False, generator=torch.Generator()).plain
+    view = plain_view(info["preprocessing"])
     example = dataset.test_x[:2] if len(dataset.test_x) else dataset.train_x[:2]  # unlabeled images: no test set
     networks = inference_state(algo, view(torch.as_tensor(example)))
     with tempfile.TemporaryDirectory() as tmp:

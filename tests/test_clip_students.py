@@ -4,6 +4,7 @@ leaves frozen, where it starts from (the annotator's zero-shot classifier) and t
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -152,3 +153,78 @@ def test_adapter_starts_as_the_identity_and_trains_only_itself():
     algo.train_epoch(data, 0)
     changed = {k for k, v in net.state_dict().items() if not torch.equal(before[k], v)}
     assert changed and all(".down." in k or ".up." in k or k.startswith("classifier.") for k in changed)
+
+
+@pytest.fixture(scope="module")
+def clip_trial(tmp_path_factory, one_thread):
+    """A finished 2-epoch trial of cc on clip_peft (LoRA) on digits annotated by the tiny CLIP (its
+    probabilities stood in for, the model is real): (spec, reported metrics, checkpoint dir, data set)."""
+    from orchestrator.annotation import clip as clip_mod
+    from orchestrator.annotation.stage import annotate
+    from orchestrator.config import parse_grid
+    from orchestrator.plan import expand
+    from orchestrator.student import driver_dataset
+    from trainables.data.datasets import load_dataset
+    from trainables.loop import run_trial
+
+    tmp = tmp_path_factory.mktemp("clip_student")
+    grid = parse_grid({
+        "experiment": "clip-student", "storage": str(tmp),
+        "datasets": [{"name": "digits", "subsample": 120, "test_subsample": 60}],
+        "annotators": [{"kind": "clip", "pretrained": None, "model_config_path": str(TINY_CLIP), "templates": ["a photo of a {}"]}],
+        "training": {"epochs": 2, "batch_size": 32, "backbone": "clip_peft", "peft": "lora", "lora_rank": 4, "lr": 0.01},
+        "methods": [{"name": "cc"}],
+    })  # fmt: skip
+    study = expand(grid)[0]
+    dataset = load_dataset(study.cell.dataset)
+
+    def fake_probs(ds, spec, names, progress=None):  # (n, 1, 10) one template, seeded
+        rng = np.random.default_rng(0)
+        return tuple(rng.dirichlet(np.ones(10), (len(x), 1)).astype(np.float16) for x in (ds.train_x, ds.test_x))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(clip_mod, "annotate_clip", fake_probs)
+        ann = annotate(dataset, study.cell.annotator, cache_dir=tmp / "annotations")
+    config = study.trial_config({}, annotation_key=ann.key, cache_dir=str(tmp / "annotations"), cpus=1, device="cpu")
+    checkpoint = tmp / "checkpoint"
+    checkpoint.mkdir()
+    reported = []
+
+    def report(metrics, save):
+        reported.append(metrics)
+        if save is not None:
+            save(checkpoint)
+
+    run_trial(config, report)
+    return config, reported, checkpoint, driver_dataset(config)
+
+
+def test_the_clip_peft_student_is_the_merged_model_and_predicts_as_the_trial(clip_trial, tmp_path):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.student import STUDENT_PATH, log_student
+    from trainables.loop import CHECKPOINT_FILE, PREDICTIONS_FILE
+
+    config, reported, checkpoint, dataset = clip_trial
+    state = torch.load(checkpoint / CHECKPOINT_FILE, weights_only=True)
+    assert any(".lora_b" in k for k in state["algorithm"]["net"])  # the trial trained adapters
+    assert state["clip"]["model"] == "tiny_clip" and state["clip"]["templates"] == ["a photo of a {}"]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("clip-student", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    assert log_student(client, run_id, checkpoint, dataset)
+
+    model = mlflow.pyfunc.load_model(f"{client.get_run(run_id).info.artifact_uri}/{STUDENT_PATH}")
+    out = model.predict(dataset.test_x)  # raw (N, 1, 8, 8) uint8 images; the student applies CLIP's transform
+    trial_pred = np.load(checkpoint / PREDICTIONS_FILE)["test_pred"]
+    assert len(set(trial_pred.tolist())) > 1  # not a constant prediction: the comparison says something
+    np.testing.assert_array_equal(out["class_id"].to_numpy(), trial_pred)
+    assert (out["class_id"].to_numpy() == dataset.test_y).mean() == pytest.approx(reported[-1]["test/acc"], abs=1e-6)
+
+    weights = Path(client.download_artifacts(run_id, "student/artifacts/networks.pt", str(tmp_path / "w")))
+    shipped = torch.load(weights, weights_only=True)
+    keys = [k for state in shipped.values() for k in state]
+    assert keys and not any("lora" in k or "parametrizations" in k for k in keys)  # LoRA merged
+    assert model.metadata.metadata["preprocessing"]["clip"]["size"] == [32, 32]
+    assert int(client.get_run(run_id).data.tags["student_kb"]) > 0

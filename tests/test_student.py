@@ -176,9 +176,11 @@ def test_mlflow_models_serve_answers_with_the_trials_predictions(trial, logged, 
 def test_every_method_has_a_network_to_deploy(method):
     """A student needs trained parameters: every registered method has them (Co-Reg's and
     DivideMix's in their two networks), so every finished trial gets a student."""
+    from helpers import tiny_clip
     from trainables.api import BuildContext, TrainSettings
     from trainables.common.backbones import make_encoder
 
+    spec = ALGORITHMS[method]
     ctx = BuildContext(
         num_classes=10,
         num_samples=8,
@@ -186,15 +188,16 @@ def test_every_method_has_a_network_to_deploy(method):
         train=TrainSettings(epochs=1),
         device=torch.device("cpu"),
         seed=0,
+        clip=tiny_clip(10) if spec.needs_clip else None,  # CoOp's prompts are for the annotator's CLIP
     )
-    spec = ALGORITHMS[method]
     algo = spec.build(spec.params(), ctx)
     assert has_parameters(algo)
 
     # The student ships only the networks predict() runs, and they give the same predictions.
     from orchestrator.student import inference_state, load_inference_state
 
-    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    shape = (4, 3, 32, 32) if spec.needs_clip else (4, 1, 8, 8)  # CLIP inputs: the tiny CLIP's transform
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
     networks = inference_state(algo, x)
     assert networks and all(not k.startswith(("optimizer", "scheduler")) for k in networks)
     shipped = {name for state in networks.values() for name in state}
@@ -204,6 +207,8 @@ def test_every_method_has_a_network_to_deploy(method):
     assert not torch.allclose(fresh.predict(x), algo.predict(x))  # other initial weights
     load_inference_state(fresh, networks)
     torch.testing.assert_close(fresh.predict(x), algo.predict(x))
+    if spec.needs_clip:  # the frozen CLIP is not in CoOp's checkpoint (the annotator's), but the student ships it
+        return
     assert sum(v.numel() for state in networks.values() for v in state.values()) <= sum(
         v.numel() for v in _tensors(algo.state_dict())
     )
