@@ -12,6 +12,7 @@ algorithm. The only true labels an algorithm sees are the few-shot ones the grid
 
 from __future__ import annotations
 
+import os
 import random
 import tempfile
 import time
@@ -120,7 +121,8 @@ def load_trial_clip(trial: TrialSpec, device: torch.device) -> LoadedClip | None
             f"{what} learns on the annotator's CLIP, and annotator {trial.cell.annotator_name!r} "
             f"({trial.cell.annotator_kind}) has none; use a clip annotator (or an ensemble with a clip member)"
         )
-    return load_source(source, device)
+    # a Tune trial runs in its own directory; Tune records the one it started from
+    return load_source(source.resolved(Path(os.environ.get("TUNE_ORIG_WORKING_DIR", os.getcwd()))), device)
 
 
 def prepare_data(trial: TrialSpec, device: torch.device) -> TrialData:

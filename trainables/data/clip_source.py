@@ -18,6 +18,10 @@ from typing import Any, Mapping
 from trainables.data.annotation import read_entry
 
 
+FILE_SUFFIXES = (".json", ".bin", ".pt", ".pth", ".safetensors")
+"""Suffixes of the files an annotator entry may name (its model config, a local checkpoint)."""
+
+
 @dataclass(frozen=True)
 class ClipSource:
     """The open_clip model of a CLIP annotator and what it prompted with."""
@@ -39,6 +43,16 @@ class ClipSource:
     def without_weights(self) -> "ClipSource":
         """The same architecture with random weights: a student rebuilds it, then loads its own state."""
         return dataclasses.replace(self, pretrained=None)
+
+    def resolved(self, base: Path) -> "ClipSource":
+        """Relative file paths (a model config, a local checkpoint) taken relative to ``base``, the
+        directory the grid was run from (a Tune trial runs in its own directory)."""
+
+        def absolute(path: str | None) -> str | None:
+            is_file = path is not None and not path.startswith("hf-hub:") and Path(path).suffix in FILE_SUFFIXES
+            return str(base / path) if is_file and not Path(path).expanduser().is_absolute() else path
+
+        return dataclasses.replace(self, model_config_path=absolute(self.model_config_path), pretrained=absolute(self.pretrained))
 
     def to_config(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "templates": list(self.templates), "class_names": list(self.class_names)}
