@@ -348,3 +348,16 @@ def test_rerun_never_creates_a_store_it_did_not_find(tmp_path, capsys):
     assert rerun_main(["0123abcd", "--tracking-uri", f"sqlite:///{missing}"]) == 2
     assert f"no MLflow store at {missing}" in capsys.readouterr().err
     assert not missing.exists() and not missing.parent.exists()
+
+
+def test_clip_peft_settings_sign_only_the_runs_on_that_backbone():
+    """The PEFT settings identify a clip_peft run; on the other backbones they are left out of the
+    signature, so the runs of grids written before they existed keep their identities."""
+    raw = base()
+    study = expand(parse_grid(raw))[0]
+    plain = study.trial_config({}, annotation_key="k", cache_dir="/x", cpus=1)
+    assert not {"peft", "lora_rank", "adapter_dim"} & set(plain.training.signed())
+    other_rank = plain.replace(training=dataclasses.replace(plain.training, lora_rank=32))
+    assert other_rank.signature == plain.signature
+    on_clip = plain.replace(training=dataclasses.replace(plain.training, backbone="clip_peft"))
+    assert on_clip.replace(training=dataclasses.replace(on_clip.training, lora_rank=32)).signature != on_clip.signature

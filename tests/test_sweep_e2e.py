@@ -257,6 +257,43 @@ def test_clip_annotated_sweep_end_to_end(tmp_path, ray_session):
     assert any(line.startswith("| zero-shot |") and zero_shot in line for line in table.splitlines()), table
 
 
+def test_clip_students_sweep_end_to_end(tmp_path, ray_session):
+    """CoOp and CC on the clip_peft backbone through the real entry point: both learn on the tiny
+    CLIP that annotated the cell (read back from the annotation cache inside the trial), CoOp from
+    the 2 revealed shots per class; each finished trial logs its deployable student with its size."""
+    tiny = Path(__file__).parent / "fixtures" / "tiny_clip.json"
+    summary, client, children = _sweep_once(
+        tmp_path,
+        {
+            "experiment": "e2e-clip-students",
+            "storage": str(tmp_path / "results"),
+            "datasets": [{"name": "digits", "subsample": 160, "test_subsample": 60}],
+            "annotators": [
+                {"kind": "clip", "name": "tiny_clip", "pretrained": None, "model_config_path": str(tiny),
+                 "templates": ["a photo of a {}", "a drawing of a {}"], "batch_size": 64}
+            ],  # fmt: skip
+            "grid": {"shots": [2], "seeds": [0]},
+            "training": {"epochs": 2, "batch_size": 32, "backbone": "small_cnn"},
+            "methods": [
+                {"name": "coop", "params": {"n_ctx": 4}},
+                {"name": "cc", "label": "partialclip_cc", "training": {"backbone": "clip_peft", "peft": "lora", "lora_rank": 4}},
+            ],
+            "resources": {"cpus_per_trial": 1, "max_concurrent_trials": 2},
+        },
+    )
+    trials = [r for r in children if r.data.tags["kind"] == "trial"]
+    assert sorted(r.data.tags["label"] for r in trials) == ["coop", "partialclip_cc"]
+    for trial in trials:
+        assert trial.info.status == "FINISHED" and trial.data.tags["annotator"] == "tiny_clip"
+        assert len(client.get_metric_history(trial.info.run_id, "test/acc")) == 2
+        assert int(trial.data.tags["student_kb"]) > 0
+    (coop,) = [r for r in trials if r.data.tags["label"] == "coop"]
+    assert coop.data.metrics["split/size"] == 20.0  # CoOp's "clean" samples: the 2 shots of 10 classes
+    table = Path(client.download_artifacts(summary["parent_run_id"], "tables/results.md")).read_text()
+    for row in ("coop", "partialclip_cc", "zero-shot"):
+        assert any(line.startswith(f"| {row} |") for line in table.splitlines()), table
+
+
 def test_vlm_annotated_sweep_end_to_end(tmp_path, ray_session, tiny_vlm_dir):
     """An image-text-to-text annotator through the real entry point: a tiny random LLaVA (local
     directory) scores every class name on Ray Data; Co-Reg trains on the candidate sets, KD on the
