@@ -228,3 +228,27 @@ def test_the_clip_peft_student_is_the_merged_model_and_predicts_as_the_trial(cli
     assert keys and not any("lora" in k or "parametrizations" in k for k in keys)  # LoRA merged
     assert model.metadata.metadata["preprocessing"]["clip"]["size"] == [32, 32]
     assert int(client.get_run(run_id).data.tags["student_kb"]) > 0
+
+
+@pytest.mark.parametrize("method", sorted(name for name, spec in ALGORITHMS.items() if not spec.needs_clip))
+def test_every_method_trains_on_the_clip_peft_backbone(method):
+    """Any registered method takes the clip_peft backbone (two-network methods two copies, MoCo
+    methods their key encoders): finite losses, and the predictions leave the zero-shot start."""
+    import dataclasses
+    import math
+
+    import test_contract
+
+    spec = ALGORITHMS[method]
+    fields = {f.name for f in dataclasses.fields(spec.params)}
+    params = spec.params(**{k: v for k, v in test_contract.FAST.items() if k in fields})
+    n, c = test_contract.N, test_contract.C
+    ctx = tiny_ctx(n, c, epochs=3, batch_size=16, clip=tiny_clip(c), backbone="clip_peft", peft="lora", lora_rank=2)
+    algo = spec.build(params, ctx)
+    data = with_clip_views(test_contract._cnn_data(), tiny_clip(c))
+    probe = data.views.plain(data.x[:8])
+    before = algo.predict(probe).clone()
+    for epoch in range(2):
+        metrics = algo.train_epoch(data, epoch)
+        assert all(math.isfinite(v) for v in metrics.values()), metrics
+    assert not torch.allclose(algo.predict(probe), before)
