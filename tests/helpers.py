@@ -62,13 +62,14 @@ def tiny_ctx(
     """A small CNN on 8x8 one-channel images, on the CPU; with ``backbone="clip_peft"`` (in
     ``settings``) the tiny CLIP ``clip``'s image tower instead. ``clip`` also reaches methods that need it."""
     train = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, **settings)
-    make = lambda: make_encoder("small_cnn", in_channels=1, image_size=8)  # noqa: E731
-    if train.uses_clip:
-        make = clip_encoder_factory(clip, train)
+
+    def small_cnn():
+        return make_encoder("small_cnn", in_channels=1, image_size=8)
+
     return BuildContext(
         num_classes=num_classes,
         num_samples=num_samples,
-        make_encoder=make,
+        make_encoder=clip_encoder_factory(clip, train) if train.uses_clip else small_cnn,
         train=train,
         device=torch.device("cpu"),
         seed=seed,

@@ -223,12 +223,10 @@ def build_from_info(
 
     if uses_clip(trial) and clip is None:
         raise ValueError(f"trial {trial.label}: learns on the annotator's CLIP, and none was given")
-    if backbone == "clip_peft":
-        make = clip_encoder_factory(clip, settings)
     ctx = BuildContext(
         num_classes=num_classes,
         num_samples=num_samples,
-        make_encoder=make,
+        make_encoder=clip_encoder_factory(clip, settings) if backbone == "clip_peft" else make,
         train=settings,
         device=device,
         seed=trial.seed,

@@ -116,6 +116,8 @@ def make_encoder(name: str, *, in_channels: int, image_size: int, in_dim: int | 
         return PreActResNet18(in_channels, image_size)
     if name == "small_cnn":
         return SmallCNN(in_channels)
+    if name == "clip_peft":
+        raise ValueError("backbone 'clip_peft' is the annotator's CLIP: build it with clip_encoder_factory")
     if name == "mlp":
         if in_dim is None:
             raise ValueError("backbone 'mlp' needs in_dim (the feature dimension)")
