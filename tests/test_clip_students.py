@@ -252,3 +252,23 @@ def test_every_method_trains_on_the_clip_peft_backbone(method):
         metrics = algo.train_epoch(data, epoch)
         assert all(math.isfinite(v) for v in metrics.values()), metrics
     assert not torch.allclose(algo.predict(probe), before)
+
+
+def test_a_trial_finds_its_annotators_clip_in_the_annotation_meta(tmp_path):
+    """A CLIP annotation names its model, prompts and class names; an ensemble's CLIP is its first
+    CLIP member; a synthetic annotation has none. Relative model files are taken from the start directory."""
+    from trainables.data.annotation import write_entry
+    from trainables.data.clip_source import clip_source
+
+    cand = {"cand_train": np.ones((2, 3), dtype=bool)}
+    annotator = {"kind": "clip", "model": "ViT-B-32", "pretrained": None, "model_config_path": "tests/fixtures/tiny_clip.json",
+                 "logit_scale": 50.0}  # fmt: skip
+    write_entry(tmp_path / "syn", cand, {"kind": "synthetic", "stats": {}})
+    write_entry(tmp_path / "clip", cand, {"kind": "clip", "annotator": annotator, "templates": ["a {}"], "class_names": ["a", "b", "c"], "stats": {}})
+    write_entry(tmp_path / "ens", cand, {"kind": "ensemble", "members": ["syn", "clip"], "stats": {}})
+    assert clip_source(tmp_path, "syn") is None
+    source = clip_source(tmp_path, "ens")
+    assert source == clip_source(tmp_path, "clip")
+    assert (source.model, source.templates, source.class_names, source.logit_scale) == ("tiny_clip", ("a {}",), ("a", "b", "c"), 50.0)
+    assert source.resolved(Path("/start")).model_config_path == "/start/tests/fixtures/tiny_clip.json"
+    assert source.resolved(Path("/start")).pretrained is None
