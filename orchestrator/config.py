@@ -30,7 +30,7 @@ from pydantic import (
     model_validator,
 )
 
-from trainables.api import TrainSettings
+from trainables.settings import TrainSettings
 from trainables.data.datasets import DATASETS
 from trainables.data.spec import DatasetSpec, Strict, did_you_mean
 

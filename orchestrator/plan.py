@@ -20,7 +20,7 @@ from pydantic import TypeAdapter
 from orchestrator import runs
 from orchestrator.annotation.synthetic import USES_Q
 from orchestrator.config import AnnotatorSpec, DatasetSpec, Grid, MethodSpec
-from trainables.api import TrainSettings
+from trainables.settings import TrainSettings
 from trainables.data.spec import signature
 from trainables.registry import ALGORITHMS
 from trainables.spec import CellSpec, TrialSpec

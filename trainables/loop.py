@@ -29,10 +29,9 @@ from trainables.common.diagnostics import PROBE_SIZE, class_entropy, collapse_re
 from trainables.data.annotation import load_cached
 from trainables.data.datasets import Dataset, load_dataset
 from trainables.registry import ALGORITHMS
-from trainables.spec import TrialSpec
+from trainables.spec import CHECKPOINT_FILE, TrialSpec
 
 EVAL_BATCH = 1024
-CHECKPOINT_FILE = "state.pt"
 PREDICTIONS_FILE = "predictions.npz"
 
 
