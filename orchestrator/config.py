@@ -541,7 +541,7 @@ def _check_semantics(grid: Grid) -> list[str]:
         for i, ds in enumerate(grid.datasets):
             if ds.imbalance_ratio is not None:
                 problems.append(f"datasets[{i}].imbalance_ratio: set both here and as the grid.imbalance_ratio axis; use one")
-    return problems + _check_methods(grid)
+    return problems + _check_methods(grid.methods, grid.annotators)
 
 
 def _space_problems(where: str, hint: Any, value: Any) -> list[str]:
@@ -570,14 +570,14 @@ def _space_problems(where: str, hint: Any, value: Any) -> list[str]:
     return problems
 
 
-def _check_methods(grid: Grid) -> list[str]:
+def _check_methods(methods: list[MethodSpec], annotators: list[AnnotatorSpec]) -> list[str]:
     """Each method: its name, params overrides, target kind against the annotators, search space."""
     from search_spaces import parameter_names
     from trainables.registry import ALGORITHMS
 
     problems = []
     train_fields = {f.name for f in dataclasses.fields(TrainSettings)}
-    for i, m in enumerate(grid.methods):
+    for i, m in enumerate(methods):
         where = f"methods[{i}]"
         if m.name == "zero_shot":
             problems.append(f"{where}.name: zero_shot is not a method; every VLM-annotated column of the tables has its zero-shot rows, from the annotation")
@@ -594,7 +594,7 @@ def _check_methods(grid: Grid) -> list[str]:
         except (TypeError, ValueError):  # an invalid override, reported above
             consumes = spec.consumes
         if consumes.from_vlm:
-            for ann in grid.annotators:
+            for ann in annotators:
                 if not gives_probabilities(ann):
                     hint = {"vlm": " (answer_mode generate; use score)", "ensemble": " (a member gives no probabilities)"}
                     what = f"{ann.kind} annotator {ann.name!r}" + hint.get(ann.kind, "")
@@ -619,6 +619,21 @@ def _check_methods(grid: Grid) -> list[str]:
     return problems
 
 
+def _method_problems_of_raw(raw: dict[str, Any]) -> list[str]:
+    """When the schema refuses a grid elsewhere, the methods' own problems (names, params, search
+    spaces) are found too, so that one refusal lists them all: checked on the ``methods:`` section
+    alone if it passes the schema (with the annotators when they do)."""
+    try:
+        methods = TypeAdapter(list[MethodSpec]).validate_python(raw.get("methods"), strict=True)
+    except ValidationError:
+        return []  # the schema's message already names these
+    try:
+        annotators = TypeAdapter(list[AnnotatorSpec]).validate_python(raw.get("annotators"), strict=True)
+    except ValidationError:
+        annotators = []
+    return _check_methods(methods, annotators)
+
+
 def parse_grid(raw: Any, source: str = "grid") -> Grid:
     """Validate an already-parsed grid (a dict). Raises :class:`GridError` naming every problem."""
     if not isinstance(raw, dict):
@@ -626,7 +641,8 @@ def parse_grid(raw: Any, source: str = "grid") -> Grid:
     try:
         grid = Grid.model_validate(raw, strict=True)  # never reads "0.05" as 0.05, or 2.0 as an int
     except ValidationError as err:
-        raise GridError(f"{source} is invalid:\n  " + "\n  ".join(_format(err))) from None
+        problems = _format(err) + _method_problems_of_raw(raw)
+        raise GridError(f"{source} is invalid:\n  " + "\n  ".join(problems)) from None
     problems = _check_semantics(grid)
     if problems:
         raise GridError(f"{source} is invalid:\n  " + "\n  ".join(problems))

@@ -91,3 +91,14 @@ def test_a_schema_error_and_a_missing_data_set_are_reported_in_one_round(capsys)
     err = capsys.readouterr().err
     assert "methods[0].params.nope: unknown parameter of cc" in err
     assert "datasets[0] (fashion_mnist): fashion_mnist: data set files not found" in err
+
+
+def test_a_schema_error_does_not_hide_the_methods_problems(capsys):
+    """The schema refuses the data set's name; the methods' unknown parameter and inverted search
+    bounds come in the same refusal."""
+    path = ROOT / "tests" / "fixtures" / "grid_schema_and_method_errors.yaml"
+    assert main([str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "datasets[0].name: unknown dataset 'digitz' (did you mean 'digits'?)" in err
+    assert "methods[0].params.foo: unknown parameter of cc" in err
+    assert "methods[1].search.space.lr: low 0.1 > high 0.01" in err
