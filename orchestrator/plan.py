@@ -75,6 +75,16 @@ class Study:
         return self.method.search.objective
 
     @property
+    def readable_name(self) -> str:
+        """Experiment, method and cell in words: the Optuna study's name (what optuna-dashboard lists)."""
+        return f"{self.study_id.split('.', 1)[0]} | {self.method.label or self.method.name} | {self.cell.label()}"
+
+    @property
+    def key(self) -> str:
+        """The hash of the cell, method and training settings that ends ``study_id``."""
+        return self.study_id.rsplit(".", 1)[-1]
+
+    @property
     def mode(self) -> str:
         return self.method.search.mode
 
