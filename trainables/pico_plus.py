@@ -43,7 +43,9 @@ Implementation details / deviations:
 7. At the end of the warm-up the key net, queue and prototypes restart from the query net, once
    (``restart_at_switch``, default; False: the reference), as in ``pico.py`` (deviation 6). The
    reliable set of the first epoch after the switch is still chosen from the distances of the
-   last warm-up epoch.
+   last warm-up epoch. The reference itself, run on the same digits data and small CNN (5 warm-up
+   epochs, momentum 0.99, 30 epochs), collapses at the switch (57.9 / 67.7%, seeds 0 / 1) and ends
+   at 96.4 / 97.1% with this restart added (README, "Every candidate-set method on digits").
 8. ``clean_mask()`` = the reliable set (None before the first selection; its share is
    ``train/labeled_fraction``, as Co-Reg's and DivideMix's ``train/labeled_fraction_a``);
    ``pseudo_labels()`` = conf on reliable samples and the latest guess on unreliable ones (the
