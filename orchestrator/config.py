@@ -30,7 +30,7 @@ from pydantic import (
     model_validator,
 )
 
-from trainables.api import TrainSettings
+from trainables.settings import TrainSettings
 from trainables.data.datasets import DATASETS
 from trainables.data.spec import DatasetSpec, Strict, did_you_mean
 
@@ -541,7 +541,7 @@ def _check_semantics(grid: Grid) -> list[str]:
         for i, ds in enumerate(grid.datasets):
             if ds.imbalance_ratio is not None:
                 problems.append(f"datasets[{i}].imbalance_ratio: set both here and as the grid.imbalance_ratio axis; use one")
-    return problems + _check_methods(grid)
+    return problems + _check_methods(grid.methods, grid.annotators) + _clip_problems(grid)
 
 
 def _space_problems(where: str, hint: Any, value: Any) -> list[str]:
@@ -575,9 +575,19 @@ def has_clip(ann: Any) -> bool:
     return ann.kind == "clip" or (ann.kind == "ensemble" and any(m.kind == "clip" for m in ann.members))
 
 
-def _clip_problems(grid: Grid, where: str, method: MethodSpec, needs_clip: bool) -> list[str]:
-    """A method or backbone that learns on the annotator's CLIP (CoOp, ``clip_peft``) against the
+def _clip_problems(grid: Grid) -> list[str]:
+    """Each method or backbone that learns on the annotator's CLIP (CoOp, ``clip_peft``) against the
     annotators, and CoOp's few shots against the ``shots`` axis."""
+    from trainables.registry import ALGORITHMS
+
+    problems = []
+    for i, method in enumerate(grid.methods):
+        if method.name in ALGORITHMS:  # an unknown name is reported with the methods' problems
+            problems += _method_clip_problems(grid, f"methods[{i}]", method, ALGORITHMS[method.name].needs_clip)
+    return problems
+
+
+def _method_clip_problems(grid: Grid, where: str, method: MethodSpec, needs_clip: bool) -> list[str]:
     training = method.training.apply(grid.training.apply(TrainSettings()))
     what = method.name if needs_clip else f"{method.name} on the clip_peft backbone"
     problems = []
@@ -593,14 +603,14 @@ def _clip_problems(grid: Grid, where: str, method: MethodSpec, needs_clip: bool)
     return problems
 
 
-def _check_methods(grid: Grid) -> list[str]:
+def _check_methods(methods: list[MethodSpec], annotators: list[AnnotatorSpec]) -> list[str]:
     """Each method: its name, params overrides, target kind against the annotators, search space."""
     from search_spaces import parameter_names
     from trainables.registry import ALGORITHMS
 
     problems = []
     train_fields = {f.name for f in dataclasses.fields(TrainSettings)}
-    for i, m in enumerate(grid.methods):
+    for i, m in enumerate(methods):
         where = f"methods[{i}]"
         if m.name == "zero_shot":
             problems.append(f"{where}.name: zero_shot is not a method; every VLM-annotated column of the tables has its zero-shot rows, from the annotation")
@@ -612,13 +622,12 @@ def _check_methods(grid: Grid) -> list[str]:
         spec = ALGORITHMS[m.name]
         fields = {f.name for f in dataclasses.fields(spec.params)}
         problems += check_method_settings(m.name, m.params, {}, where)
-        problems += _clip_problems(grid, where, m, spec.needs_clip)
         try:  # the target kind may depend on the params (starred variants)
             consumes = spec.consumes_for({**dataclasses.asdict(spec.params()), **m.params})
         except (TypeError, ValueError):  # an invalid override, reported above
             consumes = spec.consumes
         if consumes.from_vlm:
-            for ann in grid.annotators:
+            for ann in annotators:
                 if not gives_probabilities(ann):
                     hint = {"vlm": " (answer_mode generate; use score)", "ensemble": " (a member gives no probabilities)"}
                     what = f"{ann.kind} annotator {ann.name!r}" + hint.get(ann.kind, "")
@@ -643,6 +652,21 @@ def _check_methods(grid: Grid) -> list[str]:
     return problems
 
 
+def _method_problems_of_raw(raw: dict[str, Any]) -> list[str]:
+    """When the schema refuses a grid elsewhere, the methods' own problems (names, params, search
+    spaces) are found too, so that one refusal lists them all: checked on the ``methods:`` section
+    alone if it passes the schema (with the annotators when they do)."""
+    try:
+        methods = TypeAdapter(list[MethodSpec]).validate_python(raw.get("methods"), strict=True)
+    except ValidationError:
+        return []  # the schema's message already names these
+    try:
+        annotators = TypeAdapter(list[AnnotatorSpec]).validate_python(raw.get("annotators"), strict=True)
+    except ValidationError:
+        annotators = []
+    return _check_methods(methods, annotators)
+
+
 def parse_grid(raw: Any, source: str = "grid") -> Grid:
     """Validate an already-parsed grid (a dict). Raises :class:`GridError` naming every problem."""
     if not isinstance(raw, dict):
@@ -650,7 +674,8 @@ def parse_grid(raw: Any, source: str = "grid") -> Grid:
     try:
         grid = Grid.model_validate(raw, strict=True)  # never reads "0.05" as 0.05, or 2.0 as an int
     except ValidationError as err:
-        raise GridError(f"{source} is invalid:\n  " + "\n  ".join(_format(err))) from None
+        problems = _format(err) + _method_problems_of_raw(raw)
+        raise GridError(f"{source} is invalid:\n  " + "\n  ".join(problems)) from None
     problems = _check_semantics(grid)
     if problems:
         raise GridError(f"{source} is invalid:\n  " + "\n  ".join(problems))

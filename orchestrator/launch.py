@@ -69,8 +69,10 @@ def connect_ray(grid: Grid) -> None:
     else:
         # A Ray this process starts and owns: its token-authentication notice ("set RAY_AUTH_MODE
         # to opt out") and "Started a local Ray instance" say nothing the user can act on.
+        # address="local": a new Ray of its own, never the latest cluster another process started
+        # on this machine (which plain ray.init() joins, and whose owner may stop it mid-sweep).
         with _quiet_loggers(*RAY_START_LOGGERS):
-            ray.init(num_cpus=grid.ray.num_cpus, include_dashboard=False, log_to_driver=False)
+            ray.init(address="local", num_cpus=grid.ray.num_cpus, include_dashboard=False, log_to_driver=False)
     if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_sigterm)  # ray.init replaces it with an immediate exit
 

@@ -20,7 +20,7 @@ from pydantic import TypeAdapter
 from orchestrator import runs
 from orchestrator.annotation.synthetic import USES_Q
 from orchestrator.config import AnnotatorSpec, DatasetSpec, Grid, MethodSpec
-from trainables.api import TrainSettings
+from trainables.settings import TrainSettings
 from trainables.data.spec import signature
 from trainables.registry import ALGORITHMS
 from trainables.spec import CellSpec, TrialSpec
@@ -73,6 +73,16 @@ class Study:
     @property
     def objective(self) -> str:
         return self.method.search.objective
+
+    @property
+    def readable_name(self) -> str:
+        """Experiment, method and cell in words: the Optuna study's name (what optuna-dashboard lists)."""
+        return f"{self.study_id.split('.', 1)[0]} | {self.method.label or self.method.name} | {self.cell.label()}"
+
+    @property
+    def key(self) -> str:
+        """The hash of the cell, method and training settings that ends ``study_id``."""
+        return self.study_id.rsplit(".", 1)[-1]
 
     @property
     def mode(self) -> str:

@@ -70,15 +70,35 @@ class MultiStudySearcher(Searcher):
         self._asked: dict[str, int] = {}
         self._resumable: dict[str, list[optuna.trial.FrozenTrial]] = {}
         self._cursor = 0
+        self._names: dict[str, str] = {}
+        self._existing: set[str] | None = None  # study names in the storage before this driver
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:  # noqa: D102
         return True  # every study carries its own objective and direction
+
+    def study_name(self, study_id: str) -> str:
+        """The Optuna name of a study: experiment, method and cell in words. A study an older version
+        named by ``study_id`` keeps that name (the sweep resumes it); a readable name already taken
+        in this storage by a study of other settings (the grid's params changed) gets the settings'
+        key appended."""
+        if study_id not in self._names:
+            plan = self._plans[study_id]
+            if self._existing is None:
+                self._existing = set(optuna.get_all_study_names(self._storage))
+            name = plan.readable_name
+            if study_id in self._existing:
+                name = study_id
+            elif name in self._existing:
+                owner = optuna.load_study(study_name=name, storage=self._storage).user_attrs.get("study_id")
+                name = name if owner == study_id else f"{name} [{plan.key}]"
+            self._names[study_id] = name
+        return self._names[study_id]
 
     def _study(self, study_id: str) -> optuna.Study:
         if study_id not in self._studies:
             plan = self._plans[study_id]
             study = optuna.create_study(
-                study_name=study_id,
+                study_name=self.study_name(study_id),
                 storage=self._storage,
                 direction="maximize" if plan.mode == "max" else "minimize",
                 sampler=_sampler(plan.method.search.sampler, int(signature(study_id, 8), 16)),
@@ -87,6 +107,7 @@ class MultiStudySearcher(Searcher):
             with warnings.catch_warnings():  # experimental since Optuna 3.2, stable in use
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 study.set_metric_names([plan.objective])  # optuna-dashboard shows it, not "Objective 0"
+            study.set_user_attr("study_id", study_id)
             study.set_user_attr("objective", plan.objective)
             study.set_user_attr("method", plan.method.name)
             study.set_user_attr("cell", plan.cell.label())

@@ -48,8 +48,7 @@ from orchestrator.config import ClipAnnotatorSpec, Grid, GridError, VlmAnnotator
 from orchestrator.launch import annotate_cells, connect_ray, exit_code, run_trials  # noqa: E402
 from orchestrator.plan import Study, dataset_specs, expand, method_training  # noqa: E402
 from trainables.data.spec import signature  # noqa: E402
-from trainables.loop import CHECKPOINT_FILE  # noqa: E402
-from trainables.spec import TrialSpec  # noqa: E402
+from trainables.spec import CHECKPOINT_FILE, TrialSpec  # noqa: E402
 
 DEFAULT_GRID = Path(__file__).with_name("default_grid.yaml")
 
@@ -120,9 +119,10 @@ def checked_grid(path: Path) -> Grid:
 
 def _raw_input_problems(path: Path) -> list[str]:
     """The problems :func:`check_inputs` finds in the data sets and storage of a grid file whose
-    schema was refused (entries the schema refuses are left to its message)."""
+    schema was refused (entries the schema refuses are left to its message). A data set installed
+    with a dependency has no files to miss and is not loaded (scikit-learn takes seconds to import)."""
     from orchestrator.config import read_yaml
-    from trainables.data.datasets import load_dataset
+    from trainables.data.datasets import DATASETS, load_dataset
     from trainables.data.spec import DatasetSpec
 
     try:
@@ -138,6 +138,8 @@ def _raw_input_problems(path: Path) -> list[str]:
         try:
             spec = DatasetSpec(**entry)
         except Exception:  # noqa: BLE001 - the schema's message names it
+            continue
+        if DATASETS[spec.name].bundled:
             continue
         try:
             load_dataset(spec)

@@ -12,6 +12,7 @@ import torch
 from orchestrator.annotation.stage import annotate
 from orchestrator.config import parse_grid
 from orchestrator.plan import expand
+from trainables.common.batches import eval_batch_size
 from trainables.data.datasets import load_dataset
 from trainables.loop import make_split, prepare_data, run_trial
 from trainables.spec import TrialSpec
@@ -130,7 +131,7 @@ def test_two_network_methods_run_the_test_set_once_through_each_net(tmp_path, mo
     td = prepare_data(config, torch.device("cpu"))
     algo = loop.build_algorithm(config, td, torch.device("cpu"))
     metrics = loop.evaluate(algo, td)
-    test_batches, val_batches = (-(-len(x) // loop.EVAL_BATCH) for x in (td.test_x, td.val_x))
+    test_batches, val_batches = (-(-len(x) // eval_batch_size(x.device)) for x in (td.test_x, td.val_x))
     # the test set once through both nets; predict() (itself through predict_nets) for the validation split only
     assert calls["predict"] == val_batches and calls["predict_nets"] == test_batches + val_batches
     logits_a, logits_b = algo.predict_nets(td.data.views.plain(td.test_x))

@@ -57,7 +57,7 @@ def test_round_robin_first_trial_is_the_resolved_config_and_budgets_hold(tmp_pat
     assert [c["method"] for c in (first, second, third)] == ["cc", "coreg", "cc"]
     assert first["training"]["lr"] == 0.07  # the grid's value, not a sample
     assert second["params"]["tau_div"] == 0.6 and second["params"]["beta1"] == 0.2  # grid value, fixed override
-    coreg_trial = optuna.load_study(study_name=plans[1].study_id, storage=storage).trials[0]
+    coreg_trial = optuna.load_study(study_name=s.study_name(plans[1].study_id), storage=storage).trials[0]
     assert "beta1" not in coreg_trial.params and coreg_trial.params["tau_div"] == 0.6  # fixed: not searched
     assert third["training"]["lr"] != 0.07  # the second cc trial is sampled
     assert s.suggest("t3") is None  # budgets spent, trials still running
@@ -71,7 +71,7 @@ def test_round_robin_first_trial_is_the_resolved_config_and_budgets_hold(tmp_pat
     again = searcher(studies(), storage)
     redo = again.suggest("r0")
     assert redo["method"] == "cc"
-    cc = optuna.load_study(study_name=plans[0].study_id, storage=storage)
+    cc = optuna.load_study(study_name=again.study_name(plans[0].study_id), storage=storage)
     completed = [t for t in cc.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(completed) == 1 and completed[0].user_attrs["metrics"]["test/acc"] == 0.4
     assert cc.metric_names == [plans[0].objective]  # optuna-dashboard names the objective
@@ -102,12 +102,12 @@ def test_interrupted_trials_are_handed_out_again_with_their_parameters(tmp_path)
         warnings.simplefilter("error")  # Optuna warns when a step is reported twice
         for epoch, value in ((2, 0.35), (3, 0.4)):
             again.on_trial_result(r_t1, {"val/covering_rate": value, "epoch": epoch})
-    t1 = optuna.load_study(study_name=configs["t1"]["study"], storage=storage).trials[configs["t1"]["optuna_trial"]]
+    t1 = optuna.load_study(study_name=again.study_name(configs["t1"]["study"]), storage=storage).trials[configs["t1"]["optuna_trial"]]
     assert t1.intermediate_values == {1: 0.3, 2: 0.35, 3: 0.4}
     again.on_trial_complete("r0", {resumed[0]["objective"]: 0.6, "epoch": 4})
     again.on_trial_complete("r1", {resumed[1]["objective"]: 0.7, "epoch": 4})
     assert again.suggest("r3") == Searcher.FINISHED
-    states = [t.state for p in plans for t in optuna.load_study(study_name=p.study_id, storage=storage).trials]
+    states = [t.state for p in plans for t in optuna.load_study(study_name=p.readable_name, storage=storage).trials]
     assert states.count(optuna.trial.TrialState.COMPLETE) == 3 and len(states) == 3
 
 
@@ -176,15 +176,39 @@ def test_optuna_dashboard_serves_the_studies_with_their_objective(tmp_path):
     with serving(argv, f"http://127.0.0.1:{port}/api/studies", tmp_path / "dashboard.log", timeout_s=60):
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=10) as response:
             listed = {study["study_name"]: study["study_id"] for study in json.load(response)["study_summaries"]}
-        assert plans[0].study_id in listed
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{listed[plans[0].study_id]}", timeout=10) as response:
+        name = plans[0].readable_name
+        assert name in listed and s.study_name(plans[0].study_id) == name
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{listed[name]}", timeout=10) as response:
             detail = json.load(response)
         assert detail["objective_names"] == [plans[0].objective]
         # ... and in a real browser: the study's page with its name, objective and trials
         ui = _browser_check()
         if ui is not None:
             shot = Path(os.environ.get("OPTUNA_SCREENSHOT", tmp_path / "optuna.png"))
-            url = f"http://127.0.0.1:{port}/dashboard/studies/{listed[plans[0].study_id]}"
-            missing = ui.check_page(url, [plans[0].study_id, plans[0].objective, "History"], shot, timeout=90)
+            url = f"http://127.0.0.1:{port}/dashboard/studies/{listed[name]}"
+            missing = ui.check_page(url, [name, plans[0].objective, "History"], shot, timeout=90)
             assert not missing, missing
             assert shot.stat().st_size > 10_000
+
+
+def test_studies_are_named_in_words_and_older_or_other_studies_are_kept_apart(tmp_path):
+    """A study is named experiment | method | cell; a sweep an older version named by hash resumes
+    its study; a readable name held by a study of other settings (the grid's params changed in the
+    same storage) is not reused: the new study gets its settings' key appended."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    cc, coreg = studies()
+    assert cc.readable_name == f"s | cc | {cc.cell.label()}" and "seed" in cc.readable_name
+    optuna.create_study(study_name=coreg.study_id, storage=storage)  # as an older version named it
+    optuna.create_study(study_name=cc.readable_name, storage=storage).set_user_attr("study_id", "s.cc.0123456789")
+    s = searcher([cc, coreg], storage)
+    assert s.study_name(coreg.study_id) == coreg.study_id
+    assert s.study_name(cc.study_id) == f"{cc.readable_name} [{cc.key}]"
+    s.suggest("t0")
+    s.suggest("t1")
+    assert len(optuna.load_study(study_name=coreg.study_id, storage=storage).trials) == 1
+    assert len(optuna.load_study(study_name=cc.readable_name, storage=storage).trials) == 0  # the other settings' study
+    fresh = f"sqlite:///{tmp_path / 'fresh.db'}"
+    t = searcher([cc, coreg], fresh)
+    t.suggest("t0")
+    assert sorted(optuna.get_all_study_names(fresh)) == [cc.readable_name]
+    assert searcher([cc, coreg], fresh).study_name(cc.study_id) == cc.readable_name  # its own study, found again

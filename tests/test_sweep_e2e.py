@@ -115,7 +115,7 @@ def test_optuna_studies_hold_one_study_per_cell_and_method(sweep):
     storage = f"sqlite:///{grid.storage_path / 'optuna.db'}"
     studies = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
     assert len(studies) == 3
-    cc = next(name for name in studies if ".cc." in name)
+    cc = next(name for name in studies if " | cc | " in name)  # experiment | method | cell
     trials = optuna.load_study(study_name=cc, storage=storage).trials
     # the second sweep continues the same studies: each study's budget is already spent
     assert len(trials) == 2

@@ -16,72 +16,20 @@ accuracy beside the ensemble's.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
-from functools import partial
-from typing import Annotated, Any, Callable, Iterator, Literal, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 
 import torch
-from pydantic import Field
 from torch import Tensor, nn
 
 from trainables.data.annotation import Target
 from trainables.data.clip_source import LoadedClip
+from trainables.settings import AlgorithmSpec, TrainSettings, starred_variant
 
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """Optimisation settings shared by every method (grid.yaml ``training:``, overridable per method).
-
-    The types carry the allowed ranges and values: the grid's ``training:`` schema and rerun's
-    ``--set`` are both derived from them (``orchestrator/config.py``), so a value is checked the same
-    way wherever it enters."""
-
-    epochs: Annotated[int, Field(ge=1, le=100_000)] = 30
-    """Total training epochs (warm-up included)."""
-    batch_size: Annotated[int, Field(ge=2, le=1_000_000)] = 64
-    """Mini-batch size (the papers use 256 on CIFAR)."""
-    lr: Annotated[float, Field(gt=0.0)] = 0.05
-    """Initial learning rate of SGD."""
-    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
-    """SGD momentum."""
-    weight_decay: Annotated[float, Field(ge=0.0)] = 5e-4
-    """L2 weight decay."""
-    scheduler: Literal["cosine", "constant"] = "cosine"
-    """Learning-rate schedule: ``cosine`` (decay to 0 over ``epochs``) or ``constant``."""
-    backbone: Literal["auto", "preact_resnet18", "small_cnn", "mlp", "clip_peft"] = "auto"
-    """Backbone name (``preact_resnet18``, ``small_cnn``, ``mlp``), ``clip_peft`` (the annotator's CLIP
-    image encoder tuned by ``peft``, its classifier initialised from the class names' text
-    embeddings: PartialCLIP) or ``auto`` (the dataset's default)."""
-    peft: Literal["lora", "adapter", "bias", "layernorm", "linear_probe", "full"] = "lora"
-    """``clip_peft`` only: what of the image encoder is tuned (the head always is): LoRA on the
-    attention projections, an AdaptFormer adapter beside each MLP, the biases, the LayerNorms,
-    nothing (linear probe) or everything (``trainables/common/peft.py``)."""
-    lora_rank: Annotated[int, Field(ge=1, le=1024)] = 8
-    """``clip_peft`` with ``peft: lora``: rank r of each low-rank update (scale alpha / r = 1)."""
-    adapter_dim: Annotated[int, Field(ge=1, le=4096)] = 64
-    """``clip_peft`` with ``peft: adapter``: bottleneck width of each AdaptFormer adapter."""
-    val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
-    """Fraction of the training pool held out (with candidate labels only) for the label-free objective."""
-    checkpoint_every: Annotated[int, Field(ge=1)] = 1
-    """Save a Tune checkpoint every this many epochs (and always at the last one)."""
-
-    def signed(self) -> dict[str, Any]:
-        """The settings that identify a run: every field, the ``clip_peft`` ones only with that
-        backbone (so the signatures of runs on the other backbones stay what they were)."""
-        out = dataclasses.asdict(self)
-        if self.backbone != "clip_peft":
-            for name in CLIP_PEFT_SETTINGS:
-                out.pop(name)
-        return out
-
-    @property
-    def uses_clip(self) -> bool:
-        return self.backbone == "clip_peft"
-
-
-CLIP_PEFT_SETTINGS = ("peft", "lora_rank", "adapter_dim")
-"""The :class:`TrainSettings` fields that apply to the ``clip_peft`` backbone only."""
+__all__ = [
+    "Algorithm", "AlgorithmSpec", "BuildContext", "Diagnosed", "Target", "TrainData", "TrainSettings",
+    "TwoNetwork", "Views", "starred_variant",
+]  # fmt: skip
 
 
 @dataclass
@@ -220,46 +168,3 @@ class Diagnosed(Protocol):
     def diagnostics(self, probe: Tensor) -> dict[str, float]:
         """Signals on ``probe`` (B, ...), a fixed batch of plain-view training inputs (no labels)."""
         ...
-
-
-@dataclass(frozen=True)
-class AlgorithmSpec:
-    """A registry entry. ``name`` is the single name used everywhere (grid.yaml, file, tags)."""
-
-    name: str
-    params: type
-    """Frozen dataclass of the method's hyperparameters, with the paper's defaults."""
-    build: Callable[[Any, BuildContext], Algorithm]
-    """``build(params, ctx) -> Algorithm``."""
-    consumes: Target = Target.CAND
-    """What the method learns from (:class:`Target`)."""
-    ablations: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Named ablations: each maps to the params overrides that switch a component off."""
-    description: str = ""
-    needs_clip: bool = False
-    """The method runs on the annotator's CLIP (``BuildContext.clip``; CoOp): refused before Ray
-    starts for annotators without one."""
-    consumes_when: Callable[[Any], Target] | None = None
-    """``params -> Target`` for a method whose variants learn from different targets (the starred
-    rows: ``starred=True`` -> template average); None: always ``consumes``."""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "consumes", Target(self.consumes))
-
-    def consumes_for(self, params: Any) -> Target:
-        """The target kind for ``params`` (an instance of ``self.params`` or a dict of its fields)."""
-        if self.consumes_when is None:
-            return self.consumes
-        if isinstance(params, dict):
-            params = self.params(**params)
-        return Target(self.consumes_when(params))
-
-
-def _starred_target(single: Target, params: Any) -> Target:
-    return single.averaged if params.starred else single
-
-
-def starred_variant(single: Target) -> Callable[[Any], Target]:
-    """``consumes_when`` of a method with a starred row (``params.starred``): the template average of
-    ``single`` when starred (KD*, DivideMix*), ``single`` otherwise."""
-    return partial(_starred_target, single)

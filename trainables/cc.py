@@ -22,23 +22,17 @@ Implementation details / deviations:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainables.api import AlgorithmSpec, BuildContext, Target, TrainData
+from trainables.api import BuildContext, TrainData
 from trainables.common.losses import partial_ce
 from trainables.common.single_net import SingleNet, fit_epoch, training_view
 from trainables.common.targets import restrict_to_candidates
-
-
-@dataclass(frozen=True)
-class CCParams:
-    augment: bool = True
-    """Train on weak views (shift + flip); False trains on plain views as the paper does."""
+from trainables.params.cc import CCParams, SPEC  # noqa: F401  (SPEC: the registry entry, kept importable from here)
 
 
 class CC:
@@ -75,12 +69,3 @@ class CC:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state)
         self.probs.copy_(state["probs"])
-
-
-SPEC = AlgorithmSpec(
-    name="cc",
-    params=CCParams,
-    build=CC,
-    consumes=Target.CAND,
-    description="CC (Feng et al. 2020): -log of the predicted probability mass on the candidate set.",
-)

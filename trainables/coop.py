@@ -33,37 +33,20 @@ Implementation details / deviations:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor, nn
 
-from trainables.api import AlgorithmSpec, BuildContext, Target, TrainData
+from trainables.api import BuildContext, TrainData
 from trainables.common.clip_model import check_text_transformer, encode_prompts
 from trainables.common.metrics import MeanMeter
 from trainables.common.nets import seeded
 from trainables.common.optim import make_optimizer
 from trainables.common.single_net import training_view
 from trainables.data.clip_source import LoadedClip
-
-
-@dataclass(frozen=True)
-class CoOpParams:
-    n_ctx: Annotated[int, Field(ge=1, le=64)] = 16
-    """Number M of learned context vectors (the paper's default 16; ignored with ``ctx_init``)."""
-    class_specific: bool = False
-    """One context per class (the paper's CSC) instead of one shared by every class."""
-    ctx_init: str = ""
-    """Initialise the context from this phrase's token embeddings ("a photo of a"); "" draws N(0, 0.02)."""
-    warmup_epochs: Annotated[int, Field(ge=0)] = 1
-    """Epochs at the constant warm-up learning rate before the schedule (the reference: 1)."""
-    warmup_lr: Annotated[float, Field(gt=0.0)] = 1e-5
-    """The constant warm-up learning rate (the reference: 1e-5)."""
-    augment: bool = True
-    """Train on weak views (shift + flip, then CLIP's transform); False: CLIP's plain transform."""
+from trainables.params.coop import CoOpParams
 
 
 class PromptLearner(nn.Module):
@@ -183,13 +166,3 @@ class CoOp:
         self.scheduler.load_state_dict(state["scheduler"])
         self.targets.copy_(state["targets"])
         self.shots.copy_(state["shots"])
-
-
-SPEC = AlgorithmSpec(
-    name="coop",
-    params=CoOpParams,
-    build=CoOp,
-    consumes=Target.CAND,
-    needs_clip=True,
-    description="CoOp (Zhou et al. 2022): learned prompt context on the annotator's frozen CLIP, from the revealed shots.",
-)

@@ -42,19 +42,17 @@ Implementation details / deviations:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Annotated
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor
 
-from trainables.api import AlgorithmSpec, BuildContext, Target, TrainData
+from trainables.api import BuildContext, TrainData
 from trainables.common.confidence import CandidateConfidence, ConfidenceTableMethod, geometric_mean_on_candidates
 from trainables.common.losses import kl_div
 from trainables.common.schedules import linear_ramp
 from trainables.common.single_net import SingleNet, fit_epoch
+from trainables.params.cr_dpll import CRDPLLParams, SPEC  # noqa: F401  (SPEC: the registry entry, kept importable from here)
 
 NON_CANDIDATE_EPS = 1e-7
 """The reference's ``log(1.0000001 - p)``: keeps the log finite when p reaches 1."""
@@ -64,14 +62,6 @@ def non_candidate_nll(logits: Tensor, cand: Tensor) -> Tensor:
     """-sum_{j not in S} log(1 - p_j): the supervised term of CR-DPLL.  # (B,)"""
     probs = F.softmax(logits, dim=1)
     return -((1.0 - cand) * torch.log(1.0 + NON_CANDIDATE_EPS - probs)).sum(dim=1)
-
-
-@dataclass(frozen=True)
-class CRDPLLParams:
-    lam: Annotated[float, Field(ge=0.0)] = 1.0
-    """Weight of the consistency term after the ramp (the reference's ``--lam``, default 1)."""
-    rampup_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
-    """T' as a fraction of ``training.epochs``: the weight grows linearly from 0 over these epochs."""
 
 
 class CRDPLL(ConfidenceTableMethod):
@@ -105,13 +95,3 @@ class CRDPLL(ConfidenceTableMethod):
         # confidence = normalised geometric mean of the three views on S (no moving average)
         self.conf[idx] = geometric_mean_on_candidates(log_probs.detach().exp(), cand)
         return {"loss": loss, "loss_consistency": consistency, "loss_supervised": supervised}
-
-
-
-SPEC = AlgorithmSpec(
-    name="cr_dpll",
-    params=CRDPLLParams,
-    build=CRDPLL,
-    consumes=Target.CAND,
-    description="CR-DPLL (Wu et al. 2022): KL of 3 views to a geometric-mean confidence on S + non-candidate loss.",
-)

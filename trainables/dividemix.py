@@ -47,15 +47,13 @@ Implementation details / deviations:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor
 
-from trainables.api import AlgorithmSpec, BuildContext, Target, TrainData, starred_variant
+from trainables.api import BuildContext, TrainData
 from trainables.common.batches import split_batches
 from trainables.common.gmm import clean_set, divide, division_pass
 from trainables.common.losses import neg_entropy, soft_ce
@@ -64,30 +62,7 @@ from trainables.common.mixup import mixmatch, mixmatch_losses
 from trainables.common.schedules import linear_ramp
 from trainables.common.targets import co_guess, co_refine
 from trainables.common.two_net import CoTrainedPair, TwoNets, labeled_fraction
-
-
-@dataclass(frozen=True)
-class DivideMixParams:
-    starred: bool = False
-    """DivideMix*: learn from the template-average argmax instead of template ``single_template``."""
-    warmup_epochs: Annotated[int, Field(ge=0)] = 10
-    """CE warm-up epochs (reference: 10 of 300 on CIFAR-10, 30 on CIFAR-100)."""
-    p_threshold: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
-    """Clean-probability threshold tau: X = {w > p_threshold}."""
-    T: Annotated[float, Field(gt=0.0)] = 0.5
-    """Sharpening temperature."""
-    lambda_u: Annotated[float, Field(ge=0.0)] = 25.0
-    """Weight of the unlabeled MSE after the ramp (paper: 0, 25, 50 or 150 by noise level)."""
-    rampup_epochs: Annotated[int, Field(ge=0)] = 16
-    """Epochs after warm-up over which the unlabeled weight ramps linearly from 0 to ``lambda_u``."""
-    mix_alpha: Annotated[float, Field(gt=0.0)] = 4.0
-    """MixUp l ~ Beta(alpha, alpha)."""
-    conf_penalty: bool = False
-    """Add the negative-entropy confidence penalty during warm-up (reference: asymmetric noise)."""
-    loss_history: Annotated[int, Field(ge=1)] = 1
-    """Epochs of normalised division losses averaged before the GMM (reference: 5 at 90% noise)."""
-    warmup_batch_factor: Annotated[int, Field(ge=1)] = 2
-    """Warm-up batch size = factor x batch size (reference: 2)."""
+from trainables.params.dividemix import DivideMixParams, SPEC  # noqa: F401  (SPEC: the registry entry, kept importable from here)
 
 
 def noisy_targets(cand: Tensor) -> Tensor:
@@ -213,13 +188,3 @@ class DivideMix(CoTrainedPair):
         self.labeled.copy_(state["labeled"])
         self.targets.copy_(state["targets"])
         self.initialised = bool(state["initialised"])
-
-
-SPEC = AlgorithmSpec(
-    name="dividemix",
-    params=DivideMixParams,
-    build=DivideMix,
-    consumes=Target.NOISY_LABEL,
-    consumes_when=starred_variant(Target.NOISY_LABEL),
-    description="DivideMix (Li et al. 2020): two nets, GMM co-divide, co-refinement/co-guessing, MixMatch.",
-)

@@ -51,21 +51,20 @@ Implementation details / deviations:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor
 
-from trainables.api import AlgorithmSpec, BuildContext, Target, TrainData
+from trainables.api import BuildContext, TrainData
 from trainables.common.batches import train_batches
 from trainables.common.confidence import CandidateConfidence
 from trainables.common.losses import soft_ce
 from trainables.common.metrics import MeanMeter
 from trainables.common.pico import disambiguate, phi_at
 from trainables.common.single_net import SingleNet
+from trainables.params.irnet import IRNetParams, SPEC  # noqa: F401  (SPEC: the registry entry, kept importable from here)
 
 RCE_LOG_FLOOR = 1e-4
 """Reverse CE takes log(conf) with conf clamped here (reference ``SCE``), so zeros cost log(1e-4)."""
@@ -82,36 +81,6 @@ def detect_noisy(probs: Tensor, cand: Tensor, margin: float) -> tuple[Tensor, Te
     beats = (best_out > best_in + margin).all(dim=0)
     agree = (label_out == label_out[0]).all(dim=0)
     return beats & agree, label_out[0]
-
-
-@dataclass(frozen=True)
-class IRNetParams:
-    correct: bool = True
-    """Run detection and correction; False leaves the base PLL learner (the reference's PiCO baseline)."""
-    margin: Annotated[float, Field(ge=0.0, le=1.0)] = 0.2
-    """Detection margin delta on probabilities (reference ``--correct_threshold_range`` default)."""
-    warmup_epochs: Annotated[int, Field(ge=0)] = 10
-    """No correction before this epoch (0-based); the earliest start with ``start="plateau"``."""
-    start: Literal["epoch", "plateau"] = "epoch"
-    """Start correcting at ``warmup_epochs`` or, from then on, once the training loss plateaus."""
-    plateau_window: Annotated[int, Field(ge=1)] = 3
-    """Epochs per window of the plateau test."""
-    plateau_tol: Annotated[float, Field(ge=0.0)] = 0.02
-    """Relative drop of the windowed mean training loss below which it counts as a plateau."""
-    detect_views: Annotated[int, Field(ge=1)] = 2
-    """K views that must all agree (the training view plus K - 1 extra views)."""
-    extra_view: Literal["weak", "strong"] = "weak"
-    """Augmentation of the extra detection views (reference ``case3``: weak)."""
-    remove_least: bool = False
-    """Also drop the least likely candidate of a corrected sample (reference ``--correct_deletion``)."""
-    ce_weight: Annotated[float, Field(ge=0.0)] = 1.0
-    """Weight of CE(conf, p) in the symmetric cross-entropy."""
-    rce_weight: Annotated[float, Field(ge=0.0)] = 1.0 / 6.0
-    """Weight of the reverse CE(p, conf) (reference SCE beta / alpha = 1 / 6)."""
-    conf_ema_start: Annotated[float, Field(ge=0.0, le=1.0)] = 0.95
-    """Confidence moving-average momentum at the first epoch (PiCO's phi range, reference default)."""
-    conf_ema_end: Annotated[float, Field(ge=0.0, le=1.0)] = 0.8
-    """Momentum at the last epoch (linear in between)."""
 
 
 class IRNet:
@@ -228,13 +197,3 @@ class IRNet:
         self.corrected.copy_(state["corrected"])
         self.losses = [float(v) for v in state["losses"]]
         self.correct_from = int(state["correct_from"])
-
-
-SPEC = AlgorithmSpec(
-    name="irnet",
-    params=IRNetParams,
-    build=IRNet,
-    consumes=Target.CAND,
-    ablations={"no_correction": {"correct": False}},
-    description="IRNet (Lian et al.): PiCO-style PLL that adds a non-candidate to S when all views beat S by a margin.",
-)

@@ -26,28 +26,17 @@ Implementation details / deviations:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor
 
-from trainables.api import AlgorithmSpec, BuildContext, Target, TrainData, starred_variant
+from trainables.api import BuildContext, TrainData
 from trainables.common.losses import kl_div
 from trainables.common.single_net import SingleNet, fit_epoch, training_view
 from trainables.common.targets import sharpen
-
-
-@dataclass(frozen=True)
-class KDParams:
-    starred: bool = False
-    """KD*: distil the template-average probabilities instead of template ``single_template``."""
-    temperature: Annotated[float, Field(gt=0.0)] = 1.0
-    """Distillation temperature T (Hinton et al.); 1 distils the probabilities as they are."""
-    augment: bool = True
-    """Train on weak views (shift + flip); False trains on plain views."""
+from trainables.params.kd import KDParams, SPEC  # noqa: F401  (SPEC: the registry entry, kept importable from here)
 
 
 def distillation_loss(logits: Tensor, teacher_probs: Tensor, temperature: float) -> Tensor:
@@ -98,13 +87,3 @@ class KD:
         self.model.load_state_dict(state)
         self.targets.copy_(state["targets"])
         self.initialised = bool(state["initialised"])
-
-
-SPEC = AlgorithmSpec(
-    name="kd",
-    params=KDParams,
-    build=KD,
-    consumes=Target.SOFT_SINGLE,
-    consumes_when=starred_variant(Target.SOFT_SINGLE),
-    description="Unsupervised KD (Hinton et al. 2015): a student fits the annotator's probabilities (KD*: average).",
-)

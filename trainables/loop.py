@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from trainables.api import Algorithm, BuildContext, Diagnosed, TrainData, TwoNetwork
+from trainables.common.batches import eval_batch_size
 from trainables.common.augment import make_views
 from trainables.common.backbones import clip_encoder_factory, make_encoder
 from trainables.common.clip_model import clip_views, load_source
@@ -32,10 +33,8 @@ from trainables.data.annotation import load_cached
 from trainables.data.clip_source import LoadedClip, clip_source
 from trainables.data.datasets import Dataset, load_dataset
 from trainables.registry import ALGORITHMS
-from trainables.spec import TrialSpec
+from trainables.spec import CHECKPOINT_FILE, TrialSpec
 
-EVAL_BATCH = 1024
-CHECKPOINT_FILE = "state.pt"
 PREDICTIONS_FILE = "predictions.npz"
 
 
@@ -219,7 +218,12 @@ def build_from_info(
     in_dim = sample_shape[0] if len(sample_shape) == 1 else None
 
     def make() -> torch.nn.Module:
-        return make_encoder(backbone, in_channels=in_channels, image_size=image_size, in_dim=in_dim)
+        encoder = make_encoder(backbone, in_channels=in_channels, image_size=image_size, in_dim=in_dim)
+        if len(sample_shape) == 3 and device.type == "cpu":
+            # oneDNN's preferred layout: a small-CNN training step 1.6x and its evaluation 2.5x faster,
+            # PreAct ResNet-18 1.3x, on this project's 2-core machine (NCHW stays on GPUs)
+            encoder = encoder.to(memory_format=torch.channels_last)
+        return encoder
 
     if uses_clip(trial) and clip is None:
         raise ValueError(f"trial {trial.label}: learns on the annotator's CLIP, and none was given")
@@ -238,9 +242,9 @@ def build_from_info(
 
 @torch.no_grad()
 def predict(algo: Algorithm, x: torch.Tensor, view: Callable[[torch.Tensor], torch.Tensor], fn: str = "predict") -> Any:
-    outs = []
-    for start in range(0, len(x), EVAL_BATCH):
-        outs.append(getattr(algo, fn)(view(x[start : start + EVAL_BATCH])))
+    outs, step = [], eval_batch_size(x.device)
+    for start in range(0, len(x), step):
+        outs.append(getattr(algo, fn)(view(x[start : start + step])))
     if isinstance(outs[0], tuple):
         return tuple(torch.cat(parts) for parts in zip(*outs))
     return torch.cat(outs)
@@ -383,7 +387,9 @@ def run_trial(
         tic = time.perf_counter()
         metrics = dict(algo.train_epoch(td.data, epoch))
         metrics["time/epoch_s"] = time.perf_counter() - tic
+        tic = time.perf_counter()
         metrics.update(evaluate(algo, td))
+        metrics["time/eval_s"] = time.perf_counter() - tic
         metrics.update(diagnose(algo, td))
         best = _track_best(best, metrics, trial, epoch)
         metrics.update({"val/best_epoch": best["epoch"], "epoch": epoch + 1})

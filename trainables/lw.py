@@ -33,30 +33,19 @@ Implementation details / deviations:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor
 
-from trainables.api import AlgorithmSpec, BuildContext, Target, TrainData
+from trainables.api import BuildContext, TrainData
 from trainables.common.single_net import SingleNet, fit_epoch, training_view
 from trainables.common.targets import restrict_to_candidates
+from trainables.params.lw import LWC_SPEC, LWParams, LWS_SPEC, SPECS  # noqa: F401  (SPEC: the registry entry, kept importable from here)
 
 PSI = ("sigmoid", "logistic")
 """The binary loss on each logit: LWS's sigmoid loss, LWC's logistic loss."""
-
-
-@dataclass(frozen=True)
-class LWParams:
-    """The settings of LWS and LWC."""
-
-    beta: Annotated[float, Field(ge=0.0)] = 1.0
-    """Weight of the non-candidate term (the paper's beta; 0 drops it)."""
-    augment: bool = True
-    """Train on weak views (shift + flip); False trains on plain views as the reference does."""
 
 
 def leveraged_weighted_loss(
@@ -142,20 +131,3 @@ def build_lws(params: LWParams, ctx: BuildContext) -> LW:
 
 def build_lwc(params: LWParams, ctx: BuildContext) -> LW:
     return LW(params, ctx, psi="logistic")
-
-
-LWS_SPEC = AlgorithmSpec(
-    name="lws",
-    params=LWParams,
-    build=build_lws,
-    consumes=Target.CAND,
-    description="LWS (Wen et al. 2021): leveraged weighted sigmoid loss on candidates and non-candidates.",
-)
-LWC_SPEC = AlgorithmSpec(
-    name="lwc",
-    params=LWParams,
-    build=build_lwc,
-    consumes=Target.CAND,
-    description="LWC (Wen et al. 2021): leveraged weighted logistic loss on candidates and non-candidates.",
-)
-SPECS = (LWS_SPEC, LWC_SPEC)

@@ -52,27 +52,20 @@ Implementation details / deviations:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Callable
+from typing import Callable
 
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor
 
-from trainables.api import AlgorithmSpec, BuildContext, Target, TrainData
+from trainables.api import BuildContext, TrainData
 from trainables.common.batches import train_batches
 from trainables.common.confidence import CandidateConfidence, ConfidenceTableMethod
 from trainables.common.losses import soft_ce
 from trainables.common.metrics import MeanMeter
 from trainables.common.pico import (
-    ContrastParams, ContrastiveClassifier, at_switch, candidate_argmax, contrast_set, disambiguate, masked_supcon_loss, moco_loss, phi_at,
-    same_label_mask,
-)  # fmt: skip
-
-
-@dataclass(frozen=True)
-class PiCOParams(ContrastParams):
-    warmup_epochs: Annotated[int, Field(ge=0)] = 1
-    """Epochs before prototype-based disambiguation and SupCon start (reference ``--prot_start``)."""
+    ContrastiveClassifier, at_switch, candidate_argmax, contrast_set, disambiguate, masked_supcon_loss, moco_loss, phi_at, same_label_mask,
+)
+from trainables.params.pico import PiCOParams, SPEC  # noqa: F401  (SPEC: the registry entry, kept importable from here)
 
 
 @dataclass
@@ -150,13 +143,3 @@ class PiCO(ConfidenceTableMethod):
 
     def diagnostics(self, probe: Tensor) -> dict[str, float]:
         return self.model.diagnostics(probe)
-
-
-
-SPEC = AlgorithmSpec(
-    name="pico",
-    params=PiCOParams,
-    build=PiCO,
-    consumes=Target.CAND,
-    description="PiCO (Wang et al. 2022): MoCo SupCon with pseudo-label positives, prototype-based disambiguation.",
-)

@@ -23,22 +23,16 @@ Implementation details / deviations:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainables.api import AlgorithmSpec, BuildContext, Target, TrainData
+from trainables.api import BuildContext, TrainData
 from trainables.common.confidence import CandidateConfidence, ConfidenceTableMethod
 from trainables.common.losses import soft_ce
 from trainables.common.single_net import SingleNet, fit_epoch, training_view
 from trainables.common.targets import restrict_to_candidates
-
-
-@dataclass(frozen=True)
-class PRODENParams:
-    augment: bool = True
-    """Train on weak views (shift + flip); False trains on plain views as the reference does."""
+from trainables.params.proden import PRODENParams, SPEC  # noqa: F401  (SPEC: the registry entry, kept importable from here)
 
 
 class PRODEN(ConfidenceTableMethod):
@@ -58,13 +52,3 @@ class PRODEN(ConfidenceTableMethod):
         # progressive identification, per batch: the confidences follow the prediction restricted to S
         self.conf[idx] = restrict_to_candidates(F.softmax(logits.detach(), dim=1), data.cand[idx])
         return {"loss": loss}
-
-
-
-SPEC = AlgorithmSpec(
-    name="proden",
-    params=PRODENParams,
-    build=PRODEN,
-    consumes=Target.CAND,
-    description="PRODEN (Lv et al. 2020): confidence-weighted CE, confidences re-estimated per batch on S.",
-)

@@ -26,23 +26,17 @@ Implementation details / deviations:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainables.api import AlgorithmSpec, BuildContext, Target, TrainData
+from trainables.api import BuildContext, TrainData
 from trainables.common.confidence import CandidateConfidence, ConfidenceTableMethod
 from trainables.common.losses import soft_ce
 from trainables.common.single_net import SingleNet, fit_epoch, training_view
 from trainables.common.targets import restrict_to_candidates
-
-
-@dataclass(frozen=True)
-class RCParams:
-    augment: bool = True
-    """Train on weak views (shift + flip); False trains on plain views as the paper does."""
+from trainables.params.rc import RCParams, SPEC  # noqa: F401  (SPEC: the registry entry, kept importable from here)
 
 
 class RC(ConfidenceTableMethod):
@@ -69,13 +63,3 @@ class RC(ConfidenceTableMethod):
         for idx in data.batches(self.model.batch_size, shuffle=False):
             probs = F.softmax(self.model.net(data.views.plain(data.x[idx])), dim=1)  # (B, C)
             self.conf[idx] = restrict_to_candidates(probs, data.cand[idx])
-
-
-
-SPEC = AlgorithmSpec(
-    name="rc",
-    params=RCParams,
-    build=RC,
-    consumes=Target.CAND,
-    description="RC (Feng et al. 2020): confidence-weighted CE, confidences re-estimated per epoch on S.",
-)

@@ -1,15 +1,16 @@
 """The registry of algorithms, keyed by the name used everywhere.
 
-A module registers its ``SPECS`` tuple (several variants in one file, e.g. ALIM-Onehot and
-ALIM-Scale) or its single ``SPEC``.
+Each algorithm's declaration (``trainables/params/<module>.py``) registers its ``SPECS`` tuple
+(several variants in one file, e.g. ALIM-Onehot and ALIM-Scale) or its single ``SPEC``. Only the
+declarations are imported here: torch and the algorithm come with the first ``spec.build``.
 """
 
 from __future__ import annotations
 
 from types import ModuleType
 
-from trainables import alim, cc, coop, coreg, cr_dpll, dividemix, irnet, kd, lw, pico, pico_plus, proden, rc
-from trainables.api import AlgorithmSpec
+from trainables.params import alim, cc, coop, coreg, cr_dpll, dividemix, irnet, kd, lw, pico, pico_plus, proden, rc
+from trainables.settings import AlgorithmSpec
 
 MODULES: tuple[ModuleType, ...] = (alim, cc, coreg, cr_dpll, irnet, lw, pico, pico_plus, proden, rc, dividemix, kd, coop)
 

@@ -13,8 +13,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from trainables.api import TrainSettings
+from trainables.settings import TrainSettings
 from trainables.data.spec import DatasetSpec, signature
+
+CHECKPOINT_FILE = "state.pt"
+"""A trial checkpoint's file, in the directory Tune hands the loop (read by the driver on resume)."""
 
 SIGNED = ("method", "cell", "params", "training", "annotation_key")
 """The config keys whose values determine a trial's result (its signature)."""

@@ -11,6 +11,13 @@ from torch import Tensor
 from trainables.api import TrainData
 
 
+def eval_batch_size(device: torch.device) -> int:
+    """Batch size of forward-only passes (evaluation, the division pass): large batches fill a GPU;
+    on a CPU a batch of 128 keeps the activations in cache (the small CNN on 28x28 images runs a
+    1000-image pass about 2x faster than at 1024, one thread)."""
+    return 1024 if device.type == "cuda" else 128
+
+
 def train_batches(data: TrainData, batch_size: int, indices: Tensor | None = None) -> Iterator[Tensor]:
     """Shuffled batches covering ``indices``; a trailing batch of one sample is skipped.
 

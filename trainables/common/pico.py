@@ -13,12 +13,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor
 
 from trainables.api import BuildContext
@@ -26,33 +24,6 @@ from trainables.common.diagnostics import contrastive_diagnostics, prototype_cos
 from trainables.common.moco import KeyQueue, copy_into_key_net, make_key_net, momentum_update
 from trainables.common.prototypes import ema_update_prototypes, prototype_logits
 from trainables.common.single_net import SingleNet
-
-@dataclass(frozen=True)
-class ContrastParams:
-    """PiCO's contrastive and label-disambiguation hyperparameters, which PiCO+ keeps (reference
-    flags in brackets). Each method's params dataclass adds its own fields to these."""
-
-    cont_weight: Annotated[float, Field(ge=0.0)] = 0.5
-    """Weight of the contrastive loss (``--loss_weight``; PiCO+: of reliable anchors and during warm-up)."""
-    phi_start: Annotated[float, Field(ge=0.0, le=1.0)] = 0.95
-    """Moving-average coefficient phi of the pseudo-labels at the first epoch (Eq. 7, ``--conf_ema_range`` start)."""
-    phi_end: Annotated[float, Field(ge=0.0, le=1.0)] = 0.8
-    """... ramped linearly to this value at the last epoch (``--conf_ema_range`` end)."""
-    proto_momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.99
-    """gamma, EMA momentum of the prototypes (Eq. 8, ``--proto_m``; PiCO+ moves them with reliable samples only)."""
-    proj_dim: Annotated[int, Field(ge=1)] = 128
-    """Dimension of the L2-normalised projection (``--low-dim``)."""
-    moco_momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.999
-    """Momentum of the key network (``--moco_m``)."""
-    queue_size: Annotated[int, Field(ge=1)] = 8192
-    """Length of the MoCo key queue (``--moco_queue``; PiCO+ stores each key's reliable flag with it)."""
-    temperature: Annotated[float, Field(gt=0.0)] = 0.07
-    """Temperature of the SupCon and MoCo losses."""
-    restart_at_switch: bool = True
-    """At the end of the warm-up, re-copy the key net from the query net, empty the queue and zero
-    the prototypes once (:meth:`ContrastiveClassifier.restart_contrast`); False: the reference,
-    which carries all three over from the warm-up."""
-
 
 
 class ContrastiveClassifier:

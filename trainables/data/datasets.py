@@ -106,6 +106,8 @@ class DatasetInfo:
     classes, sizes (and splits) are known only once the files are read; ``class_names`` is empty."""
     ships_candidates: bool = False
     """Candidate sets come with the files although no ``file`` is named (``pll_mat``)."""
+    bundled: bool = False
+    """Installed with a dependency (digits, with scikit-learn): there are no files to find."""
 
     @property
     def num_classes(self) -> int:
@@ -154,7 +156,9 @@ def _pll(name: str, file: str, num_classes: int, feature_dim: int) -> DatasetInf
 DATASETS: dict[str, DatasetInfo] = {
     info.name: info
     for info in (
-        DatasetInfo("digits", NUMBERS, channels=1, image_size=8, hflip=False, default_backbone="small_cnn"),
+        DatasetInfo(
+            "digits", NUMBERS, channels=1, image_size=8, hflip=False, default_backbone="small_cnn", bundled=True
+        ),
         DatasetInfo(
             "fashion_mnist", FASHION_MNIST_CLASSES, channels=1, image_size=28, hflip=True, default_backbone="small_cnn"
         ),
