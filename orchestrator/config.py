@@ -541,7 +541,8 @@ def _check_semantics(grid: Grid) -> list[str]:
         for i, ds in enumerate(grid.datasets):
             if ds.imbalance_ratio is not None:
                 problems.append(f"datasets[{i}].imbalance_ratio: set both here and as the grid.imbalance_ratio axis; use one")
-    return problems + _check_methods(grid.methods, grid.annotators) + _clip_problems(grid)
+    training = grid.training.apply(TrainSettings())
+    return problems + _check_methods(grid.methods, grid.annotators, training) + _clip_problems(grid)
 
 
 def _space_problems(where: str, hint: Any, value: Any) -> list[str]:
@@ -603,8 +604,11 @@ def _method_clip_problems(grid: Grid, where: str, method: MethodSpec, needs_clip
     return problems
 
 
-def _check_methods(methods: list[MethodSpec], annotators: list[AnnotatorSpec]) -> list[str]:
-    """Each method: its name, params overrides, target kind against the annotators, search space."""
+def _check_methods(
+    methods: list[MethodSpec], annotators: list[AnnotatorSpec], training: TrainSettings | None = None
+) -> list[str]:
+    """Each method: its name, params overrides, target kind against the annotators, search space
+    (``training``: the grid's settings, under the method's own; its backbone can widen the space)."""
     from search_spaces import parameter_names
     from trainables.registry import ALGORITHMS
 
@@ -633,7 +637,7 @@ def _check_methods(methods: list[MethodSpec], annotators: list[AnnotatorSpec]) -
                     what = f"{ann.kind} annotator {ann.name!r}" + hint.get(ann.kind, "")
                     problems.append(f"{where}.name: {m.name} learns from {consumes.value}, which the {what} does not produce")
         try:
-            asked = parameter_names(m.name)
+            asked = parameter_names(m.name, training=m.training.apply(training or TrainSettings()))
         except KeyError as err:
             problems.append(f"{where}.search: {err.args[0]}")
             continue
@@ -664,7 +668,11 @@ def _method_problems_of_raw(raw: dict[str, Any]) -> list[str]:
         annotators = TypeAdapter(list[AnnotatorSpec]).validate_python(raw.get("annotators"), strict=True)
     except ValidationError:
         annotators = []
-    return _check_methods(methods, annotators)
+    try:
+        training = TrainingSpec.model_validate(raw.get("training", {}), strict=True).apply(TrainSettings())
+    except ValidationError:
+        training = TrainSettings()
+    return _check_methods(methods, annotators, training)
 
 
 def parse_grid(raw: Any, source: str = "grid") -> Grid:

@@ -134,7 +134,7 @@ class MultiStudySearcher(Searcher):
         """The study's configuration as the grid resolves it (method defaults + grid overrides) for
         every searched parameter: the first trial of each study evaluates exactly that."""
         space = plan.method.search.space
-        names = [n for n in parameter_names(plan.method.name, space) if isinstance(space.get(n, {}), dict)]
+        names = [n for n in parameter_names(plan.method.name, space, plan.training) if isinstance(space.get(n, {}), dict)]
         return {n: plan.params[n] if n in plan.params else getattr(plan.training, n) for n in names}
 
     def remaining(self) -> int:
@@ -163,7 +163,7 @@ class MultiStudySearcher(Searcher):
                 continue
             else:
                 ot_trial = study.ask()
-                sampled = get_space(plan.method.name)(Space(ot_trial, plan.method.search.space))
+                sampled = get_space(plan.method.name, plan.training)(Space(ot_trial, plan.method.search.space))
                 ot_trial.set_user_attr("sampled", sampled)
                 resuming, reported = False, set()
             self._asked[study_id] += 1

@@ -56,16 +56,30 @@ class Space:
         return self.trial.suggest_categorical(name, choices)
 
 
-def get_space(method: str) -> Callable[[Space], dict[str, Any]]:
-    """The ``space`` function of ``search_spaces/<method>.py``."""
+PEFT_SPACES: dict[str, tuple[str, int, int]] = {"lora": ("lora_rank", 2, 64), "adapter": ("adapter_dim", 8, 256)}
+"""The size of the tuned module searched beside any method's own space on the ``clip_peft``
+backbone: LoRA's rank, the adapter's bottleneck (log-uniform integers)."""
+
+
+def get_space(method: str, training: Any = None) -> Callable[[Space], dict[str, Any]]:
+    """The ``space`` function of ``search_spaces/<method>.py``; on the ``clip_peft`` backbone
+    (``training``: the study's ``TrainSettings``) it also asks for the PEFT module's size."""
     try:
         module = importlib.import_module(f"search_spaces.{method}")
     except ModuleNotFoundError as err:
         raise KeyError(f"no search space for method {method!r} (expected search_spaces/{method}.py)") from err
-    return module.space
+    peft = getattr(training, "peft", None) if getattr(training, "backbone", None) == "clip_peft" else None
+    if peft not in PEFT_SPACES:
+        return module.space
+    name, low, high = PEFT_SPACES[peft]
+
+    def with_peft(s: Space) -> dict[str, Any]:
+        return {**module.space(s), name: s.int(name, low, high, log=True)}
+
+    return with_peft
 
 
-def parameter_names(method: str, overrides: Mapping[str, Any] | None = None) -> list[str]:
+def parameter_names(method: str, overrides: Mapping[str, Any] | None = None, training: Any = None) -> list[str]:
     """Names the method's space asks for (used to validate grid.yaml overrides before Ray starts)."""
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "new study created" line per method
@@ -74,5 +88,5 @@ def parameter_names(method: str, overrides: Mapping[str, Any] | None = None) -> 
     finally:
         optuna.logging.set_verbosity(verbosity)
     space = Space(study.ask(), overrides)
-    get_space(method)(space)
+    get_space(method, training)(space)
     return space.asked

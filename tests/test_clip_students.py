@@ -272,3 +272,25 @@ def test_a_trial_finds_its_annotators_clip_in_the_annotation_meta(tmp_path):
     assert (source.model, source.templates, source.class_names, source.logit_scale) == ("tiny_clip", ("a {}",), ("a", "b", "c"), 50.0)
     assert source.resolved(Path("/start")).model_config_path == "/start/tests/fixtures/tiny_clip.json"
     assert source.resolved(Path("/start")).pretrained is None
+
+
+def test_on_clip_peft_the_search_space_also_sizes_the_peft_module():
+    """Any method's space gains the PEFT module's size on clip_peft (LoRA's rank, the adapter's
+    bottleneck), and a grid may re-range it there only."""
+    from orchestrator.config import GridError, parse_grid
+    from search_spaces import parameter_names
+    from trainables.settings import TrainSettings
+
+    assert parameter_names("cc") == ["lr"]
+    assert parameter_names("cc", training=TrainSettings(backbone="clip_peft")) == ["lr", "lora_rank"]
+    assert parameter_names("proden", training=TrainSettings(backbone="clip_peft", peft="adapter")) == ["lr", "adapter_dim"]
+    assert parameter_names("cc", training=TrainSettings(backbone="clip_peft", peft="bias")) == ["lr"]
+    assert parameter_names("cc", training=TrainSettings(backbone="small_cnn", peft="lora")) == ["lr"]
+    raw = {
+        "experiment": "x", "datasets": [{"name": "digits"}], "annotators": [{"kind": "clip"}],
+        "methods": [{"name": "cc", "training": {"backbone": "clip_peft"}, "search": {"space": {"lora_rank": {"low": 4, "high": 16}}}}],
+    }  # fmt: skip
+    assert parse_grid(raw)
+    raw["methods"][0]["training"] = {"backbone": "small_cnn"}
+    with pytest.raises(GridError, match="search.space.lora_rank: not a parameter of the cc search space"):
+        parse_grid(raw)
