@@ -409,7 +409,9 @@ def test_mlp_backbone_and_unknown_names():
         make_encoder("mlp", in_channels=0, image_size=0)
     with pytest.raises(KeyError, match="small_cnn"):
         make_encoder("vgg", in_channels=3, image_size=32)
-    assert set(BACKBONES) == {"preact_resnet18", "small_cnn", "mlp"}
+    assert set(BACKBONES) == {"preact_resnet18", "small_cnn", "mlp", "clip_peft"}
+    with pytest.raises(ValueError, match="clip_encoder_factory"):  # the annotator's CLIP, built elsewhere
+        make_encoder("clip_peft", in_channels=3, image_size=32)
 
 
 def test_net_gives_logits_and_unit_embeddings_in_one_pass():
