@@ -134,16 +134,29 @@ class VlmActor:
         self.prompts = [self._prompt(t) for t in self.templates]
         self.parsers = [AnswerParser(tuple(self.class_names), is_lettered(t)) for t in self.templates]
         self.text_prepare_calls = 0
-        self._prompt_ids: dict[tuple, list[torch.Tensor]] = {}
-        self.answer_ids = [self._answer_ids(p) for p in self.prompts] if answer_mode == "score" else []
+        self._prompt_inputs: dict[tuple, list[dict[str, torch.Tensor]]] = {}
+        self.answer_ids: list[list[list[int]]] = []  # per template and class, filled with the first prompts
         params = inspect.signature(self.model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._keep_last = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
     def _prompt(self, template: str) -> str:
+        """The question in the model's conversation format: its processor's chat template, or, for a
+        processor without one (PaliGemma), the raw question after the image token, which such a
+        processor expands and formats itself (PaliGemma: image tokens, ``<bos>``, question, newline)."""
         question = fill_question(template, self.class_names)
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+        if getattr(self.processor, "chat_template", None):
+            conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+            return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+        return (getattr(self.processor, "image_token", None) or "") + question
+
+    def _seen_text(self, prompt: str, image: Any) -> str:
+        """The text the processor tokenises for ``prompt`` (its own additions included, before the
+        image placeholder is expanded): the answer follows this text."""
+        layout = getattr(self.processor, "prepare_inputs_layout", None)
+        if layout is None:
+            return prompt
+        return layout(images=[image], text=[prompt])[1][0]
 
     def _answer_ids(self, prompt: str) -> list[list[int]]:
         """Per class, the tokens its name adds after ``prompt`` (a space first unless the prompt ends in one)."""
@@ -158,15 +171,24 @@ class VlmActor:
             out.append(ids)
         return out
 
+    def prompt_inputs(self, image: Any) -> list[dict[str, torch.Tensor]]:
+        """Per template, the processor's text-side inputs, each (1, P_t): ``input_ids`` with the image
+        placeholder expanded for this image size, ``attention_mask`` and whatever else the family
+        needs (PaliGemma's ``token_type_ids``, Qwen2-VL's ``mm_token_type_ids``); its image-side
+        outputs come per batch from the image processor."""
+        key = image.size
+        if key not in self._prompt_inputs:
+            self.text_prepare_calls += 1
+            image_keys = set(self.processor.image_processor([image], return_tensors="pt").keys())
+            found = [self.processor(text=[p], images=[image], return_tensors="pt") for p in self.prompts]
+            self._prompt_inputs[key] = [{k: v for k, v in f.items() if k not in image_keys and k != "labels"} for f in found]
+            if self.answer_mode == "score" and not self.answer_ids:
+                self.answer_ids = [self._answer_ids(self._seen_text(p, image)) for p in self.prompts]
+        return self._prompt_inputs[key]
+
     def prompt_ids(self, image: Any) -> list[torch.Tensor]:
         """(1, P_t) prompt tokens per template with the image placeholder expanded for this image size."""
-        key = image.size
-        if key not in self._prompt_ids:
-            self.text_prepare_calls += 1
-            self._prompt_ids[key] = [
-                self.processor(text=[p], images=[image], return_tensors="pt")["input_ids"] for p in self.prompts
-            ]
-        return self._prompt_ids[key]
+        return [inputs["input_ids"] for inputs in self.prompt_inputs(image)]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -174,38 +196,37 @@ class VlmActor:
         images = to_pil(np.asarray(batch["image"]))
         pixels = {k: v.to(self.device) for k, v in self.processor.image_processor(images, return_tensors="pt").items()}
         pixels = {k: v.to(self.model.dtype) if v.is_floating_point() else v for k, v in pixels.items()}
-        prompts = self.prompt_ids(images[0])
+        prompts = [self._batched(inputs, len(images)) for inputs in self.prompt_inputs(images[0])]
         index = np.asarray(batch["index"])
         with torch.inference_mode():
             if self.answer_mode == "score":
-                probs = torch.stack([self.score(ids, pixels, t) for t, ids in enumerate(prompts)], dim=1)  # (B, T, C)
+                probs = torch.stack([self.score(text, pixels, t) for t, text in enumerate(prompts)], dim=1)  # (B, T, C)
                 return {"index": index, "probs": probs.to(torch.float16).cpu().numpy()}
-            raw = [self.generate(ids, pixels) for ids in prompts]  # T lists of B answers
+            raw = [self.generate(text, pixels) for text in prompts]  # T lists of B answers
         parsed = [[UNPARSED if (c := parse(a)) is None else c for a in texts] for parse, texts in zip(self.parsers, raw)]
         answers = np.array(parsed, dtype=np.int16).T  # (B, T)
         return {"index": index, "answers": answers, "raw": np.array([json.dumps(list(r)) for r in zip(*raw)])}
 
-    def generate(self, ids: torch.Tensor, pixels: dict[str, torch.Tensor]) -> list[str]:
-        """Greedy answers (decoded new tokens) of one template for the batch."""
-        import torch
+    def _batched(self, inputs: dict[str, torch.Tensor], b: int) -> dict[str, torch.Tensor]:
+        """One template's (1, P) text inputs repeated for ``b`` images (equal prompts: no padding)."""
+        return {k: v.to(self.device).expand(b, *v.shape[1:]) for k, v in inputs.items()}
 
-        b = next(iter(pixels.values())).shape[0]
-        input_ids = ids.to(self.device).expand(b, -1)
+    def generate(self, text: dict[str, torch.Tensor], pixels: dict[str, torch.Tensor]) -> list[str]:
+        """Greedy answers (decoded new tokens) of one template for the batch."""
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         out = self.model.generate(
-            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **pixels,
-            max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
+            **text, **pixels, max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
         )  # fmt: skip
-        return [s.strip() for s in self.tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)]
+        new = out[:, text["input_ids"].shape[1] :]
+        return [s.strip() for s in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
-    def score(self, ids: torch.Tensor, pixels: dict[str, torch.Tensor], template: int) -> torch.Tensor:
+    def score(self, text: dict[str, torch.Tensor], pixels: dict[str, torch.Tensor], template: int) -> torch.Tensor:
         """(B, C) float32 probabilities of each class name as the answer to one template."""
         import torch
 
         answers = self.answer_ids[template]
-        b = next(iter(pixels.values())).shape[0]
-        input_ids = ids.to(self.device).expand(b, -1)
-        out = self.model(input_ids=input_ids, **pixels, use_cache=True, **self._keep_last)
+        b = text["input_ids"].shape[0]
+        out = self.model(**text, **pixels, use_cache=True, **self._keep_last)
         first = out.logits[:, -1].float().log_softmax(-1)  # (B, V)
         scores = first[:, torch.tensor([a[0] for a in answers], device=self.device)]  # (B, C)
         cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
