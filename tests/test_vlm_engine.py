@@ -170,3 +170,23 @@ def test_vllm_path_sends_image_and_question_and_stores_parsed_answers(ray_sessio
     decoded = np.asarray(Image.open(io.BytesIO(png)))
     assert decoded.shape == (8, 8, 3) and (decoded == digits.train_x[3][0][..., None]).all()
     assert req["sampling_params"] == {"temperature": 0.0, "max_tokens": 7, "detokenize": False}
+
+
+def test_vllm_needs_a_chat_template_in_a_local_model(vllm_here, tmp_path):
+    """A model without a chat template (PaliGemma) cannot go through Ray's chat template stage: the
+    check before Ray says so, and the transformers engine (which formats its raw prompt) is not refused."""
+    from orchestrator.annotation.vlm_check import vlm_problems
+
+    model = tmp_path / "paligemma"
+    model.mkdir()
+    for name, text in (("config.json", "{}"), ("model.safetensors", ""), ("tokenizer.json", "{}"),
+                       ("tokenizer_config.json", '{"chat_template": null}'), ("processor_config.json", "{}")):  # fmt: skip
+        (model / name).write_text(text)
+    on_vllm = spec(model=str(model), engine="vllm", gpus_per_actor=1)
+    assert vlm_problems("annotators[0]", on_vllm, []) == [
+        f"annotators[0].model: {model} has no chat template, which the vllm engine needs (Ray's chat template stage); "
+        "set engine: transformers (it formats such a model's raw prompt)"
+    ]
+    assert vlm_problems("annotators[0]", spec(model=str(model), engine="transformers", gpus_per_actor=1), []) == []
+    (model / "chat_template.jinja").write_text("{{ messages }}")
+    assert vlm_problems("annotators[0]", on_vllm, []) == []

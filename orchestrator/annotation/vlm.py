@@ -18,10 +18,18 @@ answers a batch of images under every template in one of two modes:
   noisy label, soft label and zero-shot statistic derives from them.
 
 Text-side work is done once per actor: the questions are built with the processor's chat template
-(``apply_chat_template``, generation prompt added), tokenised with the image placeholder expanded
-once per image size (every image of a data set has the same size), and the class names' answer
-tokens (the tokens the name adds after the prompt) are tabled per template. Per batch only the
-image processor and the model run.
+(``apply_chat_template``, generation prompt added) or, for a processor without one (PaliGemma), as
+the raw question after the image token, which such a processor formats itself; each is run once
+through the processor per image size (every image of a data set has the same size), which expands
+the image placeholder and gives every text-side input the family needs (``input_ids``,
+``attention_mask``, PaliGemma's ``token_type_ids``, Qwen2-VL's ``mm_token_type_ids``); the class
+names' answer tokens (the tokens a name adds after the text the processor really tokenises, its own
+additions included: PaliGemma's newline) are tabled per template. Per batch only the image processor
+(its outputs whatever their shape: Qwen2-VL's flattened patches and ``image_grid_thw``) and the model run.
+
+Families checked against their own pipelines (tests/test_vlm_annotator.py, tests/test_vlm_families.py,
+tiny random models): LLaVA, PaliGemma, Qwen2-VL. This module is the ``transformers`` engine; the
+``vllm`` engine (``generate`` only) is :mod:`orchestrator.annotation.vlm_vllm`.
 
 Implementation details / deviations:
 
@@ -29,9 +37,14 @@ Implementation details / deviations:
    its style. Images are handed to the processor as RGB PIL images (grey images repeated to 3
    channels); the model's own image processor resizes and normalises them.
 2. Prompts of one template are equal in length within a batch (same question, same image size),
-   so no padding is needed and positions are the plain 0..P-1 every model family computes itself.
+   so no padding is needed (and the padding side does not matter); positions are whatever each
+   family computes itself from the prompt (LLaVA 0..P-1, PaliGemma 1..P, Qwen2-VL's multimodal
+   rotary positions) and, for ``score``'s second pass, from the KV cache's length.
 3. Scores are summed log-probabilities in float32 (not length-normalised: a longer name is one
    answer, not several); only the probabilities are rounded to float16 for storage.
+4. PaliGemma attends to its prefix (image + question) in both directions; the first pass over the
+   prompt is that prefix, the answer tokens of the second pass attend causally, as in its training
+   format (checked against the processor's ``suffix`` encoding).
 """
 
 from __future__ import annotations
