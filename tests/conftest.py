@@ -52,3 +52,11 @@ def tiny_qwen2_vl_dir(tmp_path_factory):
     from fixtures.tiny_vlm_families import build_tiny_qwen2_vl
 
     return build_tiny_qwen2_vl(tmp_path_factory.mktemp("tiny_qwen2_vl") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_idefics3_dir(tmp_path_factory):
+    """A tiny random Idefics3 (SmolVLM-Instruct's architecture: image tiles, row/column tags) saved as a local model directory."""
+    from fixtures.tiny_vlm_families import build_tiny_idefics3
+
+    return build_tiny_idefics3(tmp_path_factory.mktemp("tiny_idefics3") / "model")

@@ -1,8 +1,10 @@
 """The ``vlm`` annotator on other image-text-to-text families than LLaVA: a tiny random PaliGemma
 (SigLIP + Gemma; its processor has no chat template, writes the prompt itself and returns
-``token_type_ids``) and a tiny random Qwen2-VL (image grid, ``<|image_pad|>`` tokens, multimodal
-rotary positions, ChatML chat template), built by tests/fixtures/tiny_vlm_families.py and loaded
-back through ``AutoProcessor`` + ``AutoModelForImageTextToText``.
+``token_type_ids``), a tiny random Qwen2-VL (image grid, ``<|image_pad|>`` tokens, multimodal
+rotary positions, ChatML chat template) and a tiny random Idefics3 (SmolVLM-Instruct's
+architecture: each image cut into tiles plus a global view, (B, tiles, C, H, W) pixels with a
+``pixel_attention_mask``, ``<row_i_col_j>`` tags), built by tests/fixtures/tiny_vlm_families.py and
+loaded back through ``AutoProcessor`` + ``AutoModelForImageTextToText``.
 
 The expected values come from each family's own documented pipeline, written out here: the prompt
 built the way the family's model card builds it, the family's processor called on the whole batch,
@@ -29,7 +31,7 @@ TEMPLATES = (
     "Which of these is it: {classes}? Answer:",
     "What is shown?\n{options}\nAnswer with the letter.",
 )
-FAMILIES = ("paligemma", "qwen2_vl")
+FAMILIES = ("paligemma", "qwen2_vl", "idefics3")
 FASHION = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 """Names of one to five tokens: the score mode's continuation over several answer tokens is exercised."""
 
@@ -81,6 +83,12 @@ def test_family_prompt_formats(family, actors, digits):
         assert tokens[: seq + 1] == ["<image>"] * seq + ["<bos>"]
         assert set(inputs) == {"input_ids", "attention_mask", "token_type_ids"}  # the prefix the model attends to both ways
         assert actor.prompts[0] == "<image>" + question
+    elif name == "idefics3":
+        tags = [t for t in tokens if t.startswith("<row_") or t == "<global-img>"]
+        assert tags == ["<row_1_col_1>", "<row_1_col_2>", "<row_2_col_1>", "<row_2_col_2>", "<global-img>"]
+        assert tokens.count("<image>") == 5 * actor.processor.image_seq_len and tokens[-2:] == ["assistant", ":"]
+        batch = actor.pixels([image, image])  # as the processor nests them: one sample per image, 2x2 tiles + global each
+        assert batch["pixel_values"].shape == (2, 5, 3, 16, 16) and batch["pixel_attention_mask"].shape == (2, 5, 16, 16)
     else:
         start = tokens.index("<|vision_start|>")
         assert tokens[start + 1 : start + 6] == ["<|image_pad|>"] * 4 + ["<|vision_end|>"]  # 4x4 patches merged 2x2
@@ -113,8 +121,8 @@ def _answer_logp(name: str, processor, model, prompt: str, answer: str, images) 
         enc = processor(text=[prompt] * b, images=images, suffix=[answer] * b, return_tensors="pt")
         enc.pop("labels")
         answer_at = torch.nonzero(enc["token_type_ids"][0]).flatten()[:-1]  # without the final <eos>
-    else:
-        enc = processor(text=[prompt + answer] * b, images=images, return_tensors="pt")
+    else:  # the answer right after the generation prompt (after a space unless the prompt ends in a newline)
+        enc = processor(text=[prompt + ("" if prompt.endswith("\n") else " ") + answer] * b, images=images, return_tensors="pt")
         prefix = processor(text=[prompt], images=images[:1], return_tensors="pt")["input_ids"][0]
         assert torch.equal(enc["input_ids"][0, : len(prefix)], prefix)
         answer_at = torch.arange(len(prefix), enc["input_ids"].shape[1])
@@ -144,7 +152,7 @@ def test_score_is_the_normalised_likelihood_of_each_class_name(family, actors, d
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("name, mode", [("paligemma", "generate"), ("qwen2_vl", "score")])
+@pytest.mark.parametrize("name, mode", [("paligemma", "generate"), ("qwen2_vl", "score"), ("idefics3", "score")])
 def test_through_ray_data(ray_session, request, name, mode, digits, tmp_path):
     """The annotation stage on a Ray Data actor pool gives what the actor gives on the whole set."""
     model = request.getfixturevalue(f"tiny_{name}_dir")

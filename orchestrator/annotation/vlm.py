@@ -25,11 +25,13 @@ the image placeholder and gives every text-side input the family needs (``input_
 ``attention_mask``, PaliGemma's ``token_type_ids``, Qwen2-VL's ``mm_token_type_ids``); the class
 names' answer tokens (the tokens a name adds after the text the processor really tokenises, its own
 additions included: PaliGemma's newline) are tabled per template. Per batch only the image processor
-(its outputs whatever their shape: Qwen2-VL's flattened patches and ``image_grid_thw``) and the model run.
+(its outputs whatever their shape: Qwen2-VL's flattened patches and ``image_grid_thw``, Idefics3's
+tiles and ``pixel_attention_mask``) and the model run.
 
 Families checked against their own pipelines (tests/test_vlm_annotator.py, tests/test_vlm_families.py,
-tiny random models): LLaVA, PaliGemma, Qwen2-VL. This module is the ``transformers`` engine; the
-``vllm`` engine (``generate`` only) is :mod:`orchestrator.annotation.vlm_vllm`.
+tiny random models): LLaVA, PaliGemma, Qwen2-VL, Idefics3 (SmolVLM-Instruct's architecture). This
+module is the ``transformers`` engine; the ``vllm`` engine (``generate`` only) is
+:mod:`orchestrator.annotation.vlm_vllm`.
 
 Implementation details / deviations:
 
@@ -192,7 +194,7 @@ class VlmActor:
         key = image.size
         if key not in self._prompt_inputs:
             self.text_prepare_calls += 1
-            image_keys = set(self.processor.image_processor([image], return_tensors="pt").keys())
+            image_keys = set(self.pixels([image]).keys())
             found = [self.processor(text=[p], images=[image], return_tensors="pt") for p in self.prompts]
             self._prompt_inputs[key] = [{k: v for k, v in f.items() if k not in image_keys and k != "labels"} for f in found]
             if self.answer_mode == "score" and not self.answer_ids:
@@ -207,8 +209,7 @@ class VlmActor:
         import torch
 
         images = to_pil(np.asarray(batch["image"]))
-        pixels = {k: v.to(self.device) for k, v in self.processor.image_processor(images, return_tensors="pt").items()}
-        pixels = {k: v.to(self.model.dtype) if v.is_floating_point() else v for k, v in pixels.items()}
+        pixels = self.pixels(images)
         prompts = [self._batched(inputs, len(images)) for inputs in self.prompt_inputs(images[0])]
         index = np.asarray(batch["index"])
         with torch.inference_mode():
@@ -219,6 +220,14 @@ class VlmActor:
         parsed = [[UNPARSED if (c := parse(a)) is None else c for a in texts] for parse, texts in zip(self.parsers, raw)]
         answers = np.array(parsed, dtype=np.int16).T  # (B, T)
         return {"index": index, "answers": answers, "raw": np.array([json.dumps(list(r)) for r in zip(*raw)])}
+
+    def pixels(self, images: list[Any]) -> dict[str, torch.Tensor]:
+        """The image processor's outputs for a batch, one image per prompt: the images go in as a
+        nested list (a flat one is one sample's images for processors that tile, Idefics3/SmolVLM),
+        on the model's device, floating point ones in its dtype."""
+        found = self.processor.image_processor([[image] for image in images], return_tensors="pt")
+        moved = {k: v.to(self.device) for k, v in found.items()}
+        return {k: v.to(self.model.dtype) if v.is_floating_point() else v for k, v in moved.items()}
 
     def _batched(self, inputs: dict[str, torch.Tensor], b: int) -> dict[str, torch.Tensor]:
         """One template's (1, P) text inputs repeated for ``b`` images (equal prompts: no padding)."""
