@@ -74,16 +74,20 @@ def naive_loop(actor, images: np.ndarray, batch_size: int) -> float:
     """The processor on text and images for every batch and template, then generate / score."""
     from orchestrator.annotation.vlm import to_pil
 
+    first = to_pil(images[:1])
+    image_keys = set(actor.processor.image_processor(first, return_tensors="pt").keys())
+    actor.prompt_inputs(first[0])  # the class-name token tables score needs
     start = time.perf_counter()
     for i in range(0, len(images), batch_size):
         pil = to_pil(images[i : i + batch_size])
         for t, prompt in enumerate(actor.prompts):
             inputs = actor.processor(text=[prompt] * len(pil), images=pil, return_tensors="pt").to(actor.device)
-            pixels = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+            pixels = {k: v for k, v in inputs.items() if k in image_keys}
+            text = {k: v for k, v in inputs.items() if k not in image_keys and k != "labels"}
             if actor.answer_mode == "generate":
-                actor.generate(inputs["input_ids"][:1], pixels)
+                actor.generate(text, pixels)
             else:
-                actor.score(inputs["input_ids"][:1], pixels, t)
+                actor.score(text, pixels, t)
     return time.perf_counter() - start
 
 

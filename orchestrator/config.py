@@ -155,6 +155,11 @@ class VlmAnnotatorSpec(Strict):
     gpus_per_actor: float = Field(default=0.0, ge=0.0)
     cpus_per_actor: float = Field(default=1.0, gt=0.0)
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    engine: Literal["auto", "transformers", "vllm"] = "auto"
+    """``transformers``: the auto classes on a Ray Data actor pool (both answer modes, CPU or GPU).
+    ``vllm``: Ray Data's LLM processor with a vLLM engine (``generate`` only, GPUs, vLLM installed).
+    ``auto``: vLLM when it is installed, the annotator asks for GPUs and answers by ``generate``;
+    else transformers (:meth:`engine_to_run`; ``--dry-run`` prints the choice)."""
 
     @field_validator("templates", "class_names", mode="before")
     @classmethod
@@ -169,6 +174,37 @@ class VlmAnnotatorSpec(Strict):
         if isinstance(templates, tuple):
             vlm_templates_for(templates)
         return templates
+
+    @model_validator(mode="after")
+    def _engine(self) -> "VlmAnnotatorSpec":
+        if self.engine != "vllm":
+            return self
+        problems = []
+        if self.answer_mode == "score":
+            problems.append("engine: vllm only generates answers; answer_mode score needs engine transformers (or auto)")
+        if self.gpus_per_actor <= 0:
+            problems.append("engine: vllm runs on GPUs only; set gpus_per_actor > 0 or use engine transformers")
+        elif self.gpus_per_actor > 1 and not float(self.gpus_per_actor).is_integer():
+            problems.append(f"engine: vllm takes a fraction of one GPU or a whole number of GPUs (tensor parallel), not gpus_per_actor {self.gpus_per_actor:g}")
+        if not vllm_installed():
+            problems.append("engine: vllm is not installed here (pip install vllm); use engine transformers or auto")
+        if problems:
+            raise ValueError("\n".join(problems))  # one line each in the refusal
+        return self
+
+    def engine_to_run(self) -> Literal["transformers", "vllm"]:
+        """The engine that will annotate: ``engine``, with ``auto`` resolved on this machine."""
+        if self.engine == "auto":
+            gpu_generate = self.gpus_per_actor > 0 and self.answer_mode == "generate"
+            return "vllm" if gpu_generate and vllm_installed() else "transformers"
+        return self.engine
+
+
+def vllm_installed() -> bool:
+    """vLLM can be imported here (looked up without importing it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
 
 
 MemberSpec = Annotated[Union[ClipAnnotatorSpec, VlmAnnotatorSpec], Field(discriminator="kind")]
@@ -474,7 +510,8 @@ def _format(err: ValidationError) -> list[str]:
             msg = f"unknown annotator kind {e['input'].get('kind')!r}; allowed: {kinds}" if isinstance(e["input"], dict) else msg
         elif e["type"] == "union_tag_not_found":
             msg = f"missing 'kind' (allowed: {', '.join(ANNOTATOR_KINDS)})"
-        lines.append(f"{_loc(e['loc'])}: {msg}")
+        parts = msg.split("\n") if e["type"] == "value_error" else [msg]  # a validator's several problems, one per line
+        lines += [f"{_loc(e['loc'])}: {part}" for part in parts]
     return lines
 
 

@@ -19,11 +19,14 @@ such block or the sweep has no tables.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stdout: the script's own lines only
 
 MACHINE_TAG = "machine"
 """``orchestrator.runs.MACHINE``."""

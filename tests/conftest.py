@@ -36,3 +36,27 @@ def tiny_vlm_dir(tmp_path_factory):
     from fixtures.tiny_vlm import build_tiny_llava
 
     return build_tiny_llava(tmp_path_factory.mktemp("tiny_vlm") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_paligemma_dir(tmp_path_factory):
+    """A tiny random PaliGemma (SigLIP + Gemma; no chat template) saved as a local model directory."""
+    from fixtures.tiny_vlm_families import build_tiny_paligemma
+
+    return build_tiny_paligemma(tmp_path_factory.mktemp("tiny_paligemma") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl_dir(tmp_path_factory):
+    """A tiny random Qwen2-VL (image grid, ``<|image_pad|>`` tokens, ChatML template) saved as a local model directory."""
+    from fixtures.tiny_vlm_families import build_tiny_qwen2_vl
+
+    return build_tiny_qwen2_vl(tmp_path_factory.mktemp("tiny_qwen2_vl") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_idefics3_dir(tmp_path_factory):
+    """A tiny random Idefics3 (SmolVLM-Instruct's architecture: image tiles, row/column tags) saved as a local model directory."""
+    from fixtures.tiny_vlm_families import build_tiny_idefics3
+
+    return build_tiny_idefics3(tmp_path_factory.mktemp("tiny_idefics3") / "model")

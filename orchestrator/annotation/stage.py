@@ -173,15 +173,26 @@ def vlm_model_identity(model: str, revision: str | None) -> Any:
     return {"files": _directory_identity(str(root), stamp)}
 
 
+def _vllm_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vllm")
+    except PackageNotFoundError:
+        return "not installed"
+
+
 def vlm_outputs_key(dataset: Dataset, spec: VlmAnnotatorSpec) -> str:
     """Key of a VLM's per-template outputs: model (and processor) identity, templates, class names,
-    answer mode, decoding settings, precision, parser and transformers versions; no candidate options."""
+    answer mode, decoding settings, precision, parser and transformers versions, the engine when it
+    is vLLM (and vLLM's version); no candidate options."""
     import transformers
 
     from orchestrator.annotation.answers import PARSER_VERSION
     from orchestrator.annotation.templates import vlm_templates_for
 
     generate = spec.answer_mode == "generate"
+    engine = spec.engine_to_run()
     return signature(
         {
             "format": VLM_FORMAT,
@@ -195,6 +206,8 @@ def vlm_outputs_key(dataset: Dataset, spec: VlmAnnotatorSpec) -> str:
             "parser": PARSER_VERSION if generate else None,
             "precision": spec.precision,
             "transformers": transformers.__version__,
+            # only a vLLM run adds its engine (keys of the transformers engine are unchanged)
+            **({"engine": "vllm", "vllm": _vllm_version()} if engine == "vllm" else {}),
         },
         length=24,
     )

@@ -18,10 +18,20 @@ answers a batch of images under every template in one of two modes:
   noisy label, soft label and zero-shot statistic derives from them.
 
 Text-side work is done once per actor: the questions are built with the processor's chat template
-(``apply_chat_template``, generation prompt added), tokenised with the image placeholder expanded
-once per image size (every image of a data set has the same size), and the class names' answer
-tokens (the tokens the name adds after the prompt) are tabled per template. Per batch only the
-image processor and the model run.
+(``apply_chat_template``, generation prompt added) or, for a processor without one (PaliGemma), as
+the raw question after the image token, which such a processor formats itself; each is run once
+through the processor per image size (every image of a data set has the same size), which expands
+the image placeholder and gives every text-side input the family needs (``input_ids``,
+``attention_mask``, PaliGemma's ``token_type_ids``, Qwen2-VL's ``mm_token_type_ids``); the class
+names' answer tokens (the tokens a name adds after the text the processor really tokenises, its own
+additions included: PaliGemma's newline) are tabled per template. Per batch only the image processor
+(its outputs whatever their shape: Qwen2-VL's flattened patches and ``image_grid_thw``, Idefics3's
+tiles and ``pixel_attention_mask``) and the model run.
+
+Families checked against their own pipelines (tests/test_vlm_annotator.py, tests/test_vlm_families.py,
+tiny random models): LLaVA, PaliGemma, Qwen2-VL, Idefics3 (SmolVLM-Instruct's architecture). This
+module is the ``transformers`` engine; the ``vllm`` engine (``generate`` only) is
+:mod:`orchestrator.annotation.vlm_vllm`.
 
 Implementation details / deviations:
 
@@ -29,9 +39,14 @@ Implementation details / deviations:
    its style. Images are handed to the processor as RGB PIL images (grey images repeated to 3
    channels); the model's own image processor resizes and normalises them.
 2. Prompts of one template are equal in length within a batch (same question, same image size),
-   so no padding is needed and positions are the plain 0..P-1 every model family computes itself.
+   so no padding is needed (and the padding side does not matter); positions are whatever each
+   family computes itself from the prompt (LLaVA 0..P-1, PaliGemma 1..P, Qwen2-VL's multimodal
+   rotary positions) and, for ``score``'s second pass, from the KV cache's length.
 3. Scores are summed log-probabilities in float32 (not length-normalised: a longer name is one
    answer, not several); only the probabilities are rounded to float16 for storage.
+4. PaliGemma attends to its prefix (image + question) in both directions; the first pass over the
+   prompt is that prefix, the answer tokens of the second pass attend causally, as in its training
+   format (checked against the processor's ``suffix`` encoding).
 """
 
 from __future__ import annotations
@@ -134,16 +149,29 @@ class VlmActor:
         self.prompts = [self._prompt(t) for t in self.templates]
         self.parsers = [AnswerParser(tuple(self.class_names), is_lettered(t)) for t in self.templates]
         self.text_prepare_calls = 0
-        self._prompt_ids: dict[tuple, list[torch.Tensor]] = {}
-        self.answer_ids = [self._answer_ids(p) for p in self.prompts] if answer_mode == "score" else []
+        self._prompt_inputs: dict[tuple, list[dict[str, torch.Tensor]]] = {}
+        self.answer_ids: list[list[list[int]]] = []  # per template and class, filled with the first prompts
         params = inspect.signature(self.model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._keep_last = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
     def _prompt(self, template: str) -> str:
+        """The question in the model's conversation format: its processor's chat template, or, for a
+        processor without one (PaliGemma), the raw question after the image token, which such a
+        processor expands and formats itself (PaliGemma: image tokens, ``<bos>``, question, newline)."""
         question = fill_question(template, self.class_names)
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+        if getattr(self.processor, "chat_template", None):
+            conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+            return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+        return (getattr(self.processor, "image_token", None) or "") + question
+
+    def _seen_text(self, prompt: str, image: Any) -> str:
+        """The text the processor tokenises for ``prompt`` (its own additions included, before the
+        image placeholder is expanded): the answer follows this text."""
+        layout = getattr(self.processor, "prepare_inputs_layout", None)
+        if layout is None:
+            return prompt
+        return layout(images=[image], text=[prompt])[1][0]
 
     def _answer_ids(self, prompt: str) -> list[list[int]]:
         """Per class, the tokens its name adds after ``prompt`` (a space first unless the prompt ends in one)."""
@@ -158,54 +186,69 @@ class VlmActor:
             out.append(ids)
         return out
 
+    def prompt_inputs(self, image: Any) -> list[dict[str, torch.Tensor]]:
+        """Per template, the processor's text-side inputs, each (1, P_t): ``input_ids`` with the image
+        placeholder expanded for this image size, ``attention_mask`` and whatever else the family
+        needs (PaliGemma's ``token_type_ids``, Qwen2-VL's ``mm_token_type_ids``); its image-side
+        outputs come per batch from the image processor."""
+        key = image.size
+        if key not in self._prompt_inputs:
+            self.text_prepare_calls += 1
+            image_keys = set(self.pixels([image]).keys())
+            found = [self.processor(text=[p], images=[image], return_tensors="pt") for p in self.prompts]
+            self._prompt_inputs[key] = [{k: v for k, v in f.items() if k not in image_keys and k != "labels"} for f in found]
+            if self.answer_mode == "score" and not self.answer_ids:
+                self.answer_ids = [self._answer_ids(self._seen_text(p, image)) for p in self.prompts]
+        return self._prompt_inputs[key]
+
     def prompt_ids(self, image: Any) -> list[torch.Tensor]:
         """(1, P_t) prompt tokens per template with the image placeholder expanded for this image size."""
-        key = image.size
-        if key not in self._prompt_ids:
-            self.text_prepare_calls += 1
-            self._prompt_ids[key] = [
-                self.processor(text=[p], images=[image], return_tensors="pt")["input_ids"] for p in self.prompts
-            ]
-        return self._prompt_ids[key]
+        return [inputs["input_ids"] for inputs in self.prompt_inputs(image)]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
         images = to_pil(np.asarray(batch["image"]))
-        pixels = {k: v.to(self.device) for k, v in self.processor.image_processor(images, return_tensors="pt").items()}
-        pixels = {k: v.to(self.model.dtype) if v.is_floating_point() else v for k, v in pixels.items()}
-        prompts = self.prompt_ids(images[0])
+        pixels = self.pixels(images)
+        prompts = [self._batched(inputs, len(images)) for inputs in self.prompt_inputs(images[0])]
         index = np.asarray(batch["index"])
         with torch.inference_mode():
             if self.answer_mode == "score":
-                probs = torch.stack([self.score(ids, pixels, t) for t, ids in enumerate(prompts)], dim=1)  # (B, T, C)
+                probs = torch.stack([self.score(text, pixels, t) for t, text in enumerate(prompts)], dim=1)  # (B, T, C)
                 return {"index": index, "probs": probs.to(torch.float16).cpu().numpy()}
-            raw = [self.generate(ids, pixels) for ids in prompts]  # T lists of B answers
+            raw = [self.generate(text, pixels) for text in prompts]  # T lists of B answers
         parsed = [[UNPARSED if (c := parse(a)) is None else c for a in texts] for parse, texts in zip(self.parsers, raw)]
         answers = np.array(parsed, dtype=np.int16).T  # (B, T)
         return {"index": index, "answers": answers, "raw": np.array([json.dumps(list(r)) for r in zip(*raw)])}
 
-    def generate(self, ids: torch.Tensor, pixels: dict[str, torch.Tensor]) -> list[str]:
-        """Greedy answers (decoded new tokens) of one template for the batch."""
-        import torch
+    def pixels(self, images: list[Any]) -> dict[str, torch.Tensor]:
+        """The image processor's outputs for a batch, one image per prompt: the images go in as a
+        nested list (a flat one is one sample's images for processors that tile, Idefics3/SmolVLM),
+        on the model's device, floating point ones in its dtype."""
+        found = self.processor.image_processor([[image] for image in images], return_tensors="pt")
+        moved = {k: v.to(self.device) for k, v in found.items()}
+        return {k: v.to(self.model.dtype) if v.is_floating_point() else v for k, v in moved.items()}
 
-        b = next(iter(pixels.values())).shape[0]
-        input_ids = ids.to(self.device).expand(b, -1)
+    def _batched(self, inputs: dict[str, torch.Tensor], b: int) -> dict[str, torch.Tensor]:
+        """One template's (1, P) text inputs repeated for ``b`` images (equal prompts: no padding)."""
+        return {k: v.to(self.device).expand(b, *v.shape[1:]) for k, v in inputs.items()}
+
+    def generate(self, text: dict[str, torch.Tensor], pixels: dict[str, torch.Tensor]) -> list[str]:
+        """Greedy answers (decoded new tokens) of one template for the batch."""
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         out = self.model.generate(
-            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **pixels,
-            max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
+            **text, **pixels, max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
         )  # fmt: skip
-        return [s.strip() for s in self.tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)]
+        new = out[:, text["input_ids"].shape[1] :]
+        return [s.strip() for s in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
-    def score(self, ids: torch.Tensor, pixels: dict[str, torch.Tensor], template: int) -> torch.Tensor:
+    def score(self, text: dict[str, torch.Tensor], pixels: dict[str, torch.Tensor], template: int) -> torch.Tensor:
         """(B, C) float32 probabilities of each class name as the answer to one template."""
         import torch
 
         answers = self.answer_ids[template]
-        b = next(iter(pixels.values())).shape[0]
-        input_ids = ids.to(self.device).expand(b, -1)
-        out = self.model(input_ids=input_ids, **pixels, use_cache=True, **self._keep_last)
+        b = text["input_ids"].shape[0]
+        out = self.model(**text, **pixels, use_cache=True, **self._keep_last)
         first = out.logits[:, -1].float().log_softmax(-1)  # (B, V)
         scores = first[:, torch.tensor([a[0] for a in answers], device=self.device)]  # (B, C)
         cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values

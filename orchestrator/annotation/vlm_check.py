@@ -35,6 +35,19 @@ def missing_parts(directory: Path) -> list[str]:
     ]
 
 
+def has_chat_template(directory: Path) -> bool:
+    """A local model directory carries a chat template (its own file, or in the processor's or tokenizer's config)."""
+    import json
+
+    if any((directory / name).is_file() for name in ("chat_template.jinja", "chat_template.json")):
+        return True
+    for name in ("processor_config.json", "tokenizer_config.json"):
+        path = directory / name
+        if path.is_file() and json.loads(path.read_text(encoding="utf-8")).get("chat_template"):
+            return True
+    return False
+
+
 def _hub_problem(repo: str, revision: str | None) -> str | None:
     """Why a hub id cannot be loaded here (None: it is cached, or the hub answers)."""
     from huggingface_hub import constants, try_to_load_from_cache
@@ -62,6 +75,11 @@ def vlm_problems(where: str, ann: VlmAnnotatorSpec, datasets: Any) -> list[str]:
             problems.append(f"{where}.model: no such model directory {ann.model}")
         else:
             problems += [f"{where}.model: {directory} has no {part}" for part in missing_parts(directory)]
+            if ann.engine_to_run() == "vllm" and not has_chat_template(directory):
+                problems.append(
+                    f"{where}.model: {directory} has no chat template, which the vllm engine needs "
+                    "(Ray's chat template stage); set engine: transformers (it formats such a model's raw prompt)"
+                )
     else:
         reason = _hub_problem(ann.model, ann.revision)
         if reason:
@@ -72,17 +90,31 @@ def vlm_problems(where: str, ann: VlmAnnotatorSpec, datasets: Any) -> list[str]:
     return problems
 
 
+def _why_not_vllm(ann: VlmAnnotatorSpec) -> str:
+    """Why ``engine: auto`` runs on transformers here (``engine_to_run`` said so)."""
+    from orchestrator.config import vllm_installed
+
+    if ann.engine == "transformers":
+        return "engine: transformers asked for"
+    if not vllm_installed():
+        return "vLLM not installed"
+    if ann.answer_mode == "score":
+        return "vLLM is installed but only generates (answer_mode score)"
+    return "vLLM is installed but this annotator asks for no GPU"
+
+
 def engine_line(where: str, ann: VlmAnnotatorSpec) -> str:
-    """Which engine will annotate (printed by ``--dry-run``)."""
-    import importlib.util
+    """Which engine will annotate, and why (printed by ``--dry-run``)."""
+    from importlib.metadata import version
 
-    import transformers
-
-    note = ""
-    if importlib.util.find_spec("vllm") is not None:
-        note = "; vLLM is installed but not used (this annotator runs on transformers)"
     gpus = f"{ann.gpus_per_actor:g} GPU" if ann.gpus_per_actor > 0 else "CPU"
+    tail = f"answer_mode {ann.answer_mode}, {ann.num_actors} actor(s) x {gpus}, {ann.precision}"
+    if ann.engine_to_run() == "vllm":
+        return (
+            f"{where} ({ann.name}): engine vllm {version('vllm')} through Ray Data's LLM processor "
+            f"(ray.data.llm, engine: {ann.engine}), {tail}"
+        )
     return (
-        f"{where} ({ann.name}): engine transformers {transformers.__version__} (AutoModelForImageTextToText), "
-        f"answer_mode {ann.answer_mode}, {ann.num_actors} actor(s) x {gpus}, {ann.precision}{note}"
+        f"{where} ({ann.name}): engine transformers {version('transformers')} (AutoModelForImageTextToText), "
+        f"{tail}; {_why_not_vllm(ann)}"
     )

@@ -108,11 +108,16 @@ def _outputs(dataset: Dataset, spec: VlmAnnotatorSpec, outputs_entry: Path, prog
         return {**found[0], "raw_sample": found[1].get("raw_sample", [])}, True
     start = time.time()
     class_names = clip_class_names(dataset, spec)
-    outputs = vlm.annotate_vlm(dataset, spec, class_names, progress=progress)
+    if spec.engine_to_run() == "vllm":
+        from orchestrator.annotation import vlm_vllm
+
+        outputs = vlm_vllm.annotate_vllm(dataset, spec, class_names, progress=progress)
+    else:
+        outputs = vlm.annotate_vlm(dataset, spec, class_names, progress=progress)
     templates = vlm_templates_for(spec.templates)
     arrays = {k: v for k, v in outputs.items() if not k.startswith("raw_")}
     meta = {
-        "key": outputs_entry.name, "annotator": spec.model_dump(mode="json"), "dataset": dataset.identity,
+        "key": outputs_entry.name, "annotator": spec.model_dump(mode="json"), "engine": spec.engine_to_run(), "dataset": dataset.identity,
         "templates": templates, "class_names": class_names, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "elapsed_s": time.time() - start, "versions": _versions(),
         "raw_sample": raw_sample(outputs, templates) if spec.answer_mode == "generate" else [],
