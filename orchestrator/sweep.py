@@ -449,11 +449,11 @@ class Sweep:
         from orchestrator.tracking import MlflowTrialCallback
 
         stopped_early: set[str] = set()
-        searcher = MultiStudySearcher(self.studies, self.trial_spec, self.optuna_storage, stopped_early)
+        searcher = MultiStudySearcher(self.studies, self.trial_spec, self.optuna_storage, stopped_early, tracked=True)
         to_resume = searcher.resumable()
         to_ask = max(searcher.remaining() - to_resume, 0)  # the budget counts interrupted trials too
         self._announce(to_resume, to_ask)
-        callback = MlflowTrialCallback(self.tracker, self.parent, self.run_names())
+        callback = MlflowTrialCallback(self.tracker, self.parent, self.run_names(), settle=searcher.settle)
         try:
             cells = [s.cell for s in self.studies]
             self.annotations.update(annotate_cells(cells, self.datasets, self.cache_dir, self.tracker, self.parent))
@@ -469,8 +469,7 @@ class Sweep:
             self.status = "KILLED"
             raise
         finally:
-            searcher.abandon_live()
-            self._close(callback)
+            self._stop(searcher, callback)
 
     def run_names(self) -> runs.RunNames:
         """Trial runs named by the cell axes that vary in this sweep (``coreg q=0.3 eta=0.1 s0``)."""
@@ -511,6 +510,23 @@ class Sweep:
             "results": [(r.config, r.metrics) for r in results if r.config],
             "result_grid": results,
         }
+
+    def _stop(self, searcher: Any, callback: Any) -> None:
+        """Leave unfinished trials resumable and give every run a final status. With the disk full
+        these writes fail too: each is tried, the runs they could not close are closed by the next
+        run of the grid, and the write error is raised (the first one)."""
+        from orchestrator.faults import write_problem
+
+        failed: list[Exception] = []
+        for step in (searcher.abandon_live, lambda: self._close(callback)):
+            try:
+                step()
+            except Exception as err:
+                if write_problem(err) is None:
+                    raise
+                failed.append(err)
+        if failed:
+            raise failed[0]
 
     def _close(self, callback: Any) -> None:
         """Final statuses for every run still open, and where the results are."""
