@@ -378,18 +378,35 @@ def run(
         return Sweep(grid, grid_path, resume, datasets).run(trainable)
 
 
-def resource_problems(grid: Grid, total: dict[str, float]) -> list[str]:
-    """Requests of the grid that ``total`` (the cluster's resources) can never meet."""
+def resource_problems(grid: Grid, total: dict[str, float], nodes: list[dict[str, float]] | None = None) -> list[str]:
+    """Requests of the grid that ``total`` (the cluster's resources) can never meet, and, given the
+    resources of each node (``nodes``), those the cluster has in all but no single node has: a
+    trial, or an annotation actor, runs on one node."""
     cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
-    asks = [("resources.cpus_per_trial", grid.resources.cpus_per_trial, cpus, "CPUs"),
-            ("resources.gpus_per_trial", grid.resources.gpus_per_trial, gpus, "GPUs")]  # fmt: skip
-    for where, ann in model_annotators(grid):
-        asks += [(f"{where}.cpus_per_actor", ann.cpus_per_actor, cpus, "CPUs"),
-                 (f"{where}.gpus_per_actor", ann.gpus_per_actor, gpus, "GPUs")]  # fmt: skip
+    requests = [("resources", "_per_trial", "one trial", grid.resources.cpus_per_trial, grid.resources.gpus_per_trial)]
+    requests += [(where, "_per_actor", "one actor", ann.cpus_per_actor, ann.gpus_per_actor) for where, ann in model_annotators(grid)]
+    problems = []
+    for where, suffix, what, cpu_ask, gpu_ask in requests:
+        beyond = [f"{where}.{kind}{suffix}: {asked:g} {unit} asked, the Ray cluster has {have:g}"
+                  for kind, asked, have, unit in (("cpus", cpu_ask, cpus, "CPUs"), ("gpus", gpu_ask, gpus, "GPUs"))
+                  if asked > have]  # fmt: skip
+        problems += beyond or _no_node_problems(f"{where}.", suffix, what, cpu_ask, gpu_ask, nodes or [])
+    return problems
+
+
+def _no_node_problems(where: str, suffix: str, what: str, cpu_ask: float, gpu_ask: float, nodes: list[dict[str, float]]) -> list[str]:
+    """The request of ``what`` (CPUs and GPUs together) if no node of ``nodes`` can hold it."""
+    if not nodes or any(n.get("CPU", 0.0) >= cpu_ask and n.get("GPU", 0.0) >= gpu_ask for n in nodes):
+        return []
+    keys = f"{where}cpus{suffix}" + (f" and gpus{suffix}" if gpu_ask else "")
+    asked = f"{cpu_ask:g} CPUs" + (f" and {gpu_ask:g} GPUs" if gpu_ask else "")
+    if gpu_ask:
+        has = ", ".join(f"{n.get('CPU', 0.0):g} CPUs + {n.get('GPU', 0.0):g} GPUs" for n in nodes)
+    else:
+        has = ", ".join(f"{n.get('CPU', 0.0):g}" for n in nodes) + f" CPUs, {sum(n.get('CPU', 0.0) for n in nodes):g} in all"
     return [
-        f"{key}: {asked:g} {unit} asked, the Ray cluster has {have:g}"
-        for key, asked, have, unit in asks
-        if asked > have
+        f"{keys}: {asked} asked for {what}, which runs on a single node, and no node of the Ray cluster has that "
+        f"much (its {len(nodes)} nodes have {has}); ask for at most what one node has"
     ]
 
 
@@ -398,7 +415,8 @@ def check_resources(grid: Grid) -> None:
     Ray is all there is: refused; a cluster may still grow (autoscaling): warned."""
     import ray
 
-    problems = resource_problems(grid, ray.cluster_resources())
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    problems = resource_problems(grid, ray.cluster_resources(), nodes)
     if problems and not grid.ray.address and not os.environ.get("RAY_ADDRESS"):
         raise GridError("resources the local Ray cannot provide:\n  " + "\n  ".join(problems))
     for line in problems:
