@@ -180,3 +180,30 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_sweep_and_the_rerun_resum
     summary = run(load_grid(grid_file), grid_file)
     assert_finished_exactly_once(summary, client, "diskfull_worker", grid.storage_path)
     assert client.get_run(victim.info.run_id).data.tags["resumed"] == "1"
+
+
+def test_write_failures_are_recognised_through_the_wrappers_of_mlflow_optuna_and_ray():
+    from mlflow.exceptions import MlflowException
+
+    from orchestrator.faults import WriteError, write_problem
+
+    sqlite_full = sqlalchemy.exc.OperationalError("UPDATE runs", {}, sqlite3.OperationalError("database or disk is full"))
+    try:
+        raise MlflowException(sqlite_full) from sqlite_full
+    except MlflowException as err:
+        assert "database or disk is full" in write_problem(err)
+    try:
+        try:
+            raise sqlite_full
+        except sqlalchemy.exc.OperationalError as cause:
+            raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.") from cause
+    except optuna.exceptions.StorageInternalError as err:
+        assert "database or disk is full" in write_problem(err)
+    assert write_problem(OSError(errno.EIO, "Input/output error")) == "OSError: [Errno 5] Input/output error"
+    trial_traceback = "Traceback (most recent call last):\n  File ...\nOSError: [Errno 28] No space left on device: '/x/state.pt'\n"
+    assert write_problem(trial_traceback) == "OSError: [Errno 28] No space left on device: '/x/state.pt'"
+    assert write_problem(WriteError("OSError: [Errno 28] No space left on device")) == "OSError: [Errno 28] No space left on device"
+    # Not write failures: a bad value, a missing file, a trial's own error.
+    assert write_problem(ValueError("lr must be positive")) is None
+    assert write_problem(FileNotFoundError(errno.ENOENT, "No such file or directory")) is None
+    assert write_problem("RuntimeError: injected failure: cc always") is None
