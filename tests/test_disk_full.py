@@ -108,9 +108,10 @@ def trial_runs(client: MlflowClient, experiment: str):
 
 
 def optuna_trials(storage_dir: Path) -> dict[tuple[str, int], optuna.trial.TrialState]:
+    """Every Optuna trial's state by (the study's id, as in the runs' ``study`` tag; trial number)."""
     storage = f"sqlite:///{storage_dir / 'optuna.db'}"
     return {
-        (s.study_name, t.number): t.state
+        (s.user_attrs.get("study_id", s.study_name), t.number): t.state
         for s in optuna.get_all_study_summaries(storage)
         for t in optuna.load_study(study_name=s.study_name, storage=storage).trials
     }

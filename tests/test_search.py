@@ -124,7 +124,9 @@ def test_a_tracked_trial_is_told_only_once_its_mlflow_run_is_settled(tmp_path):
     s.on_trial_complete("t2", None, error=True)
 
     def state(name):
-        return optuna.load_study(study_name=configs[name]["study"], storage=storage).trials[configs[name]["optuna_trial"]]
+        study_id = configs[name]["study"]
+        (summary,) = [x for x in optuna.get_all_study_summaries(storage) if x.user_attrs.get("study_id", x.study_name) == study_id]
+        return optuna.load_study(study_name=summary.study_name, storage=storage).trials[configs[name]["optuna_trial"]]
 
     assert [state(t).state for t in ("t0", "t1", "t2")] == [optuna.trial.TrialState.RUNNING] * 3
     s.settle("t0")  # its run ended FINISHED
