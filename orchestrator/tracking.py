@@ -241,10 +241,15 @@ class MlflowTrialCallback(Callback):
         run_id = self._run_for(trial)
         step = int(result.get(runs.EPOCH, result.get("training_iteration", 0)))
         metrics = {k: v for k, v in result.items() if k.startswith(runs.REPORTED_PREFIXES) or k == runs.EPOCH}
-        self.history.setdefault(trial.trial_id, []).append({**metrics, runs.EPOCH: step})
+        history = self.history.setdefault(trial.trial_id, [])
+        history[:] = [h for h in history if h[runs.EPOCH] < step]  # a retried trial repeats epochs
+        history.append({**metrics, runs.EPOCH: step})
+        # A trial retried or resumed from its checkpoint trains again the epochs after it, which
+        # may already be logged (a node lost between a result and its checkpoint): logged once.
         if step <= self.logged_until.get(trial.trial_id, 0):
             return
         self.tracker.log_metrics(run_id, metrics, step=step)
+        self.logged_until[trial.trial_id] = step
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
         _stop_on_write_error(trial)  # a retry would fail the same way, and count as a retry
