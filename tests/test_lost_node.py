@@ -78,6 +78,7 @@ def test_a_trial_whose_node_is_lost_resumes_from_its_checkpoint_on_another_node(
         assert r["epochs"] == list(range(1, EPOCHS + 1)), r
     (victim,) = [r for r in trials if r["id"] == sweep["trial_run"]]
     assert victim["tags"]["retries"] == "1"
-    assert "its node has died" in victim["tags"]["last_error"], victim["tags"]["last_error"]
+    # Ray names the loss as the node's death, or as the actor unreachable, by who notices first.
+    assert re.search(r"its node has died|The actor \w+ is unavailable", victim["tags"]["last_error"]), victim["tags"]["last_error"]
     assert sweep["states"] == ["COMPLETE", "COMPLETE"]  # Optuna agrees with MLflow
     assert sweep["alive_nodes"] == 2  # head + the replacement: both killed worker nodes are gone
