@@ -35,8 +35,12 @@ def stop_on_sigterm() -> None:
 
 def exit_code(work: Callable[[], dict[str, Any] | None], interrupted: str) -> int:
     """Run a driver's command (``work``) the command-line way: SIGTERM stops it like Ctrl-C, and
-    the exit code is 2 for a bad grid or argument, 130 when interrupted, 1 when trials failed."""
+    the exit code is 2 for a bad grid or argument, 130 when interrupted, 1 when trials failed or a
+    write failed (disk full: one message, no traceback; the same command resumes once space is freed)."""
+    from orchestrator.faults import quiet_write_errors, write_error_message, write_problem
+
     stop_on_sigterm()
+    quiet_write_errors()
     # MLflow's download bars ("Downloading artifacts: 100%|...") for a resolved config or a table.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
@@ -47,6 +51,12 @@ def exit_code(work: Callable[[], dict[str, Any] | None], interrupted: str) -> in
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)
         return 130
+    except Exception as err:
+        problem = write_problem(err)
+        if problem is None:
+            raise
+        print(f"error: {write_error_message(problem)}", file=sys.stderr)
+        return 1
     if out.get("interrupted"):
         return 130
     return 1 if out.get("failed") else 0

@@ -49,6 +49,10 @@ class MultiStudySearcher(Searcher):
             unfinished. Tune receives its :meth:`~trainables.spec.TrialSpec.to_config`.
         storage: Optuna storage URL (``sqlite:///.../optuna.db``).
         stopped_early: set of Tune trial ids the scheduler stopped early (told as PRUNED).
+        tracked: tell Optuna a trial's outcome only when :meth:`settle` is called, once the trial's
+            MLflow run has its final status (Tune tells the searcher first): a trial whose run could
+            not be finished (disk full) stays RUNNING, and a resume finishes it, so Optuna never
+            counts COMPLETE a trial that MLflow does not have FINISHED.
     """
 
     def __init__(
@@ -57,6 +61,7 @@ class MultiStudySearcher(Searcher):
         make_config: Callable[[Study, dict[str, Any], int, bool], TrialSpec],
         storage: str,
         stopped_early: set[str] | None = None,
+        tracked: bool = False,
     ):
         super().__init__(metric=None, mode=None)
         self._plans = {s.study_id: s for s in studies}
@@ -67,6 +72,9 @@ class MultiStudySearcher(Searcher):
         self._studies: dict[str, optuna.Study] = {}
         # Tune trial id -> (study, Optuna trial, epochs already reported to Optuna)
         self._live: dict[str, tuple[str, optuna.Trial, set[int]]] = {}
+        self._tracked = tracked
+        # Tune trial id -> (study, Optuna trial, final state, value, metrics): told once settled
+        self._unsettled: dict[str, tuple[str, optuna.Trial, optuna.trial.TrialState, float | None, dict]] = {}
         self._asked: dict[str, int] = {}
         self._resumable: dict[str, list[optuna.trial.FrozenTrial]] = {}
         self._cursor = 0
@@ -191,27 +199,42 @@ class MultiStudySearcher(Searcher):
         study_id, ot_trial, _ = self._live.pop(trial_id, (None, None, None))
         if ot_trial is None:
             return
-        study = self._studies[study_id]
         value = (result or {}).get(self._plans[study_id].objective)
-        if result:
-            # Kept with the study, so tables can be rebuilt from the storage after any resume.
-            ot_trial.set_user_attr(
-                "metrics", {k: float(v) for k, v in result.items() if k.startswith(METRIC_PREFIXES) or k == "epoch"}
-            )
+        # Kept with the study, so tables can be rebuilt from the storage after any resume.
+        metrics = {k: float(v) for k, v in (result or {}).items() if k.startswith(METRIC_PREFIXES) or k == "epoch"}
         if error or value is None:
-            study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
+            state = optuna.trial.TrialState.FAIL
         elif trial_id in self._stopped_early:
-            study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
+            state = optuna.trial.TrialState.PRUNED
         else:
-            study.tell(ot_trial, float(value))
+            state = optuna.trial.TrialState.COMPLETE
+        self._unsettled[trial_id] = (study_id, ot_trial, state, None if value is None else float(value), metrics)
+        if not self._tracked:
+            self.settle(trial_id)
+
+    def settle(self, trial_id: str) -> None:
+        """Tell Optuna the outcome Tune reported for ``trial_id``: its MLflow run has its final status."""
+        found = self._unsettled.pop(trial_id, None)
+        if found is None:
+            return
+        study_id, ot_trial, state, value, metrics = found
+        if metrics:
+            ot_trial.set_user_attr("metrics", metrics)
+        if state == optuna.trial.TrialState.COMPLETE:
+            self._studies[study_id].tell(ot_trial, value)
+        else:
+            self._studies[study_id].tell(ot_trial, state=state)
 
     def abandon_live(self) -> int:
-        """The driver is stopping with trials still running: leave their Optuna trials RUNNING
-        (marked ``interrupted``) so that the next run of the same grid resumes them from their last
-        checkpoint, exactly as after a driver that was killed outright."""
-        abandoned = list(self._live)
-        for trial_id in abandoned:
-            _, ot_trial, _ = self._live.pop(trial_id)
+        """The driver is stopping with trials still running, or finished but not recorded as such in
+        MLflow: leave their Optuna trials RUNNING (marked ``interrupted``) so that the next run of
+        the same grid resumes them from their last checkpoint, exactly as after a driver that was
+        killed outright."""
+        abandoned = [ot_trial for _, ot_trial, _ in self._live.values()]
+        abandoned += [found[1] for found in self._unsettled.values()]
+        self._live.clear()
+        self._unsettled.clear()
+        for ot_trial in abandoned:
             ot_trial.set_user_attr("interrupted", True)
         return len(abandoned)
 

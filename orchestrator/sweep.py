@@ -380,18 +380,35 @@ def run(
         return Sweep(grid, grid_path, resume, datasets).run(trainable)
 
 
-def resource_problems(grid: Grid, total: dict[str, float]) -> list[str]:
-    """Requests of the grid that ``total`` (the cluster's resources) can never meet."""
+def resource_problems(grid: Grid, total: dict[str, float], nodes: list[dict[str, float]] | None = None) -> list[str]:
+    """Requests of the grid that ``total`` (the cluster's resources) can never meet, and, given the
+    resources of each node (``nodes``), those the cluster has in all but no single node has: a
+    trial, or an annotation actor, runs on one node."""
     cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
-    asks = [("resources.cpus_per_trial", grid.resources.cpus_per_trial, cpus, "CPUs"),
-            ("resources.gpus_per_trial", grid.resources.gpus_per_trial, gpus, "GPUs")]  # fmt: skip
-    for where, ann in model_annotators(grid):
-        asks += [(f"{where}.cpus_per_actor", ann.cpus_per_actor, cpus, "CPUs"),
-                 (f"{where}.gpus_per_actor", ann.gpus_per_actor, gpus, "GPUs")]  # fmt: skip
+    requests = [("resources", "_per_trial", "one trial", grid.resources.cpus_per_trial, grid.resources.gpus_per_trial)]
+    requests += [(where, "_per_actor", "one actor", ann.cpus_per_actor, ann.gpus_per_actor) for where, ann in model_annotators(grid)]
+    problems = []
+    for where, suffix, what, cpu_ask, gpu_ask in requests:
+        beyond = [f"{where}.{kind}{suffix}: {asked:g} {unit} asked, the Ray cluster has {have:g}"
+                  for kind, asked, have, unit in (("cpus", cpu_ask, cpus, "CPUs"), ("gpus", gpu_ask, gpus, "GPUs"))
+                  if asked > have]  # fmt: skip
+        problems += beyond or _no_node_problems(f"{where}.", suffix, what, cpu_ask, gpu_ask, nodes or [])
+    return problems
+
+
+def _no_node_problems(where: str, suffix: str, what: str, cpu_ask: float, gpu_ask: float, nodes: list[dict[str, float]]) -> list[str]:
+    """The request of ``what`` (CPUs and GPUs together) if no node of ``nodes`` can hold it."""
+    if not nodes or any(n.get("CPU", 0.0) >= cpu_ask and n.get("GPU", 0.0) >= gpu_ask for n in nodes):
+        return []
+    keys = f"{where}cpus{suffix}" + (f" and gpus{suffix}" if gpu_ask else "")
+    asked = f"{cpu_ask:g} CPUs" + (f" and {gpu_ask:g} GPUs" if gpu_ask else "")
+    if gpu_ask:
+        has = ", ".join(f"{n.get('CPU', 0.0):g} CPUs + {n.get('GPU', 0.0):g} GPUs" for n in nodes)
+    else:
+        has = ", ".join(f"{n.get('CPU', 0.0):g}" for n in nodes) + f" CPUs, {sum(n.get('CPU', 0.0) for n in nodes):g} in all"
     return [
-        f"{key}: {asked:g} {unit} asked, the Ray cluster has {have:g}"
-        for key, asked, have, unit in asks
-        if asked > have
+        f"{keys}: {asked} asked for {what}, which runs on a single node, and no node of the Ray cluster has that "
+        f"much (its {len(nodes)} nodes have {has}); ask for at most what one node has"
     ]
 
 
@@ -400,7 +417,8 @@ def check_resources(grid: Grid) -> None:
     Ray is all there is: refused; a cluster may still grow (autoscaling): warned."""
     import ray
 
-    problems = resource_problems(grid, ray.cluster_resources())
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    problems = resource_problems(grid, ray.cluster_resources(), nodes)
     if problems and not grid.ray.address and not os.environ.get("RAY_ADDRESS"):
         raise GridError("resources the local Ray cannot provide:\n  " + "\n  ".join(problems))
     for line in problems:
@@ -451,11 +469,11 @@ class Sweep:
         from orchestrator.tracking import MlflowTrialCallback
 
         stopped_early: set[str] = set()
-        searcher = MultiStudySearcher(self.studies, self.trial_spec, self.optuna_storage, stopped_early)
+        searcher = MultiStudySearcher(self.studies, self.trial_spec, self.optuna_storage, stopped_early, tracked=True)
         to_resume = searcher.resumable()
         to_ask = max(searcher.remaining() - to_resume, 0)  # the budget counts interrupted trials too
         self._announce(to_resume, to_ask)
-        callback = MlflowTrialCallback(self.tracker, self.parent, self.run_names())
+        callback = MlflowTrialCallback(self.tracker, self.parent, self.run_names(), settle=searcher.settle)
         try:
             cells = [s.cell for s in self.studies]
             self.annotations.update(annotate_cells(cells, self.datasets, self.cache_dir, self.tracker, self.parent))
@@ -471,8 +489,7 @@ class Sweep:
             self.status = "KILLED"
             raise
         finally:
-            searcher.abandon_live()
-            self._close(callback)
+            self._stop(searcher, callback)
 
     def run_names(self) -> runs.RunNames:
         """Trial runs named by the cell axes that vary in this sweep (``coreg q=0.3 eta=0.1 s0``)."""
@@ -513,6 +530,23 @@ class Sweep:
             "results": [(r.config, r.metrics) for r in results if r.config],
             "result_grid": results,
         }
+
+    def _stop(self, searcher: Any, callback: Any) -> None:
+        """Leave unfinished trials resumable and give every run a final status. With the disk full
+        these writes fail too: each is tried, the runs they could not close are closed by the next
+        run of the grid, and the write error is raised (the first one)."""
+        from orchestrator.faults import write_problem
+
+        failed: list[Exception] = []
+        for step in (searcher.abandon_live, lambda: self._close(callback)):
+            try:
+                step()
+            except Exception as err:
+                if write_problem(err) is None:
+                    raise
+                failed.append(err)
+        if failed:
+            raise failed[0]
 
     def _close(self, callback: Any) -> None:
         """Final statuses for every run still open, and where the results are."""

@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
@@ -33,6 +33,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
 from ray.tune import Callback
 
 from orchestrator import runs
+from orchestrator.faults import WriteError, write_problem
 from orchestrator.plan import TrialSpecs
 from orchestrator.student import log_trial_artifacts
 from trainables.spec import CellSpec, TrialSpec
@@ -178,10 +179,21 @@ class MlflowTrialCallback(Callback):
     """Mirrors every Tune trial into a nested MLflow run under the sweep's parent run.
 
     A finished trial's run ends FINISHED at once; its plots and student are made by a worker thread
-    (:class:`ArtifactWorker`), off Tune's event loop. :meth:`finish` waits for them."""
+    (:class:`ArtifactWorker`), off Tune's event loop. :meth:`finish` waits for them.
 
-    def __init__(self, tracker: Tracker, parent_run_id: str, names: runs.RunNames = runs.RunNames()):
+    ``settle(trial_id)`` is called once a trial's run has its final status (FINISHED or FAILED):
+    the sweep's searcher tells Optuna then, not before. A trial that failed because a write failed
+    (disk full) is neither: the sweep stops with :class:`~orchestrator.faults.WriteError`."""
+
+    def __init__(
+        self,
+        tracker: Tracker,
+        parent_run_id: str,
+        names: runs.RunNames = runs.RunNames(),
+        settle: Callable[[str], None] | None = None,
+    ):
         self.tracker = tracker
+        self.settle = settle or (lambda trial_id: None)
         self.parent = parent_run_id
         self.names = names
         self.spec = TrialSpecs()
@@ -229,12 +241,18 @@ class MlflowTrialCallback(Callback):
         run_id = self._run_for(trial)
         step = int(result.get(runs.EPOCH, result.get("training_iteration", 0)))
         metrics = {k: v for k, v in result.items() if k.startswith(runs.REPORTED_PREFIXES) or k == runs.EPOCH}
-        self.history.setdefault(trial.trial_id, []).append({**metrics, runs.EPOCH: step})
+        history = self.history.setdefault(trial.trial_id, [])
+        history[:] = [h for h in history if h[runs.EPOCH] < step]  # a retried trial repeats epochs
+        history.append({**metrics, runs.EPOCH: step})
+        # A trial retried or resumed from its checkpoint trains again the epochs after it, which
+        # may already be logged (a node lost between a result and its checkpoint): logged once.
         if step <= self.logged_until.get(trial.trial_id, 0):
             return
         self.tracker.log_metrics(run_id, metrics, step=step)
+        self.logged_until[trial.trial_id] = step
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        _stop_on_write_error(trial)  # a retry would fail the same way, and count as a retry
         run_id = self._run_for(trial)
         retries = int(self.tracker.client.get_run(run_id).data.tags.get(runs.RETRIES, "0")) + 1
         self.tracker.set_tags(run_id, {runs.RETRIES: str(retries), runs.LAST_ERROR: _error_text(trial)})
@@ -247,14 +265,17 @@ class MlflowTrialCallback(Callback):
         if "diag/collapsed" in last:
             self.tracker.set_tags(run_id, {runs.COLLAPSE: collapse_reason(last)})
         self.tracker.end_run(run_id, "FINISHED")
+        self.settle(trial.trial_id)
         self.artifacts.submit(run_id, self.spec(trial), self.history.pop(trial.trial_id, []), trial.checkpoint)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        _stop_on_write_error(trial)  # not the trial's failure: it resumes once space is freed
         run_id = self._run_for(trial)
         error = _error_text(trial)
         self.errors[trial.trial_id] = error
         self.tracker.set_tags(run_id, {runs.ERROR: error[-5000:]})
         self.tracker.end_run(run_id, "FAILED")
+        self.settle(trial.trial_id)
 
     def finish(self) -> int:
         """Wait until the plots and students of every finished trial are logged. Returns how many
@@ -329,6 +350,15 @@ def _quiet(*names: str):
     finally:
         for lg, old in zip(loggers, levels):
             lg.setLevel(old)
+
+
+def _stop_on_write_error(trial) -> None:
+    """Raise :class:`WriteError` when ``trial`` failed because a write failed (its checkpoint, or
+    the driver's MLflow or Optuna writes while Tune ended it): the sweep stops, the trial's run and
+    Optuna trial are left unfinished, and the same command resumes it once space is freed."""
+    problem = write_problem(_error_text(trial))
+    if problem is not None:
+        raise WriteError(problem)
 
 
 def _error_text(trial) -> str:

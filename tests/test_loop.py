@@ -103,6 +103,33 @@ def test_resume_from_checkpoint_continues_the_same_run(tmp_path):
         assert a["test/acc"] == pytest.approx(b["test/acc"], abs=1e-6)
 
 
+def test_a_trial_restored_from_its_last_checkpoint_reports_its_last_result_again(tmp_path):
+    """The last epoch was trained and checkpointed, but the trial was never recorded as finished
+    (the disk filled as its run was ended): resumed, it reports the same last result, not nothing."""
+    config = tiny_config(tmp_path, "cc")
+    saved = tmp_path / "ckpt"
+    saved.mkdir()
+    full: list[dict] = []
+
+    def report(metrics, save):
+        full.append(dict(metrics))
+        if metrics["epoch"] == 4:
+            save(saved)
+
+    run_trial(config, report)
+    again: list[tuple[dict, bool]] = []
+    again_dir = tmp_path / "again"
+    again_dir.mkdir()
+
+    def report_again(metrics, save):
+        again.append((dict(metrics), save is not None))
+        save(again_dir)
+
+    run_trial(config, report_again, restore_dir=saved)
+    assert again == [(full[-1], True)]  # the epoch-4 result, with a checkpoint, no epoch retrained
+    assert (again_dir / "predictions.npz").is_file()  # the confusion matrix still has its predictions
+
+
 @pytest.mark.parametrize("method", ["cc", "pico", "coreg"])
 def test_every_epoch_logs_label_free_collapse_diagnostics(tmp_path, method):
     params = {"warmup_epochs": 1, "contrastive_start": 0} if method == "coreg" else {}

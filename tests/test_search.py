@@ -39,14 +39,14 @@ def studies(asha_for_cc: bool = False):
 RESUMED = "/checkpoints/resumed"
 
 
-def searcher(plans, storage):
+def searcher(plans, storage, tracked: bool = False):
     def make(study, sampled, number, resuming):
         return study.trial_config(
             sampled, annotation_key="k", cache_dir="/cache", cpus=1, optuna_trial=number,
             resume_checkpoint=RESUMED if resuming else None,
         )  # fmt: skip
 
-    return MultiStudySearcher(plans, make, storage)
+    return MultiStudySearcher(plans, make, storage, tracked=tracked)
 
 
 def test_round_robin_first_trial_is_the_resolved_config_and_budgets_hold(tmp_path):
@@ -109,6 +109,37 @@ def test_interrupted_trials_are_handed_out_again_with_their_parameters(tmp_path)
     assert again.suggest("r3") == Searcher.FINISHED
     states = [t.state for p in plans for t in optuna.load_study(study_name=p.readable_name, storage=storage).trials]
     assert states.count(optuna.trial.TrialState.COMPLETE) == 3 and len(states) == 3
+
+
+def test_a_tracked_trial_is_told_only_once_its_mlflow_run_is_settled(tmp_path):
+    """Tune tells the searcher before the MLflow callback ends the trial's run: with ``tracked``,
+    Optuna hears the outcome only from :meth:`settle`; a trial whose run could not be ended (disk
+    full) stays RUNNING, and the next driver hands it out again."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    plans = studies()
+    s = searcher(plans, storage, tracked=True)
+    configs = {f"t{i}": s.suggest(f"t{i}") for i in range(3)}
+    s.on_trial_complete("t0", {"val/covering_rate": 0.5, "test/acc": 0.4, "epoch": 4})
+    s.on_trial_complete("t1", {"val/covering_rate": 0.7, "epoch": 4})
+    s.on_trial_complete("t2", None, error=True)
+
+    def state(name):
+        study_id = configs[name]["study"]
+        (summary,) = [x for x in optuna.get_all_study_summaries(storage) if x.user_attrs.get("study_id", x.study_name) == study_id]
+        return optuna.load_study(study_name=summary.study_name, storage=storage).trials[configs[name]["optuna_trial"]]
+
+    assert [state(t).state for t in ("t0", "t1", "t2")] == [optuna.trial.TrialState.RUNNING] * 3
+    s.settle("t0")  # its run ended FINISHED
+    s.settle("t2")  # its run ended FAILED
+    assert state("t0").state == optuna.trial.TrialState.COMPLETE and state("t0").user_attrs["metrics"]["test/acc"] == 0.4
+    assert state("t2").state == optuna.trial.TrialState.FAIL
+    assert s.abandon_live() == 1  # t1's run never ended: left RUNNING, marked interrupted
+    assert state("t1").state == optuna.trial.TrialState.RUNNING and state("t1").user_attrs["interrupted"]
+
+    again = searcher(studies(), storage, tracked=True)
+    assert again.resumable() == 1
+    redo = [again.suggest(f"r{i}") for i in range(2)]
+    assert configs["t1"]["optuna_trial"] in [c["optuna_trial"] for c in redo if c["study"] == configs["t1"]["study"]]
 
 
 def test_finished_when_every_budget_is_spent(tmp_path):

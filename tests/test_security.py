@@ -190,6 +190,30 @@ def test_resource_requests_the_cluster_cannot_meet_are_named_with_the_numbers():
     assert resource_problems(grid, {"CPU": 16.0, "GPU": 1.0}) == []
 
 
+def test_a_request_the_cluster_has_in_all_but_no_node_has_is_named_with_each_nodes_numbers():
+    from orchestrator.config import parse_grid
+    from orchestrator.sweep import resource_problems
+
+    grid = parse_grid({
+        "experiment": "x", "datasets": [{"name": "digits"}],
+        "annotators": [{"kind": "clip", "cpus_per_actor": 1, "gpus_per_actor": 1}],
+        "grid": {"seeds": [0]}, "methods": [{"name": "cc"}], "resources": {"cpus_per_trial": 2},
+    })  # fmt: skip
+    one_cpu_nodes = [{"CPU": 1.0}, {"CPU": 1.0}, {"CPU": 1.0, "GPU": 1.0}]
+    assert resource_problems(grid, {"CPU": 3.0, "GPU": 1.0}, one_cpu_nodes) == [
+        "resources.cpus_per_trial: 2 CPUs asked for one trial, which runs on a single node, and no node of the "
+        "Ray cluster has that much (its 3 nodes have 1, 1, 1 CPUs, 3 in all); ask for at most what one node has",
+    ]
+    # CPUs and GPUs of one actor must be on one node: a CPU-only node and a GPU node without a free CPU do not add up.
+    split = [{"CPU": 2.0}, {"CPU": 0.0, "GPU": 1.0}]
+    assert resource_problems(grid, {"CPU": 2.0, "GPU": 1.0}, split) == [
+        "annotators[0].cpus_per_actor and gpus_per_actor: 1 CPUs and 1 GPUs asked for one actor, which runs on a "
+        "single node, and no node of the Ray cluster has that much (its 2 nodes have 2 CPUs + 0 GPUs, 0 CPUs + 1 GPUs); "
+        "ask for at most what one node has",
+    ]
+    assert resource_problems(grid, {"CPU": 3.0, "GPU": 1.0}, [{"CPU": 1.0}, {"CPU": 2.0, "GPU": 1.0}]) == []
+
+
 @pytest.mark.ray
 def test_a_local_sweep_asking_more_than_ray_has_stops_before_its_mlflow_run(tmp_path, ray_session):
     from orchestrator.config import GridError, parse_grid

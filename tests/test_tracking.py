@@ -53,6 +53,25 @@ def test_failed_and_finished_trials_end_with_their_status(tmp_path, ray_session)
     assert callback.open_runs() == []
 
 
+def test_a_retried_trial_logs_the_epochs_it_repeats_after_its_checkpoint_once(tmp_path):
+    """A node lost after a trial's epoch-4 result was logged but before its epoch-4 checkpoint was
+    registered: Tune restores epoch 3's checkpoint and epoch 4 comes again; it is logged once."""
+    from types import SimpleNamespace
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "tracking", (tmp_path / "art").as_uri())
+    callback = MlflowTrialCallback(tracker, tracker.start_run("sweep", {"kind": "sweep"}))
+    trial = SimpleNamespace(trial_id="t0", config=trial_specs(epochs=5)[0].to_config(), last_result={}, error_file=None,
+                            error_msg="The actor died because its node has died.")  # fmt: skip
+    for epoch in (1, 2, 3, 4):
+        callback.on_trial_result(0, [], trial, {"epoch": epoch, "test/acc": 0.1 * epoch})
+    callback.on_trial_recover(0, [], trial)
+    for epoch in (4, 5):
+        callback.on_trial_result(0, [], trial, {"epoch": epoch, "test/acc": 0.1 * epoch})
+    history = MlflowClient(tracker.uri).get_metric_history(callback.runs["t0"], "test/acc")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4, 5]
+    assert [h["epoch"] for h in callback.history["t0"]] == [1, 2, 3, 4, 5]  # the learning curves' points
+
+
 def test_interrupted_runs_are_marked_killed(tmp_path):
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "tracking", (tmp_path / "art").as_uri())
     parent = tracker.start_run("sweep", {"kind": "sweep"})

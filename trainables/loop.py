@@ -321,8 +321,11 @@ def load_checkpoint(directory: Path, device: torch.device | str = "cpu") -> dict
     return torch.load(Path(directory) / CHECKPOINT_FILE, map_location=device, weights_only=True)
 
 
-def _restore(algo: Algorithm, td: TrialData, directory: Path, device: torch.device) -> tuple[int, dict[str, Any]]:
-    """Load a checkpoint written by :func:`_saver`: the epoch reached and the best-so-far record."""
+def _restore(
+    algo: Algorithm, td: TrialData, directory: Path, device: torch.device
+) -> tuple[int, dict[str, Any], dict[str, float]]:
+    """Load a checkpoint written by :func:`_saver`: the epoch reached, the best-so-far record and
+    the metrics reported with it."""
     state = load_checkpoint(directory, device)
     algo.load_state_dict(state["algorithm"])
     td.data.generator.set_state(state["generator"])
@@ -332,15 +335,19 @@ def _restore(algo: Algorithm, td: TrialData, directory: Path, device: torch.devi
     keys = rng["keys"].numpy().astype(np.uint32)
     np.random.set_state((rng["kind"], keys, rng["pos"], rng["has_gauss"], rng["cached_gaussian"]))
     torch.set_rng_state(state["torch_rng"])
-    return state["epoch"], state["best"]
+    return state["epoch"], state["best"], dict(state.get("metrics", {}))
 
 
-def _saver(trial: TrialSpec, algo: Algorithm, td: TrialData, epoch: int, best: dict, last: bool) -> Callable[[Path], None]:
-    """``save(directory)`` writes the checkpoint of the epoch just trained (and, at the last
-    epoch, the test predictions the driver's confusion matrix needs: the labels stay there)."""
+def _saver(
+    trial: TrialSpec, algo: Algorithm, td: TrialData, epoch: int, best: dict, last: bool, metrics: dict[str, float]
+) -> Callable[[Path], None]:
+    """``save(directory)`` writes the checkpoint of the epoch just trained with the metrics reported
+    with it (and, at the last epoch, the test predictions the driver's confusion matrix needs: the
+    labels stay there)."""
 
     def save(directory: Path) -> None:
         state = {"algorithm": algo.state_dict(), "epoch": epoch + 1, "best": dict(best), **_rng_state(td)}
+        state["metrics"] = {k: float(v) for k, v in metrics.items()}
         state.update(config=trial.to_config(), num_samples=td.data.num_samples)  # a rebuild without the data
         if td.clip is not None:  # the student rebuilds the annotator's CLIP architecture
             state["clip"] = td.clip.source.to_config()
@@ -377,12 +384,17 @@ def run_trial(
     td = prepare_data(trial, device)
     algo = build_algorithm(trial, td, device)
     best: dict[str, Any] = {"value": None, "epoch": 0, "test_acc": 0.0}
-    start_epoch = 0
+    start_epoch, metrics = 0, {}
     if restore_dir is not None:
-        start_epoch, best = _restore(algo, td, restore_dir, device)
+        start_epoch, best, metrics = _restore(algo, td, restore_dir, device)
     settings = trial.training
     stop = settings.epochs if max_epochs is None else min(settings.epochs, max_epochs)
-    metrics: dict[str, float] = {}
+    if start_epoch >= stop:
+        # The last epoch was trained and checkpointed but the trial was not recorded as finished
+        # (its driver stopped, the disk filled): its last result is reported again, not retrained.
+        metrics = metrics or {**evaluate(algo, td), **diagnose(algo, td), "epoch": start_epoch}
+        report(metrics, _saver(trial, algo, td, start_epoch - 1, best, True, metrics))
+        return metrics
     for epoch in range(start_epoch, stop):
         tic = time.perf_counter()
         metrics = dict(algo.train_epoch(td.data, epoch))
@@ -397,7 +409,7 @@ def run_trial(
             metrics["test/acc_selected"] = best["test_acc"]
         last = epoch + 1 == stop
         due = last or (epoch + 1) % settings.checkpoint_every == 0
-        report(metrics, _saver(trial, algo, td, epoch, best, last) if due else None)
+        report(metrics, _saver(trial, algo, td, epoch, best, last, metrics) if due else None)
     return metrics
 
 
