@@ -93,3 +93,20 @@ def with_clip_views(data: TrainData, clip: LoadedClip, seed: int = 0) -> TrainDa
     """``data`` with CLIP views (augmentations in [0, 1], then the tiny CLIP's transform), seeded as ``tiny_data``'s."""
     base = make_views("image", mean=None, std=None, hflip=True, generator=torch.Generator().manual_seed(seed + 1))
     return dataclasses.replace(data, views=clip_views(base, clip.preprocess_cfg))
+
+
+def train_with_checkpoints(config, checkpoint: Path) -> list[dict[str, float]]:
+    """Run a trial through the real loop (``run_trial``), writing every checkpoint it saves into
+    ``checkpoint`` (created); returns the metrics it reported, one dict per epoch."""
+    from trainables.loop import run_trial
+
+    checkpoint.mkdir(parents=True, exist_ok=True)
+    reported: list[dict[str, float]] = []
+
+    def report(metrics: dict[str, float], save) -> None:
+        reported.append(metrics)
+        if save is not None:
+            save(checkpoint)
+
+    run_trial(config, report)
+    return reported

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from helpers import TINY_CLIP, tiny_clip, tiny_ctx, tiny_images, tiny_data, with_clip_views
+from helpers import TINY_CLIP, tiny_clip, tiny_ctx, tiny_data, tiny_images, train_with_checkpoints, with_clip_views
 from orchestrator.annotation.clip import ClipActor
 from trainables.common.clip_model import encode_prompts
 from trainables.common.peft import PEFT_CHOICES, LoRA, merge_lora
@@ -165,7 +165,6 @@ def clip_trial(tmp_path_factory, one_thread):
     from orchestrator.plan import expand
     from orchestrator.student import driver_dataset
     from trainables.data.datasets import load_dataset
-    from trainables.loop import run_trial
 
     tmp = tmp_path_factory.mktemp("clip_student")
     grid = parse_grid({
@@ -187,15 +186,7 @@ def clip_trial(tmp_path_factory, one_thread):
         ann = annotate(dataset, study.cell.annotator, cache_dir=tmp / "annotations")
     config = study.trial_config({}, annotation_key=ann.key, cache_dir=str(tmp / "annotations"), cpus=1, device="cpu")
     checkpoint = tmp / "checkpoint"
-    checkpoint.mkdir()
-    reported = []
-
-    def report(metrics, save):
-        reported.append(metrics)
-        if save is not None:
-            save(checkpoint)
-
-    run_trial(config, report)
+    reported = train_with_checkpoints(config, checkpoint)
     return config, reported, checkpoint, driver_dataset(config)
 
 

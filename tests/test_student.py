@@ -29,8 +29,10 @@ from orchestrator.student import (
     log_trial_artifacts,
 )
 from trainables.data.datasets import load_dataset
-from trainables.loop import PREDICTIONS_FILE, predict, run_trial
+from trainables.loop import PREDICTIONS_FILE, predict
 from trainables.registry import ALGORITHMS
+
+from helpers import train_with_checkpoints
 
 EPOCHS = 3
 
@@ -60,15 +62,7 @@ def trial(tmp_path_factory, one_thread):
     tmp = tmp_path_factory.mktemp("student")
     config = tiny_config(tmp, "proden")
     checkpoint = tmp / "checkpoint"
-    checkpoint.mkdir()
-    reported = []
-
-    def report(metrics, save):
-        reported.append(metrics)
-        if save is not None:
-            save(checkpoint)
-
-    run_trial(config, report)
+    reported = train_with_checkpoints(config, checkpoint)
     from orchestrator.student import driver_dataset
 
     return config, reported, checkpoint, driver_dataset(config)
