@@ -69,6 +69,8 @@ class Study:
     """Default + grid ``training:`` + the method's ``training:`` overrides."""
     params: dict[str, Any]
     """The method's dataclass defaults updated with the grid's fixed ``params:``."""
+    experiment: str = ""
+    """The grid's experiment (the start of ``study_id``; it may itself hold dots)."""
 
     @property
     def objective(self) -> str:
@@ -77,7 +79,7 @@ class Study:
     @property
     def readable_name(self) -> str:
         """Experiment, method and cell in words: the Optuna study's name (what optuna-dashboard lists)."""
-        return f"{self.study_id.split('.', 1)[0]} | {self.method.label or self.method.name} | {self.cell.label()}"
+        return f"{self.experiment} | {self.method.label or self.method.name} | {self.cell.label()}"
 
     @property
     def key(self) -> str:
@@ -172,5 +174,5 @@ def expand(grid: Grid) -> list[Study]:
             training = method_training(grid, method)
             study_key = signature({"cell": cell.as_config(), "method": method.model_dump(exclude={"label"} if method.label is None else None), "training": training.signed()}, 10)
             study_id = f"{grid.experiment}.{method.label or method.name}.{study_key}"
-            studies.append(Study(study_id, cell, method, training, params))
+            studies.append(Study(study_id, cell, method, training, params, grid.experiment))
     return studies

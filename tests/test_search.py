@@ -243,3 +243,12 @@ def test_studies_are_named_in_words_and_older_or_other_studies_are_kept_apart(tm
     t.suggest("t0")
     assert sorted(optuna.get_all_study_names(fresh)) == [cc.readable_name]
     assert searcher([cc, coreg], fresh).study_name(cc.study_id) == cc.readable_name  # its own study, found again
+
+
+def test_a_study_name_keeps_an_experiment_name_with_dots():
+    grid = parse_grid({
+        "experiment": "fmnist.v2", "datasets": [{"name": "digits"}], "annotators": [{"kind": "synthetic"}],
+        "grid": {"q": [0.3], "eta": [0.3]}, "methods": [{"name": "cc"}],
+    })  # fmt: skip
+    (study,) = expand(grid)
+    assert study.readable_name == f"fmnist.v2 | cc | {study.cell.label()}"
