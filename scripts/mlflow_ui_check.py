@@ -210,7 +210,12 @@ class Page:
         """Wait until every needle is on the page; returns those still missing at the timeout."""
         deadline = time.monotonic() + timeout
         while True:
-            text = await self.text()
+            try:
+                text = await self.text()
+            except RuntimeError as err:  # the page is between documents (a form posted, a reload)
+                if "navigated or closed" not in str(err) or time.monotonic() > deadline:
+                    raise
+                text = ""
             missing = [n for n in needles if n not in text]
             if not missing or time.monotonic() > deadline:
                 return missing
