@@ -72,7 +72,7 @@ def vlm_spec(args: argparse.Namespace, model: str, actors: int):
 
 def naive_loop(actor, images: np.ndarray, batch_size: int) -> float:
     """The processor on text and images for every batch and template, then generate / score."""
-    from orchestrator.annotation.vlm import to_pil
+    from trainables.common.vlm_model import to_pil
 
     first = to_pil(images[:1])
     image_keys = set(actor.processor.image_processor(first, return_tensors="pt").keys())

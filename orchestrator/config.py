@@ -579,7 +579,7 @@ def _check_semantics(grid: Grid) -> list[str]:
             if ds.imbalance_ratio is not None:
                 problems.append(f"datasets[{i}].imbalance_ratio: set both here and as the grid.imbalance_ratio axis; use one")
     training = grid.training.apply(TrainSettings())
-    return problems + _check_methods(grid.methods, grid.annotators, training) + _clip_problems(grid)
+    return problems + _check_methods(grid.methods, grid.annotators, training) + _foundation_problems(grid)
 
 
 def _space_problems(where: str, hint: Any, value: Any) -> list[str]:
@@ -613,15 +613,35 @@ def has_clip(ann: Any) -> bool:
     return ann.kind == "clip" or (ann.kind == "ensemble" and any(m.kind == "clip" for m in ann.members))
 
 
-def _clip_problems(grid: Grid) -> list[str]:
-    """Each method or backbone that learns on the annotator's CLIP (CoOp, ``clip_peft``) against the
-    annotators, and CoOp's few shots against the ``shots`` axis."""
+def _foundation_problems(grid: Grid) -> list[str]:
+    """Each method or backbone that learns on the annotator's CLIP (CoOp, ``clip_peft``) or VLM
+    (``vlm_lora``) against the annotators, and the few-shot methods' shots against the ``shots`` axis."""
     from trainables.registry import ALGORITHMS
 
     problems = []
     for i, method in enumerate(grid.methods):
         if method.name in ALGORITHMS:  # an unknown name is reported with the methods' problems
             problems += _method_clip_problems(grid, f"methods[{i}]", method, ALGORITHMS[method.name].needs_clip)
+            if ALGORITHMS[method.name].needs_vlm:
+                problems += _method_vlm_problems(grid, f"methods[{i}]", method)
+    return problems
+
+
+def has_vlm(ann: Any) -> bool:
+    """The annotator has an image-text-to-text model a trial can fine-tune: a VLM annotator, or an ensemble with one."""
+    return ann.kind == "vlm" or (ann.kind == "ensemble" and any(m.kind == "vlm" for m in ann.members))
+
+
+def _method_vlm_problems(grid: Grid, where: str, method: MethodSpec) -> list[str]:
+    """A method that fine-tunes the annotator's VLM (``vlm_lora``) against the annotators and the shots."""
+    problems = [
+        f"{where}.name: {method.name} fine-tunes the annotator's VLM, and the {ann.kind} annotator {ann.name!r} "
+        "has none (use a vlm annotator, or an ensemble with a vlm member)"
+        for ann in grid.annotators
+        if not has_vlm(ann)
+    ]
+    if 0 in grid.grid.shots:
+        problems.append(f"{where}.name: {method.name} trains on the revealed few shots only; grid.shots holds 0 (give 1, 2, 4, ...)")
     return problems
 
 

@@ -118,17 +118,37 @@ def rebuild(info: dict[str, Any], device: torch.device) -> Any:
         num_samples=info["num_samples"],
         device=device,
         clip=clip,
+        vlm=annotator_vlm(info.get("vlm"), device),
     )
     merge_adapters(algo)
     return algo
 
 
+def annotator_vlm(config: dict[str, Any] | None, device: torch.device | str = "cpu") -> Any:
+    """The annotator's VLM named by a checkpoint or a student (``vlm``), loaded; None without one."""
+    from trainables.common.vlm_model import load_source as load_vlm_source
+    from trainables.data.vlm_source import VlmSource
+
+    return None if not config else load_vlm_source(VlmSource.from_config(config), device)
+
+
 def merge_adapters(algo: Any) -> int:
     """Fold the LoRA adapters of every network the algorithm holds into plain weights (the
-    ``clip_peft`` backbone's; a no-op elsewhere). Returns the number of weights merged."""
+    ``clip_peft`` backbone's, and peft's of ``vlm_lora``; a no-op elsewhere). Returns the number
+    of networks whose adapters were merged."""
     from trainables.common.peft import merge_lora
 
-    return sum(merge_lora(module) for _, module in _modules(algo))
+    merged, seen = 0, set()
+    for _, module in _modules(algo):
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        if callable(getattr(module, "merge_adapter", None)):  # a peft model
+            module.merge_adapter()
+            merged += 1
+        else:
+            merged += merge_lora(module)
+    return merged
 
 
 def plain_view(pre: dict[str, Any]) -> Any:
@@ -207,15 +227,18 @@ def load_inference_state(algo: Any, state: dict[str, dict[str, torch.Tensor]]) -
         _resolve(algo, path).load_state_dict(module_state)
 
 
-def model_info(spec: TrialSpec, dataset: Any, num_samples: int, clip: Any = None) -> dict[str, Any]:
+def model_info(spec: TrialSpec, dataset: Any, num_samples: int, clip: Any = None, vlm: Any = None) -> dict[str, Any]:
     """What the student needs besides the algorithm state (its pyfunc ``model_config``). ``clip``:
     the annotator's CLIP (a ``LoadedClip``) of a model on it: its architecture (rebuilt without the
-    annotator's weights) and its image transform."""
+    annotator's weights) and its image transform. ``vlm``: the annotator's VLM (a ``LoadedVlm``)
+    that the model fine-tuned: its name and questions; its processor normalises ([0, 1] inputs)."""
     kind = getattr(dataset, "kind", "image")
+    raw = vlm is not None
     clip_pre = None if clip is None else {k: list(v) if isinstance(v, tuple) else v for k, v in clip.preprocess_cfg.items()}
     return {
         "config": spec.to_config(),
         "clip": None if clip is None else clip.source.without_weights().to_config(),
+        "vlm": None if vlm is None else vlm.source.to_config(),
         "class_names": list(dataset.class_names),
         "default_backbone": dataset.default_backbone,
         "num_samples": int(num_samples),
@@ -223,9 +246,9 @@ def model_info(spec: TrialSpec, dataset: Any, num_samples: int, clip: Any = None
             "kind": kind,
             "input_shape": list(dataset.train_x.shape[1:]),
             "dtype": str(dataset.train_x.dtype),
-            "mean": None if dataset.mean is None else [float(v) for v in dataset.mean],
-            "std": None if dataset.std is None else [float(v) for v in dataset.std],
-            "scaling": "uint8 / 255, then (x - mean) / std per channel"
+            "mean": None if dataset.mean is None or raw else [float(v) for v in dataset.mean],
+            "std": None if dataset.std is None or raw else [float(v) for v in dataset.std],
+            "scaling": ("uint8 / 255 (the VLM's processor normalises)" if raw else "uint8 / 255, then (x - mean) / std per channel")
             if kind == "image"
             else "(x - mean) / std per dimension",
             **({"clip": clip_pre, "scaling": "the annotator's CLIP transform (clip)"} if clip is not None else {}),
@@ -240,10 +263,11 @@ def signature(info: dict[str, Any]) -> ModelSignature:
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
-def requirements(clip: bool = False) -> list[str]:
-    """Pinned requirements; ``clip``: a model on the annotator's CLIP also needs open_clip."""
+def requirements(clip: bool = False, vlm: bool = False) -> list[str]:
+    """Pinned requirements; ``clip``: a model on the annotator's CLIP also needs open_clip;
+    ``vlm``: a fine-tuned annotator VLM needs transformers and peft."""
     pins = [f"mlflow=={mlflow.__version__}"]
-    names = (*REQUIREMENTS, "open_clip_torch") if clip else REQUIREMENTS
+    names = (*REQUIREMENTS, *(("open_clip_torch",) if clip else ()), *(("transformers", "peft") if vlm else ()))
     return pins + [f"{name}=={version(name).split('+')[0]}" for name in names]
 
 
@@ -263,6 +287,7 @@ def save_student(
             "method": trial.method,
             "trial_signature": trial.signature,
             "study": trial.study,
+            **({"vlm": dict(info["vlm"])} if info.get("vlm") else {}),  # the base model it needs
         }
         # No progress bar and no "validating input example" line per trial in the sweep's console.
         with _env(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"), _quiet("mlflow.pyfunc", "mlflow.models"):
@@ -275,7 +300,7 @@ def save_student(
                 signature=signature(info),
                 input_example=example,
                 metadata=metadata,
-                pip_requirements=requirements(clip=info.get("clip") is not None),
+                pip_requirements=requirements(clip=info.get("clip") is not None, vlm=info.get("vlm") is not None),
             )
 
 
@@ -290,7 +315,8 @@ def load_trained(checkpoint_dir: Path, dataset: Any) -> tuple[Any, dict[str, Any
     state = load_checkpoint(Path(checkpoint_dir))
     spec = TrialSpec.from_config(state["config"])
     clip = load_source(ClipSource.from_config(state["clip"]).without_weights()) if state.get("clip") else None
-    info = model_info(spec, dataset, state["num_samples"], clip)
+    vlm = annotator_vlm(state.get("vlm"))
+    info = model_info(spec, dataset, state["num_samples"], clip, vlm)
     algo = build_from_info(
         spec,
         num_classes=len(info["class_names"]),
@@ -299,6 +325,7 @@ def load_trained(checkpoint_dir: Path, dataset: Any) -> tuple[Any, dict[str, Any
         num_samples=info["num_samples"],
         device=torch.device("cpu"),
         clip=clip,
+        vlm=vlm,
     )
     algo.load_state_dict(state["algorithm"])
     merge_adapters(algo)

@@ -15,6 +15,7 @@ from trainables.common.augment import make_views
 from trainables.common.backbones import clip_encoder_factory, make_encoder
 from trainables.common.clip_model import clip_views, load_source
 from trainables.data.clip_source import ClipSource, LoadedClip
+from trainables.data.vlm_source import LoadedVlm, VlmSource
 
 TINY_CLIP = Path(__file__).parent / "fixtures" / "tiny_clip.json"
 
@@ -57,7 +58,7 @@ def tiny_pll_data(
 
 def tiny_ctx(
     num_samples: int, num_classes: int, *, epochs: int, batch_size: int, lr: float = 0.05, seed: int = 0,
-    clip: LoadedClip | None = None, **settings,
+    clip: LoadedClip | None = None, vlm: LoadedVlm | None = None, **settings,
 ) -> BuildContext:  # fmt: skip
     """A small CNN on 8x8 one-channel images, on the CPU; with ``backbone="clip_peft"`` (in
     ``settings``) the tiny CLIP ``clip``'s image tower instead. ``clip`` also reaches methods that need it."""
@@ -74,6 +75,7 @@ def tiny_ctx(
         device=torch.device("cpu"),
         seed=seed,
         clip=clip,
+        vlm=vlm,
     )
 
 
@@ -87,6 +89,38 @@ def tiny_clip_source(num_classes: int, templates: tuple[str, ...] = ("a photo of
 def tiny_clip(num_classes: int, templates: tuple[str, ...] = ("a photo of a {}",)) -> LoadedClip:
     """:func:`tiny_clip_source` built (once per process: building it takes seconds)."""
     return load_source(tiny_clip_source(num_classes, templates))
+
+
+VLM_TEMPLATES = ("What is shown? {classes}. Answer:", "Which of these is it: {classes}?")
+"""The tiny VLM's questions in the algorithm tests."""
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_vlm_dir() -> Path:
+    """A tiny random LLaVA (tests/fixtures/tiny_vlm.py) written once per process to a temporary directory."""
+    import tempfile
+
+    from fixtures.tiny_vlm import build_tiny_llava
+
+    return build_tiny_llava(Path(tempfile.mkdtemp(prefix="tiny_vlm_")) / "model")
+
+
+def tiny_vlm_source(num_classes: int, answer_mode: str = "score") -> VlmSource:
+    names = tuple(f"number {i}" for i in range(num_classes))
+    return VlmSource(str(tiny_vlm_dir()), None, "fp32", VLM_TEMPLATES, names, answer_mode=answer_mode)
+
+
+def tiny_vlm(num_classes: int, answer_mode: str = "score") -> LoadedVlm:
+    """The tiny LLaVA as an annotator's VLM, freshly loaded (``vlm_lora`` adapts its model in place)."""
+    from trainables.common.vlm_model import load_source as load_vlm_source
+
+    return load_vlm_source(tiny_vlm_source(num_classes, answer_mode))
+
+
+def with_raw_views(data: TrainData, seed: int = 0) -> TrainData:
+    """``data`` with views in [0, 1] (a VLM's processor normalises), seeded as ``tiny_data``'s."""
+    views = make_views("image", mean=None, std=None, hflip=True, generator=torch.Generator().manual_seed(seed + 1))
+    return dataclasses.replace(data, views=views)
 
 
 def with_clip_views(data: TrainData, clip: LoadedClip, seed: int = 0) -> TrainData:

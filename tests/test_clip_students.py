@@ -221,7 +221,7 @@ def test_the_clip_peft_student_is_the_merged_model_and_predicts_as_the_trial(cli
     assert int(client.get_run(run_id).data.tags["student_kb"]) > 0
 
 
-@pytest.mark.parametrize("method", sorted(name for name, spec in ALGORITHMS.items() if not spec.needs_clip))
+@pytest.mark.parametrize("method", sorted(name for name, spec in ALGORITHMS.items() if not spec.needs_clip and not spec.needs_vlm))
 def test_every_method_trains_on_the_clip_peft_backbone(method):
     """Any registered method takes the clip_peft backbone (two-network methods two copies, MoCo
     methods their key encoders): finite losses, and the predictions leave the zero-shot start."""

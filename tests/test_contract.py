@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import random_candidates, tiny_clip, tiny_ctx, tiny_data, tiny_images, with_clip_views
+from helpers import random_candidates, tiny_clip, tiny_ctx, tiny_data, tiny_images, tiny_vlm, with_clip_views, with_raw_views
 from trainables.api import Algorithm, AlgorithmSpec, Target, TrainData, TrainSettings
 from trainables.registry import ALGORITHMS, get
 
@@ -25,8 +25,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(seed: int = 0, spec: AlgorithmSpec | None = None) -> TrainData:
-    """The tiny data; with CLIP views for a method that learns on the annotator's CLIP (CoOp)."""
+    """The tiny data; with CLIP views for a method that learns on the annotator's CLIP (CoOp), in
+    [0, 1] for one that fine-tunes the annotator's VLM (its processor normalises)."""
     data = _cnn_data(seed)
+    if spec is not None and spec.needs_vlm:
+        return with_raw_views(data, seed)
     return with_clip_views(data, tiny_clip(C), seed) if spec is not None and spec.needs_clip else data
 
 
@@ -48,7 +51,8 @@ def _build(spec: AlgorithmSpec, seed: int = 0) -> Algorithm:
     fields = {f.name for f in dataclasses.fields(spec.params)}
     params = spec.params(**{k: v for k, v in FAST.items() if k in fields})
     clip = tiny_clip(C) if spec.needs_clip else None
-    return spec.build(params, tiny_ctx(N, C, epochs=EPOCHS + 1, batch_size=16, seed=seed, clip=clip))
+    vlm = tiny_vlm(C) if spec.needs_vlm else None
+    return spec.build(params, tiny_ctx(N, C, epochs=EPOCHS + 1, batch_size=16, seed=seed, clip=clip, vlm=vlm))
 
 
 def _outputs(spec: AlgorithmSpec, algo: Algorithm, probe: torch.Tensor) -> torch.Tensor:

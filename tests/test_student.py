@@ -170,7 +170,7 @@ def test_mlflow_models_serve_answers_with_the_trials_predictions(trial, logged, 
 def test_every_method_has_a_network_to_deploy(method):
     """A student needs trained parameters: every registered method has them (Co-Reg's and
     DivideMix's in their two networks), so every finished trial gets a student."""
-    from helpers import tiny_clip
+    from helpers import tiny_clip, tiny_vlm
     from trainables.api import BuildContext, TrainSettings
     from trainables.common.backbones import make_encoder
 
@@ -183,25 +183,33 @@ def test_every_method_has_a_network_to_deploy(method):
         device=torch.device("cpu"),
         seed=0,
         clip=tiny_clip(10) if spec.needs_clip else None,  # CoOp's prompts are for the annotator's CLIP
+        vlm=tiny_vlm(10) if spec.needs_vlm else None,  # vlm_lora adapts the annotator's VLM
     )
     algo = spec.build(spec.params(), ctx)
     assert has_parameters(algo)
+    if spec.needs_vlm:  # LoRA's B starts at 0 whatever the seed: stand in for training with random adapters
+        with torch.no_grad():
+            for name, p in algo.model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(2))
 
     # The student ships only the networks predict() runs, and they give the same predictions.
     from orchestrator.student import inference_state, load_inference_state
 
     shape = (4, 3, 32, 32) if spec.needs_clip else (4, 1, 8, 8)  # CLIP inputs: the tiny CLIP's transform
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    if spec.needs_vlm:
+        x = x.sigmoid()  # a VLM's inputs are images in [0, 1]
     networks = inference_state(algo, x)
     assert networks and all(not k.startswith(("optimizer", "scheduler")) for k in networks)
     shipped = {name for state in networks.values() for name in state}
     assert not any("queue" in name for name in shipped), sorted(shipped)  # MoCo queues stay in the checkpoint
     torch.manual_seed(1)
-    fresh = spec.build(spec.params(), dataclasses.replace(ctx, seed=1))
+    fresh = spec.build(spec.params(), dataclasses.replace(ctx, seed=1, vlm=tiny_vlm(10) if spec.needs_vlm else None))
     assert not torch.allclose(fresh.predict(x), algo.predict(x))  # other initial weights
     load_inference_state(fresh, networks)
     torch.testing.assert_close(fresh.predict(x), algo.predict(x))
-    if spec.needs_clip:  # the frozen CLIP is not in CoOp's checkpoint (the annotator's), but the student ships it
+    if spec.needs_clip or spec.needs_vlm:  # the frozen CLIP / VLM is not in the checkpoint (the annotator's), but the student ships it
         return
     assert sum(v.numel() for state in networks.values() for v in state.values()) <= sum(
         v.numel() for v in _tensors(algo.state_dict())

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from orchestrator.annotation.answers import AnswerParser, parse_answer, same_word, words
+from trainables.common.answers import AnswerParser, parse_answer, same_word, words
 from orchestrator.annotation.vlm_stage import plurality, union_candidates
 
 CIFAR = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")

@@ -17,9 +17,8 @@ import pytest
 from pydantic import ValidationError
 
 import orchestrator.config as config_mod
-from orchestrator.annotation.answers import choice_label
+from trainables.common.answers import choice_label, fill_question
 from orchestrator.annotation.stage import annotate, vlm_outputs_key
-from orchestrator.annotation.templates import fill_question
 from orchestrator.annotation.vlm_check import engine_line
 from orchestrator.config import DatasetSpec, VlmAnnotatorSpec
 from trainables.data.datasets import load_dataset

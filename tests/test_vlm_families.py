@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator.annotation.answers import AnswerParser
+from trainables.common.answers import AnswerParser, fill_question
 from orchestrator.annotation.stage import annotate
-from orchestrator.annotation.templates import VLM_PAPER_TEMPLATES, fill_question
-from orchestrator.annotation.vlm import UNPARSED, VlmActor, actor_kwargs, to_pil
+from orchestrator.annotation.templates import VLM_PAPER_TEMPLATES
+from orchestrator.annotation.vlm import VlmActor, actor_kwargs
+from trainables.common.vlm_model import UNPARSED, to_pil
 from orchestrator.config import DatasetSpec, VlmAnnotatorSpec
 from trainables.data.datasets import load_dataset
 

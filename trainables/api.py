@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from trainables.data.annotation import Target
 from trainables.data.clip_source import LoadedClip
+from trainables.data.vlm_source import LoadedVlm
 from trainables.settings import AlgorithmSpec, TrainSettings, starred_variant
 
 __all__ = [
@@ -115,6 +116,8 @@ class BuildContext:
     clip: LoadedClip | None = None
     """The annotator's CLIP, for a method that ``needs_clip`` (CoOp) and the ``clip_peft`` backbone;
     None for annotators without one."""
+    vlm: LoadedVlm | None = None
+    """The annotator's image-text-to-text model, for a method that ``needs_vlm`` (``vlm_lora``)."""
 
 
 @runtime_checkable

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from trainables.api import Algorithm, BuildContext, Diagnosed, TrainData, TwoNetwork
+from trainables.api import Algorithm, BuildContext, Diagnosed, TrainData, TwoNetwork, Views
 from trainables.common.batches import eval_batch_size
 from trainables.common.augment import make_views
 from trainables.common.backbones import clip_encoder_factory, make_encoder
@@ -31,6 +31,7 @@ from trainables.common.clip_model import clip_views, load_source
 from trainables.common.diagnostics import PROBE_SIZE, class_entropy, collapse_reason
 from trainables.data.annotation import load_cached
 from trainables.data.clip_source import LoadedClip, clip_source
+from trainables.data.vlm_source import LoadedVlm, vlm_source
 from trainables.data.datasets import Dataset, load_dataset
 from trainables.registry import ALGORITHMS
 from trainables.spec import CHECKPOINT_FILE, TrialSpec
@@ -101,6 +102,8 @@ class TrialData:
     """A fixed batch of plain-view training inputs for the label-free collapse diagnostics."""
     clip: LoadedClip | None = None
     """The annotator's CLIP, when the method or the backbone learns on it (:func:`uses_clip`)."""
+    vlm: LoadedVlm | None = None
+    """The annotator's image-text-to-text model, when the method fine-tunes it (``needs_vlm``)."""
 
 
 def uses_clip(trial: TrialSpec) -> bool:
@@ -122,6 +125,31 @@ def load_trial_clip(trial: TrialSpec, device: torch.device) -> LoadedClip | None
         )
     # a Tune trial runs in its own directory; Tune records the one it started from
     return load_source(source.resolved(Path(os.environ.get("TUNE_ORIG_WORKING_DIR", os.getcwd()))), device)
+
+
+def load_trial_vlm(trial: TrialSpec, device: torch.device) -> LoadedVlm | None:
+    """The annotator's image-text-to-text model of a trial whose method ``needs_vlm`` (None
+    otherwise), read from the cached annotation's meta and loaded with the annotator's weights."""
+    from trainables.common.vlm_model import load_source as load_vlm_source
+
+    if not ALGORITHMS[trial.method].needs_vlm:
+        return None
+    source = vlm_source(Path(trial.cache_dir), trial.annotation_key)
+    if source is None:
+        raise ValueError(
+            f"{trial.method} fine-tunes the annotator's VLM, and annotator {trial.cell.annotator_name!r} "
+            f"({trial.cell.annotator_kind}) has none; use a vlm annotator (or an ensemble with a vlm member)"
+        )
+    return load_vlm_source(source.resolved(Path(os.environ.get("TUNE_ORIG_WORKING_DIR", os.getcwd()))), device)
+
+
+def trial_views(dataset: Any, clip: LoadedClip | None, raw: bool, generator: torch.Generator) -> Views:
+    """The data set's views; on the annotator's CLIP, augmented in [0, 1] at the stored size, then
+    the CLIP transform; ``raw``: in [0, 1], for a VLM whose own processor normalises (``vlm_lora``)."""
+    if clip is None and not raw:
+        return make_views(dataset.kind, mean=dataset.mean, std=dataset.std, hflip=dataset.hflip, generator=generator)
+    base = make_views(dataset.kind, mean=None, std=None, hflip=dataset.hflip, generator=generator)
+    return base if clip is None else clip_views(base, clip.preprocess_cfg)
 
 
 def prepare_data(trial: TrialSpec, device: torch.device) -> TrialData:
@@ -148,12 +176,8 @@ def prepare_data(trial: TrialSpec, device: torch.device) -> TrialData:
         return torch.as_tensor(a).to(device)
 
     aug_generator = torch.Generator().manual_seed(cell.seed + 1)
-    clip = load_trial_clip(trial, device)
-    if clip is None:
-        views = make_views(dataset.kind, mean=dataset.mean, std=dataset.std, hflip=dataset.hflip, generator=aug_generator)
-    else:  # augment in [0, 1] at the stored size, then the CLIP transform
-        base = make_views(dataset.kind, mean=None, std=None, hflip=dataset.hflip, generator=aug_generator)
-        views = clip_views(base, clip.preprocess_cfg)
+    clip, vlm = load_trial_clip(trial, device), load_trial_vlm(trial, device)
+    views = trial_views(dataset, clip, vlm is not None, aug_generator)
     soft = annotation.soft_targets(target)[split.train] if target.is_soft else None
     data = TrainData(
         x=to(dataset.train_x[split.train]),
@@ -180,6 +204,7 @@ def prepare_data(trial: TrialSpec, device: torch.device) -> TrialData:
         split=split,
         aug_generator=aug_generator,
         clip=clip,
+        vlm=vlm,
     )
 
 
@@ -193,6 +218,7 @@ def build_algorithm(trial: TrialSpec, td: TrialData, device: torch.device) -> Al
         num_samples=td.data.num_samples,
         device=device,
         clip=td.clip,
+        vlm=td.vlm,
     )
 
 
@@ -205,11 +231,13 @@ def build_from_info(
     num_samples: int,
     device: torch.device,
     clip: LoadedClip | None = None,
+    vlm: LoadedVlm | None = None,
 ) -> Algorithm:
     """Build the trial's algorithm from what is known about the data, without the data: the
     deployable student (``orchestrator/student.py``) rebuilds a trained algorithm this way.
     ``sample_shape`` is one stored sample's shape: (C, H, W) images or (D,) features. ``clip``:
-    the annotator's CLIP of a trial that :func:`uses_clip`."""
+    the annotator's CLIP of a trial that :func:`uses_clip`; ``vlm``: the annotator's VLM of one whose
+    method ``needs_vlm``."""
     spec = ALGORITHMS[trial.method]
     settings = trial.training
     backbone = default_backbone if settings.backbone == "auto" else settings.backbone
@@ -227,6 +255,8 @@ def build_from_info(
 
     if uses_clip(trial) and clip is None:
         raise ValueError(f"trial {trial.label}: learns on the annotator's CLIP, and none was given")
+    if spec.needs_vlm and vlm is None:
+        raise ValueError(f"trial {trial.label}: fine-tunes the annotator's VLM, and none was given")
     ctx = BuildContext(
         num_classes=num_classes,
         num_samples=num_samples,
@@ -235,6 +265,7 @@ def build_from_info(
         device=device,
         seed=trial.seed,
         clip=clip,
+        vlm=vlm,
     )
     torch.manual_seed(trial.seed)
     return spec.build(spec.params(**trial.params), ctx)
@@ -351,6 +382,8 @@ def _saver(
         state.update(config=trial.to_config(), num_samples=td.data.num_samples)  # a rebuild without the data
         if td.clip is not None:  # the student rebuilds the annotator's CLIP architecture
             state["clip"] = td.clip.source.to_config()
+        if td.vlm is not None:  # and the annotator's VLM (its architecture and processor)
+            state["vlm"] = td.vlm.source.to_config()
         torch.save(state, directory / CHECKPOINT_FILE)
         if last and len(td.test_x):
             test_pred = predict(algo, td.test_x, td.data.views.plain).argmax(1)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from trainables.params import alim, cc, coop, coreg, cr_dpll, dividemix, irnet, kd, lw, pico, pico_plus, proden, rc
+from trainables.params import alim, cc, coop, coreg, cr_dpll, dividemix, irnet, kd, lw, pico, pico_plus, proden, rc, vlm_lora
 from trainables.settings import AlgorithmSpec
 
-MODULES: tuple[ModuleType, ...] = (alim, cc, coreg, cr_dpll, irnet, lw, pico, pico_plus, proden, rc, dividemix, kd, coop)
+MODULES: tuple[ModuleType, ...] = (alim, cc, coreg, cr_dpll, irnet, lw, pico, pico_plus, proden, rc, dividemix, kd, coop, vlm_lora)
 
 
 def module_specs(module: ModuleType) -> tuple[AlgorithmSpec, ...]:

@@ -95,6 +95,9 @@ class AlgorithmSpec:
     needs_clip: bool = False
     """The method runs on the annotator's CLIP (``BuildContext.clip``; CoOp): refused before Ray
     starts for annotators without one."""
+    needs_vlm: bool = False
+    """The method fine-tunes the annotator's image-text-to-text model (``BuildContext.vlm``;
+    ``vlm_lora``): refused before Ray starts for annotators without one."""
     consumes_when: Callable[[Any], Target] | None = None
     """``params -> Target`` for a method whose variants learn from different targets (the starred
     rows: ``starred=True`` -> template average); None: always ``consumes``."""

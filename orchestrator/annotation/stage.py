@@ -163,7 +163,7 @@ def _directory_identity(path: str, stamp: tuple) -> dict[str, str]:
 
 def vlm_model_identity(model: str, revision: str | None) -> Any:
     """A hub id and revision name a model; a local directory is identified by its files' content."""
-    from orchestrator.annotation.vlm import is_local
+    from trainables.common.vlm_model import is_local
 
     if not is_local(model):
         return {"hub": model, "revision": revision}
@@ -188,7 +188,7 @@ def vlm_outputs_key(dataset: Dataset, spec: VlmAnnotatorSpec) -> str:
     is vLLM (and vLLM's version); no candidate options."""
     import transformers
 
-    from orchestrator.annotation.answers import PARSER_VERSION
+    from trainables.common.answers import PARSER_VERSION
     from orchestrator.annotation.templates import vlm_templates_for
 
     generate = spec.answer_mode == "generate"

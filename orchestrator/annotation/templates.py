@@ -220,16 +220,3 @@ def vlm_templates_for(spec_templates: str | list[str] | tuple[str, ...]) -> list
     if problems:
         raise ValueError("; ".join(problems))
     return templates
-
-
-def fill_question(template: str, class_names: list[str]) -> str:
-    """The question of ``template`` for these class names."""
-    from orchestrator.annotation.answers import choice_label
-
-    options = "\n".join(f"{choice_label(i, len(class_names))}. {n}" for i, n in enumerate(class_names))
-    return template.format(classes=", ".join(class_names), options=options)
-
-
-def is_lettered(template: str) -> bool:
-    """The template labels its choices (answers may then be a choice label)."""
-    return "{options}" in template

@@ -66,7 +66,7 @@ def _hub_problem(repo: str, revision: str | None) -> str | None:
 
 def vlm_problems(where: str, ann: VlmAnnotatorSpec, datasets: Any) -> list[str]:
     """The model files and class names of one ``vlm`` annotator, one line per problem."""
-    from orchestrator.annotation.vlm import is_local
+    from trainables.common.vlm_model import is_local
 
     problems = []
     if is_local(ann.model):

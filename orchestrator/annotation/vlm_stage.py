@@ -37,7 +37,7 @@ from orchestrator.annotation.stage import (
     vlm_outputs_key,
 )
 from orchestrator.annotation.templates import vlm_templates_for
-from orchestrator.annotation.vlm import UNPARSED
+from trainables.common.vlm_model import UNPARSED
 from orchestrator.config import VlmAnnotatorSpec
 from trainables.data.annotation import Annotation, load_cached, read_entry, write_entry
 from trainables.data.datasets import Dataset

@@ -11,7 +11,7 @@ One request per image and template: the image (PNG, as a data URL) and the templ
 one user message, which Ray's stages turn into the model's input (``prepare_multimodal_stage``:
 vLLM's multimodal parsing; ``chat_template_stage``: the model's chat template; tokenizer), greedy
 decoding (temperature 0) of at most ``max_new_tokens`` tokens, detokenised without special tokens.
-The answers are parsed on the driver by the same :class:`~orchestrator.annotation.answers.AnswerParser`
+The answers are parsed on the driver by the same :class:`~trainables.common.answers.AnswerParser`
 as the transformers path, and stored the same way (``answers_*`` int16 with -1 unparseable,
 ``raw_*`` the texts). A model without a chat template (PaliGemma) cannot go through the chat template
 stage: use ``engine: transformers`` for it.
@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from orchestrator.annotation.answers import AnswerParser
-from orchestrator.annotation.templates import fill_question, is_lettered, vlm_templates_for
-from orchestrator.annotation.vlm import DTYPES, UNPARSED, model_source, to_pil
+from trainables.common.answers import AnswerParser, fill_question, is_lettered
+from orchestrator.annotation.templates import vlm_templates_for
+from trainables.common.vlm_model import DTYPES, UNPARSED, model_source, to_pil
 
 if TYPE_CHECKING:
     from orchestrator.config import VlmAnnotatorSpec

@@ -1,4 +1,7 @@
-"""Mapping a VLM's free-text answer back to one class (the ``generate`` answer mode).
+"""A VLM's questions and the mapping of its free-text answers back to one class (``generate`` mode).
+
+Shared by the annotator (``orchestrator/annotation/vlm.py``) and the methods that fine-tune it
+(``trainables/vlm_lora.py``): a question is asked and an answer is read the same way in both.
 
 Co-Reg (extended paper, section III) prompts LLaVA with templates that list every class name as a
 choice and maps each answer to a class; the candidate set is the union over templates. The paper
@@ -121,3 +124,15 @@ def _aliases(class_names: Sequence[str]) -> list[list[tuple[str, ...]]]:
 def parse_answer(answer: str, class_names: Sequence[str], lettered: bool = False) -> int | None:
     """One-off form of :class:`AnswerParser` (build the parser once when parsing many answers)."""
     return AnswerParser(tuple(class_names), lettered)(answer)
+
+
+def fill_question(template: str, class_names: Sequence[str]) -> str:
+    """The question of ``template`` (``{classes}``: the names comma-separated; ``{options}``: one
+    labelled line per class) for these class names."""
+    options = "\n".join(f"{choice_label(i, len(class_names))}. {n}" for i, n in enumerate(class_names))
+    return template.format(classes=", ".join(class_names), options=options)
+
+
+def is_lettered(template: str) -> bool:
+    """The template labels its choices (answers may then be a choice label)."""
+    return "{options}" in template
