@@ -710,7 +710,26 @@ def _check_methods(
         for key in asked:
             if key not in fields and key not in train_fields:
                 problems.append(f"{where}.search: space parameter {key!r} is neither a {m.name} parameter nor a training setting")
+        problems += _choice_problems(where, m, training)
     return problems
+
+
+def _choice_problems(where: str, m: MethodSpec, training: TrainSettings | None) -> list[str]:
+    """A value the grid sets (``params``) for a parameter the search draws from a list of choices
+    must be one of them: the study's first trial runs the grid's values, and Optuna refuses one
+    outside its list once the trial has started."""
+    from search_spaces import parameter_choices
+
+    try:
+        choices = parameter_choices(m.name, m.search.space, m.training.apply(training or TrainSettings()))
+    except (KeyError, TypeError, ValueError):  # a bad space override, reported above
+        return []
+    return [
+        f"{where}.params.{key}: {value!r} is not among the values its search space draws ({choices[key]}); "
+        f"fix it for the search too (search.space: {{{key}: {value!r}}}) or add it to search.space.{key}.choices"
+        for key, value in m.params.items()
+        if key in choices and value not in choices[key]
+    ]
 
 
 def _method_problems_of_raw(raw: dict[str, Any]) -> list[str]:

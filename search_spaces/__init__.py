@@ -79,8 +79,8 @@ def get_space(method: str, training: Any = None) -> Callable[[Space], dict[str, 
     return with_peft
 
 
-def parameter_names(method: str, overrides: Mapping[str, Any] | None = None, training: Any = None) -> list[str]:
-    """Names the method's space asks for (used to validate grid.yaml overrides before Ray starts)."""
+def _asked(method: str, overrides: Mapping[str, Any] | None, training: Any) -> Space:
+    """The method's space asked once, on a throwaway in-memory study."""
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "new study created" line per method
     try:
@@ -89,4 +89,16 @@ def parameter_names(method: str, overrides: Mapping[str, Any] | None = None, tra
         optuna.logging.set_verbosity(verbosity)
     space = Space(study.ask(), overrides)
     get_space(method, training)(space)
-    return space.asked
+    return space
+
+
+def parameter_names(method: str, overrides: Mapping[str, Any] | None = None, training: Any = None) -> list[str]:
+    """Names the method's space asks for (used to validate grid.yaml overrides before Ray starts)."""
+    return _asked(method, overrides, training).asked
+
+
+def parameter_choices(method: str, overrides: Mapping[str, Any] | None = None, training: Any = None) -> dict[str, list[Any]]:
+    """The choices of every categorical parameter the method's space draws (``overrides`` applied):
+    a study's first trial evaluates the grid's own values, which must be among them."""
+    distributions = _asked(method, overrides, training).trial.distributions
+    return {n: list(d.choices) for n, d in distributions.items() if isinstance(d, optuna.distributions.CategoricalDistribution)}

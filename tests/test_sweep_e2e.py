@@ -296,8 +296,10 @@ def test_clip_students_sweep_end_to_end(tmp_path, ray_session):
 
 def test_vlm_annotated_sweep_end_to_end(tmp_path, ray_session, tiny_vlm_dir):
     """An image-text-to-text annotator through the real entry point: a tiny random LLaVA (local
-    directory) scores every class name on Ray Data; Co-Reg trains on the candidate sets, KD on the
-    probabilities, and the zero-shot rows come from the annotation run."""
+    directory) scores every class name on Ray Data; Co-Reg trains on the candidate sets and the 2
+    revealed shots per class, KD on the probabilities, vlm_lora fine-tunes the annotator itself on
+    the shots (loaded back from the annotation cache inside the trial) and logs its merged student,
+    and the zero-shot rows come from the annotation run."""
     summary, client, children = _sweep_once(
         tmp_path,
         {
@@ -314,9 +316,13 @@ def test_vlm_annotated_sweep_end_to_end(tmp_path, ray_session, tiny_vlm_dir):
                     "batch_size": 32,
                 }
             ],
-            "grid": {"seeds": [0]},
+            "grid": {"shots": [2], "seeds": [0]},
             "training": {"epochs": 2, "batch_size": 32, "backbone": "small_cnn"},
-            "methods": [{"name": "coreg", "params": {"warmup_epochs": 1, "queue_size": 64}}, {"name": "kd"}],
+            "methods": [
+                {"name": "coreg", "params": {"warmup_epochs": 1, "queue_size": 64}},
+                {"name": "kd"},
+                {"name": "vlm_lora", "params": {"rank": 8, "alpha": 16.0, "eval_batch_size": 32}},
+            ],
             "resources": {"cpus_per_trial": 1, "max_concurrent_trials": 2},
         },
     )
@@ -327,16 +333,19 @@ def test_vlm_annotated_sweep_end_to_end(tmp_path, ray_session, tiny_vlm_dir):
         assert f"annotation/{key}" in stats, key
     assert 1.0 <= stats["annotation/mean_set_size"] <= 2.0  # union of 2 templates' argmax
     trials = [r for r in children if r.data.tags["kind"] == "trial"]
-    assert sorted(r.data.tags["method"] for r in trials) == ["coreg", "kd"]
+    assert sorted(r.data.tags["method"] for r in trials) == ["coreg", "kd", "vlm_lora"]
     for trial in trials:
         assert trial.info.status == "FINISHED" and trial.data.tags["annotator"] == "tiny_llava"
         assert len(client.get_metric_history(trial.info.run_id, "test/acc")) == 2
+        assert int(trial.data.tags["student_kb"]) > 0
+    (lora,) = [r for r in trials if r.data.tags["method"] == "vlm_lora"]
+    assert lora.data.metrics["split/size"] == 20.0  # its "clean" samples: the 2 shots of 10 classes
     table = Path(client.download_artifacts(summary["parent_run_id"], "tables/results.md")).read_text()
     lines = table.splitlines()
     for row, metric in (("zero-shot", "zs_acc_test"), ("zero-shot*", "zs_acc_avg_test")):
         value = f"{100 * stats[f'annotation/{metric}']:.2f}"
         assert any(line.startswith(f"| {row} |") and value in line for line in lines), table
-    for method in ("coreg", "kd"):
+    for method in ("coreg", "kd", "vlm_lora"):
         assert any(line.startswith(f"| {method} |") for line in lines), table
 
 
