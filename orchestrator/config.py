@@ -30,7 +30,7 @@ from pydantic import (
     model_validator,
 )
 
-from trainables.settings import TrainSettings
+from trainables.settings import VPT_SETTINGS, TrainSettings
 from trainables.data.datasets import DATASETS
 from trainables.data.spec import DatasetSpec, Strict, did_you_mean
 
@@ -304,6 +304,12 @@ class _TrainingOverrides(Strict):
     def apply(self, base: TrainSettings) -> TrainSettings:
         return dataclasses.replace(base, **self.model_dump(exclude_none=True))
 
+    @model_serializer(mode="wrap")
+    def _omit_unset_vpt(self, handler: Any) -> dict[str, Any]:
+        """VPT's settings are left out when unset, so that the study keys and the sweep signature of
+        a grid that does not use them stay what they were (resumable sweeps)."""
+        return {k: v for k, v in handler(self).items() if not (k in VPT_SETTINGS and v is None)}
+
 
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls, include_extras=True)
@@ -337,7 +343,8 @@ def check_method_settings(method: str, params: dict[str, Any], training: dict[st
             try:
                 TypeAdapter(hints[key]).validate_python(value, strict=isinstance(value, str) or None)
             except ValidationError as err:
-                problems.append(f"{where}.{section}.{key}: {err.errors()[0]['msg']} (got {value!r})")
+                msg = err.errors()[0]["msg"].removeprefix("Value error, ")
+                problems.append(f"{where}.{section}.{key}: {msg} (got {value!r})")
     if not problems:
         try:  # the dataclass's own checks (__post_init__)
             spec.params(**{**dataclasses.asdict(spec.params()), **params})

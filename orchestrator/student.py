@@ -37,7 +37,8 @@ Details:
    checkpoint; the student records its architecture (``clip``, rebuilt with random weights that the
    shipped state replaces) and its image transform (``preprocessing.clip``), and requires open_clip.
    LoRA adapters are merged into plain weights before the state is taken (:func:`merge_adapters`):
-   the deployed ``clip_peft`` model is the tuned image encoder and its head, nothing else. CoOp's
+   the deployed ``clip_peft`` model is the tuned image encoder and its head, nothing else (VPT's
+   prompts are parameters of that encoder, hooked in again when the student rebuilds it). CoOp's
    student is the whole frozen CLIP with the learned prompts (its text features are recomputed).
 """
 

@@ -56,25 +56,30 @@ class Space:
         return self.trial.suggest_categorical(name, choices)
 
 
-PEFT_SPACES: dict[str, tuple[str, int, int]] = {"lora": ("lora_rank", 2, 64), "adapter": ("adapter_dim", 8, 256)}
-"""The size of the tuned module searched beside any method's own space on the ``clip_peft``
-backbone: LoRA's rank, the adapter's bottleneck (log-uniform integers)."""
+PEFT_SPACES: dict[str, tuple[str, int, int]] = {
+    "lora": ("lora_rank", 2, 64),
+    "adapter": ("adapter_dim", 8, 256),
+    "vpt": ("vpt_tokens", 1, 100),
+}
+"""The size of each tuned module searched beside any method's own space on the ``clip_peft``
+backbone: LoRA's rank, the adapter's bottleneck, VPT's prompt length (log-uniform integers; VPT's
+own search took 1 to 200 tokens)."""
 
 
 def get_space(method: str, training: Any = None) -> Callable[[Space], dict[str, Any]]:
     """The ``space`` function of ``search_spaces/<method>.py``; on the ``clip_peft`` backbone
-    (``training``: the study's ``TrainSettings``) it also asks for the PEFT module's size."""
+    (``training``: the study's ``TrainSettings``) it also asks for the size of each PEFT module."""
     try:
         module = importlib.import_module(f"search_spaces.{method}")
     except ModuleNotFoundError as err:
         raise KeyError(f"no search space for method {method!r} (expected search_spaces/{method}.py)") from err
-    peft = getattr(training, "peft", None) if getattr(training, "backbone", None) == "clip_peft" else None
-    if peft not in PEFT_SPACES:
+    on_clip = getattr(training, "backbone", None) == "clip_peft"
+    sizes = [PEFT_SPACES[m] for m in (training.peft_modules if on_clip else ()) if m in PEFT_SPACES]
+    if not sizes:
         return module.space
-    name, low, high = PEFT_SPACES[peft]
 
     def with_peft(s: Space) -> dict[str, Any]:
-        return {**module.space(s), name: s.int(name, low, high, log=True)}
+        return {**module.space(s), **{name: s.int(name, low, high, log=True) for name, low, high in sizes}}
 
     return with_peft
 

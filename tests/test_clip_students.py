@@ -15,8 +15,10 @@ from torch.nn.utils import parametrize
 from helpers import TINY_CLIP, tiny_clip, tiny_ctx, tiny_data, tiny_images, train_with_checkpoints, with_clip_views
 from orchestrator.annotation.clip import ClipActor
 from trainables.common.clip_model import encode_prompts
-from trainables.common.peft import PEFT_CHOICES, LoRA, merge_lora
+from trainables.common.clip_model import text_classifier
+from trainables.common.peft import LoRA, apply_peft, merge_lora
 from trainables.registry import ALGORITHMS
+from trainables.settings import PEFT_CHOICES
 
 N, C = 48, 4
 
@@ -91,9 +93,10 @@ def test_coop_refuses_a_cell_without_shots():
         _build("coop").train_epoch(data, 0)
 
 
-@pytest.mark.parametrize("peft", PEFT_CHOICES)
+@pytest.mark.parametrize("peft", [*(c for c in PEFT_CHOICES if c != "vpt"), ["bias", "adapter", "lora"]])
 def test_text_initialised_head_equals_the_zero_shot_classifier(peft):
-    """Before training, cc on clip_peft predicts the annotator's own zero-shot probabilities."""
+    """Before training, cc on clip_peft predicts the annotator's own zero-shot probabilities (VPT's
+    prompts change the encoder's output from the start: its head is checked apart)."""
     data, _ = _clip_data()
     algo = _build("cc", backbone="clip_peft", peft=peft)
     images = data.x[:16]
@@ -110,7 +113,7 @@ def test_text_initialised_head_equals_the_zero_shot_classifier(peft):
 @pytest.mark.parametrize(
     "peft, expected",
     [("bias", lambda n: n.endswith("bias")), ("layernorm", lambda n: ".ln_" in n or n.startswith("ln_")),
-     ("linear_probe", lambda n: False), ("full", lambda n: True)],
+     ("linear_probe", lambda n: False), ("full", lambda n: True), ("vpt", lambda n: n == "vpt.prompts")],
 )  # fmt: skip
 def test_each_peft_choice_trains_what_it_names(peft, expected):
     algo = _build("cc", backbone="clip_peft", peft=peft)
@@ -155,10 +158,135 @@ def test_adapter_starts_as_the_identity_and_trains_only_itself():
     assert changed and all(".down." in k or ".up." in k or k.startswith("classifier.") for k in changed)
 
 
-@pytest.fixture(scope="module")
-def clip_trial(tmp_path_factory, one_thread):
-    """A finished 2-epoch trial of cc on clip_peft (LoRA) on digits annotated by the tiny CLIP (its
-    probabilities stood in for, the model is real): (spec, reported metrics, checkpoint dir, data set)."""
+def _prompted_visual(deep: bool, tokens: int = 3) -> torch.nn.Module:
+    """The tiny CLIP's image tower with VPT, its prompts drawn large (N(0, 1)) so that they matter."""
+    visual = apply_peft(copy.deepcopy(tiny_clip(C).model.visual), "vpt", vpt_tokens=tokens, vpt_deep=deep)
+    with torch.no_grad():
+        visual.vpt.prompts.normal_(generator=torch.Generator().manual_seed(1))
+    return visual
+
+
+def _vpt_by_hand(visual, x: torch.Tensor, deep: bool) -> torch.Tensor:
+    """VPT written out from open_clip's own pieces (hooks off): eq. 1, [x_cls, P_1, E] into the first
+    block; eq. 2 (deep), P_i in place of the prompt outputs before block i; the pooled class token."""
+    prompts = visual.vpt.prompts.detach()  # (depth, P, D)
+    n = prompts.shape[1]
+    h = visual._embeds(x)  # (B, 1 + N, D), after ln_pre
+    h = torch.cat([h[:, :1], prompts[0].expand(len(x), -1, -1), h[:, 1:]], dim=1)
+    for i, block in enumerate(visual.transformer.resblocks):
+        if deep and i > 0:
+            h = torch.cat([h[:, :1], prompts[i].expand(len(x), -1, -1), h[:, 1 + n :]], dim=1)
+        h = block.forward(h)  # forward itself: the hooks stay out of the reference
+    pooled, _ = visual._pool(torch.cat([h[:, :1], h[:, 1 + n :]], dim=1))
+    return pooled @ visual.proj  # (B, embed_dim)
+
+
+@pytest.mark.parametrize("deep", [False, True])
+def test_vpt_computes_eq_1_and_eq_2_of_the_paper(deep):
+    """The hooked ViT computes VPT-Shallow / VPT-Deep as written out by hand; the other variant,
+    or no prompts, computes something else (so the comparison can fail)."""
+    visual = _prompted_visual(deep)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    layers = len(visual.transformer.resblocks)
+    assert visual.vpt.prompts.shape == (layers if deep else 1, 3, 64)
+    with torch.no_grad():
+        out = visual(x)  # (4, 32)
+        expected = _vpt_by_hand(visual, x, deep)
+        plain = tiny_clip(C).model.visual(x)
+    assert out.shape == plain.shape == (4, 32)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    assert (out - plain).abs().max() > 1e-2
+    if deep:  # the later layers' prompts replace the earlier ones' outputs: without them, another result
+        visual.vpt.prompts.data[1:] = 0.0
+        with torch.no_grad():
+            assert (visual(x) - out).abs().max() > 1e-3
+
+
+def test_vpt_keeps_open_clips_layouts_and_pools_without_the_prompts():
+    """Sequence-first blocks (``batch_first`` off) give the batch-first result; the transformer hands
+    the pooling [x_cls, E] (prompts dropped), so ``avg`` pooling averages the patches alone; an
+    attention mask is refused; a deep copy (a second network) has prompts of its own."""
+    visual = _prompted_visual(deep=True)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = visual(x)
+        seq_first = copy.deepcopy(visual)
+        seq_first.transformer.batch_first = False
+        for block in seq_first.transformer.resblocks:
+            block.attn.batch_first = False
+        torch.testing.assert_close(seq_first(x), out, rtol=0, atol=1e-5)
+        seq_first.vpt.prompts.normal_(generator=torch.Generator().manual_seed(2))  # a scaling would not do: ln_1 undoes it
+        assert (seq_first(x) - out).abs().max() > 1e-3 and torch.equal(visual(x), out)
+
+        tokens = visual.transformer(visual._embeds(x))  # (B, 1 + N, D): the prompts left the sequence
+        assert tokens.shape == (4, 1 + 16, 64)
+        visual.pool_type = "avg"
+        torch.testing.assert_close(visual(x), visual.ln_post(tokens)[:, 1:].mean(dim=1) @ visual.proj, rtol=0, atol=1e-6)
+        with pytest.raises(ValueError, match="attention mask"):
+            visual.transformer(visual._embeds(x), attn_mask=torch.zeros(17, 17))
+
+
+def test_vpt_trains_only_its_prompts_and_the_text_initialised_head():
+    """Gradients reach every layer's prompts (deep) and the head, nothing else changes in training;
+    the head starts as the annotator's zero-shot classifier, logit_scale * its text embeddings."""
+    data, _ = _clip_data()
+    algo = _build("cc", backbone="clip_peft", peft="vpt", vpt_tokens=4)
+    net = algo.model.net
+    expected = {"encoder.visual.vpt.prompts", "classifier.weight", "classifier.bias"}
+    assert {k for k, p in net.named_parameters() if p.requires_grad} == expected
+    clip = tiny_clip(C)
+    torch.testing.assert_close(net.classifier.weight, clip.source.logit_scale * text_classifier(clip), rtol=0, atol=0)
+    assert not net.classifier.bias.any()
+
+    net(data.views.plain(data.x[:8])).logsumexp(dim=1).sum().backward()
+    grad = net.encoder.visual.vpt.prompts.grad  # (layers, 4, D)
+    assert grad.shape[0] == len(net.encoder.visual.transformer.resblocks) and (grad.abs().sum(dim=(1, 2)) > 0).all()
+    net.zero_grad(set_to_none=True)
+    before = copy.deepcopy(net.state_dict())
+    algo.train_epoch(data, 0)
+    changed = {k for k, v in net.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed == expected
+
+
+def test_vpt_refuses_a_resnet_image_encoder():
+    from open_clip.modified_resnet import ModifiedResNet
+
+    resnet = ModifiedResNet(layers=[1, 1, 1, 1], output_dim=32, heads=2, image_size=32, width=8)
+    with pytest.raises(ValueError, match="peft vpt: the image encoder is a ModifiedResNet, not a vision transformer"):
+        apply_peft(resnet, "vpt")
+
+
+def test_a_combination_trains_exactly_the_union_of_its_modules():
+    def trainable(peft) -> set[str]:
+        net = _build("cc", backbone="clip_peft", peft=peft, lora_rank=2, vpt_tokens=2).model.net
+        return {k for k, p in net.named_parameters() if p.requires_grad}
+
+    lora, bias, vpt = trainable("lora"), trainable("bias"), trainable("vpt")
+    assert lora - bias and bias - lora and vpt - lora - bias  # each module adds parameters of its own
+    assert trainable(["bias", "lora"]) == lora | bias
+    assert trainable(["vpt", "bias", "lora"]) == lora | bias | vpt
+
+
+def test_a_bad_combination_is_refused_when_the_grid_is_read():
+    from orchestrator.config import GridError, parse_grid
+
+    raw = {"experiment": "x", "datasets": [{"name": "digits"}], "annotators": [{"kind": "clip"}], "methods": [{"name": "cc"}]}
+    raw["training"] = {"backbone": "clip_peft", "peft": ["vpt", "lora", "bias"]}
+    assert parse_grid(raw).training.peft == "lora+vpt+bias"  # canonical order
+    for peft, message in ((["lora", "full"], "training.peft: full cannot be combined with other modules"),
+                          (["linear_probe", "vpt"], "training.peft: linear_probe cannot be combined with other modules"),
+                          (["lora", "lora"], "training.peft: lora listed twice"),
+                          (["lora", "vpt_deep"], "training.peft: 'vpt_deep' is not a PEFT module")):  # fmt: skip
+        raw["training"]["peft"] = peft
+        with pytest.raises(GridError, match=message):
+            parse_grid(raw)
+
+
+@pytest.fixture(scope="module", params=["lora", ["vpt", "lora"]], ids=["lora", "lora+vpt"])
+def clip_trial(request, tmp_path_factory, one_thread):
+    """A finished 2-epoch trial of cc on clip_peft (LoRA; LoRA and VPT-Deep together) on digits
+    annotated by the tiny CLIP (its probabilities stood in for, the model is real): (spec, reported
+    metrics, checkpoint dir, data set)."""
     from orchestrator.annotation import clip as clip_mod
     from orchestrator.annotation.stage import annotate
     from orchestrator.config import parse_grid
@@ -171,7 +299,7 @@ def clip_trial(tmp_path_factory, one_thread):
         "experiment": "clip-student", "storage": str(tmp),
         "datasets": [{"name": "digits", "subsample": 120, "test_subsample": 60}],
         "annotators": [{"kind": "clip", "pretrained": None, "model_config_path": str(TINY_CLIP), "templates": ["a photo of a {}"]}],
-        "training": {"epochs": 2, "batch_size": 32, "backbone": "clip_peft", "peft": "lora", "lora_rank": 4, "lr": 0.01},
+        "training": {"epochs": 2, "batch_size": 32, "backbone": "clip_peft", "peft": request.param, "lora_rank": 4, "vpt_tokens": 2, "lr": 0.01},
         "methods": [{"name": "cc"}],
     })  # fmt: skip
     study = expand(grid)[0]
@@ -217,14 +345,21 @@ def test_the_clip_peft_student_is_the_merged_model_and_predicts_as_the_trial(cli
     shipped = torch.load(weights, weights_only=True)
     keys = [k for state in shipped.values() for k in state]
     assert keys and not any("lora" in k or "parametrizations" in k for k in keys)  # LoRA merged
+    prompts = [net[k] for net in shipped.values() for k in net if k.endswith("vpt.prompts")]
+    if "vpt" in config.training.peft_modules:  # the trained prompts ship as a parameter of the encoder
+        assert len(prompts) == 1 and torch.equal(prompts[0], state["algorithm"]["net"]["encoder.visual.vpt.prompts"])
+    else:
+        assert not prompts
     assert model.metadata.metadata["preprocessing"]["clip"]["size"] == [32, 32]
     assert int(client.get_run(run_id).data.tags["student_kb"]) > 0
 
 
+@pytest.mark.parametrize("peft", ["lora", ["vpt", "lora"]], ids=["lora", "lora+vpt"])
 @pytest.mark.parametrize("method", sorted(name for name, spec in ALGORITHMS.items() if not spec.needs_clip and not spec.needs_vlm))
-def test_every_method_trains_on_the_clip_peft_backbone(method):
+def test_every_method_trains_on_the_clip_peft_backbone(method, peft):
     """Any registered method takes the clip_peft backbone (two-network methods two copies, MoCo
-    methods their key encoders): finite losses, and the predictions leave the zero-shot start."""
+    methods their key encoders, each with prompts of its own): finite losses, and the predictions
+    leave the start."""
     import dataclasses
     import math
 
@@ -234,7 +369,7 @@ def test_every_method_trains_on_the_clip_peft_backbone(method):
     fields = {f.name for f in dataclasses.fields(spec.params)}
     params = spec.params(**{k: v for k, v in test_contract.FAST.items() if k in fields})
     n, c = test_contract.N, test_contract.C
-    ctx = tiny_ctx(n, c, epochs=3, batch_size=16, clip=tiny_clip(c), backbone="clip_peft", peft="lora", lora_rank=2)
+    ctx = tiny_ctx(n, c, epochs=3, batch_size=16, clip=tiny_clip(c), backbone="clip_peft", peft=peft, lora_rank=2, vpt_tokens=2)
     algo = spec.build(params, ctx)
     data = with_clip_views(test_contract._cnn_data(), tiny_clip(c))
     probe = data.views.plain(data.x[:8])
@@ -266,8 +401,8 @@ def test_a_trial_finds_its_annotators_clip_in_the_annotation_meta(tmp_path):
 
 
 def test_on_clip_peft_the_search_space_also_sizes_the_peft_module():
-    """Any method's space gains the PEFT module's size on clip_peft (LoRA's rank, the adapter's
-    bottleneck), and a grid may re-range it there only."""
+    """Any method's space gains each PEFT module's size on clip_peft (LoRA's rank, the adapter's
+    bottleneck, VPT's prompt length), and a grid may re-range it there only."""
     from orchestrator.config import GridError, parse_grid
     from search_spaces import parameter_names
     from trainables.settings import TrainSettings
@@ -276,6 +411,9 @@ def test_on_clip_peft_the_search_space_also_sizes_the_peft_module():
     assert parameter_names("cc", training=TrainSettings(backbone="clip_peft")) == ["lr", "lora_rank"]
     assert parameter_names("proden", training=TrainSettings(backbone="clip_peft", peft="adapter")) == ["lr", "adapter_dim"]
     assert parameter_names("cc", training=TrainSettings(backbone="clip_peft", peft="bias")) == ["lr"]
+    assert parameter_names("cc", training=TrainSettings(backbone="clip_peft", peft="vpt")) == ["lr", "vpt_tokens"]
+    both = TrainSettings(backbone="clip_peft", peft=["bias", "vpt", "lora"])
+    assert parameter_names("cc", training=both) == ["lr", "lora_rank", "vpt_tokens"]
     assert parameter_names("cc", training=TrainSettings(backbone="small_cnn", peft="lora")) == ["lr"]
     raw = {
         "experiment": "x", "datasets": [{"name": "digits"}], "annotators": [{"kind": "clip"}],

@@ -356,8 +356,49 @@ def test_clip_peft_settings_sign_only_the_runs_on_that_backbone():
     raw = base()
     study = expand(parse_grid(raw))[0]
     plain = study.trial_config({}, annotation_key="k", cache_dir="/x", cpus=1)
-    assert not {"peft", "lora_rank", "adapter_dim"} & set(plain.training.signed())
+    assert not {"peft", "lora_rank", "adapter_dim", "vpt_tokens", "vpt_deep"} & set(plain.training.signed())
     other_rank = plain.replace(training=dataclasses.replace(plain.training, lora_rank=32))
     assert other_rank.signature == plain.signature
     on_clip = plain.replace(training=dataclasses.replace(plain.training, backbone="clip_peft"))
     assert on_clip.replace(training=dataclasses.replace(on_clip.training, lora_rank=32)).signature != on_clip.signature
+    # VPT's settings sign a run with vpt among its modules only
+    assert on_clip.replace(training=dataclasses.replace(on_clip.training, vpt_tokens=50)).signature == on_clip.signature
+    with_vpt = on_clip.replace(training=dataclasses.replace(on_clip.training, peft=["vpt", "lora"]))
+    assert with_vpt.signature != on_clip.signature
+    for change in ({"vpt_tokens": 50}, {"vpt_deep": False}):
+        assert with_vpt.replace(training=dataclasses.replace(with_vpt.training, **change)).signature != with_vpt.signature
+
+
+CLIP_PEFT_KEYS = {  # (study id, first trial's signature), as computed before VPT and combinations existed
+    "lora": ("x.cc.e06c0b072e", "e55d88d5be43"),
+    "adapter": ("x.cc.c2c70c8122", "e7ac39729b9a"),
+    "small_cnn": ("x.cc.f7bed33558", "73cee760a498"),
+}
+
+
+@pytest.mark.parametrize("name, training", [
+    ("lora", {"backbone": "clip_peft"}), ("lora", {"backbone": "clip_peft", "peft": "lora"}),
+    ("lora", {"backbone": "clip_peft", "peft": ["lora"]}), ("adapter", {"backbone": "clip_peft", "peft": "adapter", "adapter_dim": 16}),
+    ("small_cnn", {"backbone": "small_cnn"}),
+])  # fmt: skip
+def test_a_single_peft_choice_keeps_the_run_keys_it_had(name, training):
+    """A grid of one PEFT module (a name, or a list of one) keeps its study id and trial signature:
+    its resumable sweeps and reruns find their runs. Combinations are recorded canonical."""
+    raw = {"experiment": "x", "datasets": [{"name": "digits"}], "annotators": [{"kind": "clip"}], "methods": [{"name": "cc"}]}
+    study = expand(parse_grid({**raw, "training": training}))[0]
+    trial = study.trial_config({}, annotation_key="k", cache_dir="/x", cpus=1)
+    assert (study.study_id, trial.signature) == CLIP_PEFT_KEYS[name]
+
+
+def test_a_peft_combination_is_recorded_readably_and_in_canonical_order():
+    from orchestrator.tracking import flatten
+
+    raw = {"experiment": "x", "datasets": [{"name": "digits"}], "annotators": [{"kind": "clip"}], "methods": [{"name": "cc"}]}
+    trials = []
+    for peft in (["bias", "vpt", "lora"], ["lora", "vpt", "bias"], "lora+vpt+bias"):
+        study = expand(parse_grid({**raw, "training": {"backbone": "clip_peft", "peft": peft}}))[0]
+        trials.append((study.study_id, study.trial_config({}, annotation_key="k", cache_dir="/x", cpus=1)))
+    assert len({(study_id, trial.signature) for study_id, trial in trials}) == 1
+    config = trials[0][1].to_config()
+    assert flatten(config)["training.peft"] == "lora+vpt+bias"  # the MLflow param
+    assert TrialSpec.from_config(json.loads(json.dumps(config))).signature == trials[0][1].signature

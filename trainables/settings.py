@@ -16,9 +16,45 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Annotated, Any, Callable, Literal
 
-from pydantic import Field
+from pydantic import Field, PlainValidator
 
 from trainables.data.annotation import Target
+
+
+PEFT_CHOICES = ("lora", "adapter", "vpt", "bias", "layernorm", "linear_probe", "full")
+"""The PEFT modules of the ``clip_peft`` backbone (``trainables/common/peft.py``), in their canonical order."""
+PEFT_ALONE = {"linear_probe": "the head alone learns", "full": "every weight of the encoder learns already"}
+"""The choices that take no other module, and why."""
+
+
+def peft_modules(value: Any) -> tuple[str, ...]:
+    """The PEFT modules ``training.peft`` names: one name, a list of names or names joined by ``+``
+    (how a run records a combination), checked and in canonical order (:data:`PEFT_CHOICES`).
+    PartialCLIP combines several modules in one model; ``linear_probe`` and ``full`` stand alone."""
+    names = value.split("+") if isinstance(value, str) else value
+    allowed = ", ".join(repr(c) for c in PEFT_CHOICES[:-1]) + f" or {PEFT_CHOICES[-1]!r}"
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"Input should be {allowed}, or a non-empty list of them (got {value!r})")
+    unknown = [n for n in names if n not in PEFT_CHOICES]
+    if unknown:
+        raise ValueError(f"{unknown[0]!r} is not a PEFT module: Input should be {allowed}, or a list of them")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"{', '.join(twice)} listed twice")
+    alone = [n for n in names if n in PEFT_ALONE]
+    if alone and len(names) > 1:
+        raise ValueError(f"{alone[0]} cannot be combined with other modules ({PEFT_ALONE[alone[0]]}; got {'+'.join(names)})")
+    return tuple(sorted(names, key=PEFT_CHOICES.index))
+
+
+def canonical_peft(value: Any) -> str:
+    """``training.peft`` as a run records it: the names of :func:`peft_modules` joined by ``+``
+    (``[bias, lora]`` -> ``lora+bias``); one name stays that name, as in the runs before combinations."""
+    return "+".join(peft_modules(value))
+
+
+Peft = Annotated[str, PlainValidator(canonical_peft)]
+"""A ``peft`` value of grid.yaml or ``--set``: a name or a list of names, stored canonical."""
 
 
 @dataclass(frozen=True)
@@ -45,35 +81,58 @@ class TrainSettings:
     """Backbone name (``preact_resnet18``, ``small_cnn``, ``mlp``), ``clip_peft`` (the annotator's CLIP
     image encoder tuned by ``peft``, its classifier initialised from the class names' text
     embeddings: PartialCLIP) or ``auto`` (the dataset's default)."""
-    peft: Literal["lora", "adapter", "bias", "layernorm", "linear_probe", "full"] = "lora"
+    peft: Peft = "lora"
     """``clip_peft`` only: what of the image encoder is tuned (the head always is): LoRA on the
-    attention projections, an AdaptFormer adapter beside each MLP, the biases, the LayerNorms,
-    nothing (linear probe) or everything (``trainables/common/peft.py``)."""
+    attention projections, an AdaptFormer adapter beside each MLP, VPT's prompt tokens, the biases,
+    the LayerNorms, nothing (linear probe) or everything (``trainables/common/peft.py``). A list
+    (``[lora, vpt, bias]``) combines modules, as PartialCLIP does; the run records it canonical
+    (``lora+vpt+bias``). ``linear_probe`` and ``full`` stand alone."""
     lora_rank: Annotated[int, Field(ge=1, le=1024)] = 8
     """``clip_peft`` with ``peft: lora``: rank r of each low-rank update (scale alpha / r = 1)."""
     adapter_dim: Annotated[int, Field(ge=1, le=4096)] = 64
     """``clip_peft`` with ``peft: adapter``: bottleneck width of each AdaptFormer adapter."""
+    vpt_tokens: Annotated[int, Field(ge=1, le=1024)] = 10
+    """``clip_peft`` with ``vpt``: number of learned prompt tokens (per layer with ``vpt_deep``);
+    PartialCLIP's default length is 10."""
+    vpt_deep: bool = True
+    """``clip_peft`` with ``vpt``: a set of prompts before every transformer layer (VPT-Deep, the
+    variant of PartialCLIP's Table 5) or at the input of the first one only (VPT-Shallow)."""
     val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
     """Fraction of the training pool held out (with candidate labels only) for the label-free objective."""
     checkpoint_every: Annotated[int, Field(ge=1)] = 1
     """Save a Tune checkpoint every this many epochs (and always at the last one)."""
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "peft", canonical_peft(self.peft))  # a list, or a config read back
+
     def signed(self) -> dict[str, Any]:
         """The settings that identify a run: every field, the ``clip_peft`` ones only with that
-        backbone (so the signatures of runs on the other backbones stay what they were)."""
+        backbone and VPT's only with ``vpt`` among the modules (so the signatures of the runs
+        without them stay what they were)."""
         out = dataclasses.asdict(self)
+        dropped: tuple[str, ...] = ()
         if self.backbone != "clip_peft":
-            for name in CLIP_PEFT_SETTINGS:
-                out.pop(name)
+            dropped = CLIP_PEFT_SETTINGS
+        elif "vpt" not in self.peft_modules:
+            dropped = VPT_SETTINGS
+        for name in dropped:
+            out.pop(name)
         return out
+
+    @property
+    def peft_modules(self) -> tuple[str, ...]:
+        """The PEFT modules of ``peft``, in canonical order (``("lora", "vpt", "bias")``)."""
+        return peft_modules(self.peft)
 
     @property
     def uses_clip(self) -> bool:
         return self.backbone == "clip_peft"
 
 
-CLIP_PEFT_SETTINGS = ("peft", "lora_rank", "adapter_dim")
+CLIP_PEFT_SETTINGS = ("peft", "lora_rank", "adapter_dim", "vpt_tokens", "vpt_deep")
 """The :class:`TrainSettings` fields that apply to the ``clip_peft`` backbone only."""
+VPT_SETTINGS = ("vpt_tokens", "vpt_deep")
+"""The :class:`TrainSettings` fields that apply with the ``vpt`` module only."""
 
 
 

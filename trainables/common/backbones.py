@@ -144,14 +144,17 @@ class ClipImageEncoder(nn.Module):
 
 def clip_encoder_factory(clip: LoadedClip, settings: TrainSettings) -> Callable[[], nn.Module]:
     """``make()`` for the ``clip_peft`` backbone: encodes the annotator's class prompts once; each
-    call returns a fresh copy of the image tower with ``settings.peft`` applied (two-network
-    methods get two independent copies)."""
+    call returns a fresh copy of the image tower with ``settings.peft``'s modules applied
+    (two-network methods get two independent copies)."""
     classes = text_classifier(clip)  # (C, D)
     head = (clip.source.logit_scale * classes, torch.zeros(len(classes), device=classes.device))
     visual = clip.model.visual
 
     def make() -> nn.Module:
-        tower = apply_peft(copy.deepcopy(visual), settings.peft, lora_rank=settings.lora_rank, adapter_dim=settings.adapter_dim)
+        tower = apply_peft(
+            copy.deepcopy(visual), settings.peft, lora_rank=settings.lora_rank, adapter_dim=settings.adapter_dim,
+            vpt_tokens=settings.vpt_tokens, vpt_deep=settings.vpt_deep,
+        )  # fmt: skip
         return ClipImageEncoder(tower, classes.shape[1], head)
 
     return make
