@@ -74,6 +74,8 @@ class Entry:
     """The label-free objective of each chosen run (empty for the zero-shot rows); a data set
     without labels (no accuracy exists) has only these."""
     objective_name: str = ""
+    sizes: list[float] = field(default_factory=list)
+    """The deployable student's size in KiB of each chosen run (``student_kb``; Table V's model size)."""
 
     @staticmethod
     def _stats(values: list[float]) -> tuple[float, float]:
@@ -117,6 +119,7 @@ class Tables:
                     "objective_std": self._stats_of(e.objective)[1],
                     "best_in_column": self.is_best(e, "last"),
                     "best_in_column_selected": self.is_best(e, "selected"),
+                    "student_kb_mean": self._stats_of(e.sizes)[0],
                     "best_runs": ";".join(f"seed{s}:{r}" for s, r in sorted(e.best_runs.items())),
                 }
             )
@@ -169,6 +172,14 @@ class Tables:
             lines.append([row, *cells])
         return lines
 
+    def size_grid(self) -> list[list[str]]:
+        """Per row and column, the mean size of the chosen runs' students in KiB ("-": none logged)."""
+        def size(row: str, column: str) -> str:
+            e = self._entry(row, column)
+            return f"{statistics.fmean(e.sizes):,.0f}" if e is not None and e.sizes else "-"
+
+        return [[row, *(size(row, column) for column in self.columns_order)] for row in self.rows_order]
+
     def markdown(self) -> str:
         head = "| method | " + " | ".join(self.columns_order) + " |"
         sep = "|---|" + "---|" * len(self.columns_order)
@@ -179,6 +190,10 @@ class Tables:
         ):
             parts += [f"### {title} (mean ± std over seeds, and splits where a data set has them; best per column in bold)", "", head, sep]
             parts += ["| " + " | ".join(line) + " |" for line in self._grid(which, lambda t, b: f"**{t}**" if b else t)]
+            parts.append("")
+        if any(e.sizes for e in self.entries):
+            parts += ["### Deployable model size in KiB (the trials' students, mean over seeds: Table V's model size)", "", head, sep]
+            parts += ["| " + " | ".join(line) + " |" for line in self.size_grid()]
             parts.append("")
         parts += ["### Annotations (mean over seeds)", "", self._annotation_markdown()]
         return "\n".join(parts) + "\n"
@@ -288,6 +303,8 @@ def build(trial_runs: list[Any], annotation_runs: list[Any]) -> tuple[Tables, di
             flags[r.info.run_id] = r is best
         entry = entries.setdefault((row, key), Entry(row, labels[key], cells[key]))
         entry.best_runs[replicate] = best.info.run_id
+        if runs.STUDENT_KB in best.data.tags:
+            entry.sizes.append(float(best.data.tags[runs.STUDENT_KB]))
         if runs.TEST_ACC not in best.data.metrics:
             entry.objective.append(best.data.metrics[objective])
             entry.objective_name = objective

@@ -65,6 +65,9 @@ seed (every study has one: it says which hyperparameters won, not which method).
 CELL_WINNER = "cell_winner"
 """``true`` on the chosen runs of the row with the best mean selected test accuracy of their
 column (the method that wins the cell; reporting only, never a training decision)."""
+STUDENT_KB = "student_kb"
+"""Size in KiB of the trial's deployable student (``orchestrator.student.STUDENT_SIZE_TAG``, which
+that file spells out itself: it runs inside the logged model, without this package)."""
 COLLAPSE = "collapse"
 """Label-free collapse found at the last epoch: ``none``, ``predictions``, ``embedding`` (``trainables/common/diagnostics.py``)."""
 METHOD, LABEL, VARIANT, RERUN_OF = "method", "label", "variant", "rerun_of"

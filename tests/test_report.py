@@ -55,3 +55,29 @@ def test_no_zero_shot_rows_without_a_vlm_annotator():
     trials = [trial_run("b0", "cc", "digits", "flip", 0, 0.7, 0.9)]
     tables, _ = report.build(trials, [annotation_run("digits", "flip", "synthetic", {"annotation/partial_acc": 1.0})])
     assert tables.rows_order == ["cc"]
+
+
+def test_the_students_sizes_are_a_table_of_their_own():
+    """Table V's model size: the mean ``student_kb`` of each entry's chosen runs (one per seed);
+    the losing run of a seed and a row without students do not count."""
+    trials = [
+        trial_run("a0", "coreg", "digits", "flip", 0, 0.90, 0.9),
+        trial_run("a1", "coreg", "digits", "flip", 1, 0.92, 0.9),
+        trial_run("a2", "coreg", "digits", "flip", 1, 0.50, 0.1),  # seed 1's other trial: not chosen
+        trial_run("b0", "vlm_lora", "digits", "flip", 0, 0.60, 0.5),
+        trial_run("c0", "cc", "digits", "flip", 0, 0.80, 0.5),  # its student failed to log
+    ]
+    for run, kb in zip(trials, ("1000", "1200", "99999", "13000000", None)):
+        if kb is not None:
+            run.data.tags["student_kb"] = kb
+    tables, _ = report.build(trials, [])
+    rows = {r["row"]: r for r in tables.rows}
+    assert rows["coreg"]["student_kb_mean"] == 1100.0 and rows["vlm_lora"]["student_kb_mean"] == 13_000_000.0
+    text = tables.markdown()
+    assert "### Deployable model size in KiB" in text
+    assert "| coreg | 1,100 |" in text and "| vlm_lora | 13,000,000 |" in text and "| cc | - |" in text
+
+
+def test_no_size_table_without_students():
+    tables, _ = report.build([trial_run("b0", "cc", "digits", "flip", 0, 0.7, 0.9)], [])
+    assert "model size" not in tables.markdown()
