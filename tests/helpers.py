@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -144,3 +145,26 @@ def train_with_checkpoints(config, checkpoint: Path) -> list[dict[str, float]]:
 
     run_trial(config, report)
     return reported
+
+
+def annotated_trial(tmp: Path, grid: dict, stage: Any, annotate_fn: str, outputs: Callable) -> tuple:
+    """A finished trial of the one-cell ``grid`` through the real loop, its annotation made by the
+    real stage with the model's outputs stood in for (``stage.annotate_fn`` replaced by ``outputs``):
+    (trial config, reported metrics, checkpoint directory, the driver's data set)."""
+    import pytest
+
+    from orchestrator.annotation.stage import annotate
+    from orchestrator.config import parse_grid
+    from orchestrator.plan import expand
+    from orchestrator.student import driver_dataset
+    from trainables.data.datasets import load_dataset
+
+    study = expand(parse_grid({"experiment": "trial", "storage": str(tmp), **grid}))[0]
+    dataset = load_dataset(study.cell.dataset)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(stage, annotate_fn, outputs)
+        ann = annotate(dataset, study.cell.annotator, cache_dir=tmp / "annotations")
+    config = study.trial_config({}, annotation_key=ann.key, cache_dir=str(tmp / "annotations"), cpus=1, device="cpu")
+    checkpoint = tmp / "checkpoint"
+    reported = train_with_checkpoints(config, checkpoint)
+    return config, reported, checkpoint, driver_dataset(config)

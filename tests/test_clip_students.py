@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from helpers import TINY_CLIP, tiny_clip, tiny_ctx, tiny_data, tiny_images, train_with_checkpoints, with_clip_views
+from helpers import TINY_CLIP, annotated_trial, tiny_clip, tiny_ctx, tiny_data, tiny_images, with_clip_views
 from orchestrator.annotation.clip import ClipActor
 from trainables.common.clip_model import encode_prompts
 from trainables.common.clip_model import text_classifier
@@ -288,34 +288,19 @@ def clip_trial(request, tmp_path_factory, one_thread):
     annotated by the tiny CLIP (its probabilities stood in for, the model is real): (spec, reported
     metrics, checkpoint dir, data set)."""
     from orchestrator.annotation import clip as clip_mod
-    from orchestrator.annotation.stage import annotate
-    from orchestrator.config import parse_grid
-    from orchestrator.plan import expand
-    from orchestrator.student import driver_dataset
-    from trainables.data.datasets import load_dataset
 
-    tmp = tmp_path_factory.mktemp("clip_student")
-    grid = parse_grid({
-        "experiment": "clip-student", "storage": str(tmp),
+    grid = {
         "datasets": [{"name": "digits", "subsample": 120, "test_subsample": 60}],
         "annotators": [{"kind": "clip", "pretrained": None, "model_config_path": str(TINY_CLIP), "templates": ["a photo of a {}"]}],
         "training": {"epochs": 2, "batch_size": 32, "backbone": "clip_peft", "peft": request.param, "lora_rank": 4, "vpt_tokens": 2, "lr": 0.01},
         "methods": [{"name": "cc"}],
-    })  # fmt: skip
-    study = expand(grid)[0]
-    dataset = load_dataset(study.cell.dataset)
+    }  # fmt: skip
 
     def fake_probs(ds, spec, names, progress=None):  # (n, 1, 10) one template, seeded
         rng = np.random.default_rng(0)
         return tuple(rng.dirichlet(np.ones(10), (len(x), 1)).astype(np.float16) for x in (ds.train_x, ds.test_x))
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(clip_mod, "annotate_clip", fake_probs)
-        ann = annotate(dataset, study.cell.annotator, cache_dir=tmp / "annotations")
-    config = study.trial_config({}, annotation_key=ann.key, cache_dir=str(tmp / "annotations"), cpus=1, device="cpu")
-    checkpoint = tmp / "checkpoint"
-    reported = train_with_checkpoints(config, checkpoint)
-    return config, reported, checkpoint, driver_dataset(config)
+    return annotated_trial(tmp_path_factory.mktemp("clip_student"), grid, clip_mod, "annotate_clip", fake_probs)
 
 
 def test_the_clip_peft_student_is_the_merged_model_and_predicts_as_the_trial(clip_trial, tmp_path):

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import VLM_TEMPLATES, tiny_ctx, tiny_pll_data, tiny_vlm, tiny_vlm_dir, train_with_checkpoints, with_raw_views
+from helpers import VLM_TEMPLATES, annotated_trial, tiny_ctx, tiny_pll_data, tiny_vlm, tiny_vlm_dir, with_raw_views
 from orchestrator.annotation.vlm import VlmActor
 from trainables.params.vlm_lora import VlmLoraParams
 from trainables.registry import ALGORITHMS
@@ -163,34 +163,19 @@ def vlm_trial(tmp_path_factory):
     """A finished 3-epoch vlm_lora trial on digits annotated by the tiny LLaVA in score mode (its
     probabilities stood in for, the model is real), 2 shots per class."""
     from orchestrator.annotation import vlm as vlm_mod
-    from orchestrator.annotation.stage import annotate
-    from orchestrator.config import parse_grid
-    from orchestrator.plan import expand
-    from orchestrator.student import driver_dataset
-    from trainables.data.datasets import load_dataset
 
-    tmp = tmp_path_factory.mktemp("vlm_student")
-    grid = parse_grid({
-        "experiment": "vlm-student", "storage": str(tmp),
+    grid = {
         "datasets": [{"name": "digits", "subsample": 120, "test_subsample": 40}],
         "annotators": [{"kind": "vlm", "model": str(tiny_vlm_dir()), "templates": list(VLM_TEMPLATES), "answer_mode": "score"}],
         "grid": {"shots": [2]}, "training": {"epochs": 3, "batch_size": 32},
-        "methods": [{"name": "vlm_lora", "params": {"rank": 4, "alpha": 8.0, "lora_lr": 0.01}}],
-    })  # fmt: skip
-    study = expand(grid)[0]
-    dataset = load_dataset(study.cell.dataset)
+        "methods": [{"name": "vlm_lora", "params": {"rank": 8, "alpha": 16.0, "lora_lr": 0.01}}],
+    }  # fmt: skip
 
     def fake_probs(ds, spec, names, progress=None):  # (n, 2, 10) two templates, seeded
         rng = np.random.default_rng(0)
         return {f"probs_{s}": rng.dirichlet(np.ones(10), (len(x), 2)).astype(np.float16) for s, x in (("train", ds.train_x), ("test", ds.test_x))}
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(vlm_mod, "annotate_vlm", fake_probs)
-        ann = annotate(dataset, study.cell.annotator, cache_dir=tmp / "annotations")
-    config = study.trial_config({}, annotation_key=ann.key, cache_dir=str(tmp / "annotations"), cpus=1, device="cpu")
-    checkpoint = tmp / "checkpoint"
-    reported = train_with_checkpoints(config, checkpoint)
-    return config, reported, checkpoint, driver_dataset(config)
+    return annotated_trial(tmp_path_factory.mktemp("vlm_student"), grid, vlm_mod, "annotate_vlm", fake_probs)
 
 
 def test_a_trial_fine_tunes_the_annotators_vlm_and_checkpoints_only_the_adapters(vlm_trial):

@@ -43,6 +43,7 @@ from trainables.api import BuildContext, TrainData
 from trainables.common.clip_model import check_text_transformer, encode_prompts
 from trainables.common.metrics import MeanMeter
 from trainables.common.nets import seeded
+from trainables.common.shots import RevealedShots
 from trainables.common.optim import make_optimizer
 from trainables.common.single_net import training_view
 from trainables.data.clip_source import LoadedClip
@@ -107,16 +108,10 @@ class CoOp:
             self.net = CoOpNet(ctx.clip, params).to(ctx.device)
         self.optimizer, self.scheduler = make_optimizer([self.net.prompts.ctx], ctx.train, ctx.train.epochs)
         self.batch_size = ctx.train.batch_size
-        self.targets = torch.full((ctx.num_samples, ctx.num_classes), 1.0 / ctx.num_classes, device=ctx.device)
-        """(N, C) the revealed label on the shots, uniform elsewhere (``pseudo_labels``)."""
-        self.shots = torch.zeros(ctx.num_samples, dtype=torch.bool, device=ctx.device)
+        self.shots = RevealedShots(ctx.num_samples, ctx.num_classes, ctx.device)
 
     def train_epoch(self, data: TrainData, epoch: int) -> dict[str, float]:
-        shots = data.trusted.nonzero().flatten()
-        if len(shots) == 0:
-            raise ValueError("coop trains on the revealed few shots, and this cell reveals none (grid.shots: 0)")
-        self.shots.copy_(data.trusted)
-        self.targets[shots] = data.cand[shots]
+        shots = self.shots.take(data, "coop")
         groups = self.optimizer.param_groups
         scheduled = [group["lr"] for group in groups]
         if epoch < self.params.warmup_epochs:  # the reference's constant warm-up
@@ -145,18 +140,17 @@ class CoOp:
         return self.net(x)
 
     def pseudo_labels(self) -> Tensor:
-        return self.targets.clone()
+        return self.shots.targets.clone()
 
     def clean_mask(self) -> Tensor | None:
-        return self.shots.clone()
+        return self.shots.mask.clone()
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "ctx": self.net.prompts.ctx.detach().clone(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "targets": self.targets.clone(),
-            "shots": self.shots.clone(),
+            **self.shots.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -164,5 +158,4 @@ class CoOp:
             self.net.prompts.ctx.copy_(state["ctx"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.targets.copy_(state["targets"])
-        self.shots.copy_(state["shots"])
+        self.shots.load_state_dict(state)

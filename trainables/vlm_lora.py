@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from trainables.api import BuildContext, TrainData
 from trainables.common.metrics import MeanMeter
 from trainables.common.nets import seeded
+from trainables.common.shots import RevealedShots
 from trainables.common.schedules import make_scheduler
 from trainables.common.vlm_model import VlmQuestioner, to_pil
 from trainables.params.vlm_lora import VlmLoraParams
@@ -94,16 +95,10 @@ class VlmLora:
         self.optimizer = torch.optim.AdamW(adapters, lr=params.lora_lr, weight_decay=0.0)
         self.scheduler = make_scheduler(self.optimizer, ctx.train.scheduler, ctx.train.epochs)
         self.batch_size, self.num_classes = ctx.train.batch_size, ctx.num_classes
-        self.targets = torch.full((ctx.num_samples, ctx.num_classes), 1.0 / ctx.num_classes, device=ctx.device)
-        """(N, C) the revealed label on the shots, uniform elsewhere (``pseudo_labels``)."""
-        self.shots = torch.zeros(ctx.num_samples, dtype=torch.bool, device=ctx.device)
+        self.shots = RevealedShots(ctx.num_samples, ctx.num_classes, ctx.device)
 
     def train_epoch(self, data: TrainData, epoch: int) -> dict[str, float]:
-        shots = data.trusted.nonzero().flatten()
-        if len(shots) == 0:
-            raise ValueError("vlm_lora trains on the revealed few shots, and this cell reveals none (grid.shots: 0)")
-        self.shots.copy_(data.trusted)
-        self.targets[shots] = data.cand[shots]
+        shots = self.shots.take(data, "vlm_lora")
         self.model.train()
         meter = MeanMeter()
         for idx in data.batches(self.batch_size, shots):
@@ -150,10 +145,10 @@ class VlmLora:
         return torch.log(probs.clamp_min(1e-6))
 
     def pseudo_labels(self) -> Tensor:
-        return self.targets.clone()
+        return self.shots.targets.clone()
 
     def clean_mask(self) -> Tensor | None:
-        return self.shots.clone()
+        return self.shots.mask.clone()
 
     def adapter_state(self) -> dict[str, Tensor]:
         """The adapters' weights (peft's ``get_peft_model_state_dict``): all that training changed."""
@@ -166,8 +161,7 @@ class VlmLora:
             "adapters": self.adapter_state(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "targets": self.targets.clone(),
-            "shots": self.shots.clone(),
+            **self.shots.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -176,5 +170,4 @@ class VlmLora:
         set_peft_model_state_dict(self.model, state["adapters"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.targets.copy_(state["targets"])
-        self.shots.copy_(state["shots"])
+        self.shots.load_state_dict(state)
