@@ -237,3 +237,16 @@ def test_grids_it_cannot_run_are_refused_before_anything_starts(annotator, shots
             "experiment": "x", "datasets": [{"name": "digits"}], "annotators": [annotator], "grid": axes,
             "methods": [{"name": "vlm_lora"}],
         })  # fmt: skip
+
+
+def test_gradient_checkpointing_changes_no_number():
+    """Recomputing the activations in the backward pass (LLaVA-1.5's memory saver, on by default)
+    gives the adapters the same updates, LoRA dropout included."""
+    data, _ = _data(shots=8)
+    twin, _ = _data(shots=8)
+    on = _build(dataclasses.replace(FAST, dropout=0.1))
+    off = _build(dataclasses.replace(FAST, dropout=0.1, gradient_checkpointing=False))
+    assert on.model.is_gradient_checkpointing and not off.model.is_gradient_checkpointing
+    assert on.train_epoch(data, 0) == pytest.approx(off.train_epoch(twin, 0), rel=1e-6)
+    a, b = on.adapter_state(), off.adapter_state()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

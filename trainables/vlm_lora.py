@@ -26,7 +26,7 @@ Implementation details / deviations:
    loop loads one per trial). Adapters: every linear layer of the language model
    (``targets: language_model``, LLaVA-1.5's choice: not the vision tower, not the projector) or
    its attention projections only (``attention``); r 128, alpha 256, dropout 0.05, AdamW at
-   2e-4 without weight decay, as LLaVA-1.5's script. Its 3% linear warm-up is not done; the
+   2e-4 without weight decay, gradient checkpointing, as LLaVA-1.5's script. Its 3% linear warm-up is not done; the
    grid's epochs and schedule (``training.scheduler``, per epoch) apply, the grid's SGD ``lr``
    does not (``lora_lr``).
 3. One step takes a batch of shots through every template (the loss is their mean); LLaVA's
@@ -87,6 +87,8 @@ class VlmLora:
         )  # fmt: skip
         with seeded(ctx.seed):  # A's Kaiming draw depends on the seed only (B starts at 0)
             self.model = get_peft_model(ctx.vlm.model, config)
+        if params.gradient_checkpointing:  # non-reentrant: frozen inputs need no requires_grad trick
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.questioner = VlmQuestioner(
             ctx.vlm.processor, self.model, templates=source.templates, class_names=source.class_names,
             answer_mode=source.answer_mode, max_new_tokens=source.max_new_tokens,
