@@ -250,3 +250,29 @@ def test_gradient_checkpointing_changes_no_number():
     assert on.train_epoch(data, 0) == pytest.approx(off.train_epoch(twin, 0), rel=1e-6)
     a, b = on.adapter_state(), off.adapter_state()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_a_trial_finds_its_annotators_vlm_in_the_annotation_meta(tmp_path):
+    """A VLM annotation names its model, revision, precision, questions, class names and answer
+    mode; an ensemble's VLM is its first VLM member; other annotations have none. A relative model
+    directory is taken from the start directory, a hub id is kept."""
+    from trainables.data.annotation import write_entry
+    from trainables.data.vlm_source import vlm_source
+
+    cand = {"cand_train": np.ones((2, 3), dtype=bool)}
+    annotator = {"kind": "vlm", "model": "./models/llava", "revision": "abc", "precision": "bf16", "answer_mode": "generate",
+                 "max_new_tokens": 8}  # fmt: skip
+    meta = {"kind": "vlm", "annotator": annotator, "templates": ["Which: {classes}?"], "class_names": ["a", "b", "c"], "stats": {}}
+    write_entry(tmp_path / "syn", cand, {"kind": "synthetic", "stats": {}})
+    write_entry(tmp_path / "clip", cand, {"kind": "clip", "annotator": {"kind": "clip"}, "stats": {}})
+    write_entry(tmp_path / "vlm", cand, meta)
+    write_entry(tmp_path / "ens", cand, {"kind": "ensemble", "members": ["syn", "clip", "vlm"], "stats": {}})
+    assert vlm_source(tmp_path, "syn") is None and vlm_source(tmp_path, "clip") is None
+    source = vlm_source(tmp_path, "ens")
+    assert source == vlm_source(tmp_path, "vlm")
+    assert (source.revision, source.precision, source.answer_mode, source.max_new_tokens) == ("abc", "bf16", "generate", 8)
+    assert (source.templates, source.class_names) == (("Which: {classes}?",), ("a", "b", "c"))
+    assert source.resolved(Path("/start")).model == "/start/models/llava"
+    hub = dataclasses.replace(source, model="llava-hf/llava-1.5-7b-hf")
+    assert hub.resolved(Path("/start")).model == "llava-hf/llava-1.5-7b-hf"
+    assert type(source).from_config(source.to_config()) == source
