@@ -17,7 +17,7 @@ from trainables.api import Algorithm, AlgorithmSpec, Target, TrainData, TrainSet
 from trainables.registry import ALGORITHMS, get
 
 N, C, EPOCHS = 64, 4, 3
-FAST = {"warmup_epochs": 1, "contrastive_start": 0, "queue_size": 128, "rampup_epochs": 1}
+FAST = {"warmup_epochs": 1, "contrastive_start": 0, "queue_size": 128, "rampup_epochs": 1, "warmup_steps": 0}
 """Overrides that make any method reach its main phase within EPOCHS (applied where a field exists)."""
 
 

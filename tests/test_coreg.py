@@ -29,7 +29,7 @@ def _data(seed: int = 0) -> tuple[TrainData, torch.Tensor]:
 
 def _build(**overrides) -> coreg.CoReg:
     params = dataclasses.replace(
-        CoRegParams(warmup_epochs=1, contrastive_start=0, queue_size=1000, rampup_epochs=2), **overrides
+        CoRegParams(warmup_epochs=1, warmup_steps=0, contrastive_start=0, queue_size=1000, rampup_epochs=2), **overrides
     )
     return coreg.SPEC.build(params, tiny_ctx(N, C, epochs=4, batch_size=16))
 
@@ -301,3 +301,20 @@ def test_by_default_every_epoch_starts_with_the_key_nets_copied_from_the_nets(mo
     _run(algo, epochs=4)  # epochs 1-3 after the warm-up: the momentum updates of each epoch are undone
     assert seen == [True, True, True]
     assert not all(_params_equal(k, q) for k, q in zip(algo.key_nets, algo.pair.nets))  # they moved apart within the epoch
+
+
+@pytest.mark.parametrize(
+    ("warmup_steps", "fraction", "expected"),
+    [(0, 2 / 3, 1), (6, 2 / 3, 2), (100, 2 / 3, 2), (100, 0.99, 3), (2, 2 / 3, 1)],
+)
+def test_the_warmup_is_lengthened_to_its_steps_within_the_budget(warmup_steps, fraction, expected):
+    """48 samples at batch 16: 3 steps per epoch and net; 4 epochs of budget. The warm-up lasts
+    ``warmup_epochs`` (1), lengthened to reach ``warmup_steps`` but never past ``fraction`` of the
+    budget (nor shortened); its epochs train without a split, the next one divides."""
+    algo = _build(warmup_steps=warmup_steps, max_warmup_fraction=fraction)
+    assert algo.warmup_epochs == expected
+    data, _ = _data()
+    for epoch in range(expected):
+        assert "train/loss_sup" in algo.train_epoch(data, epoch) and algo.clean_mask() is None
+    algo.train_epoch(data, expected)
+    assert algo.clean_mask() is not None

@@ -132,7 +132,7 @@ def test_a_trial_restored_from_its_last_checkpoint_reports_its_last_result_again
 
 @pytest.mark.parametrize("method", ["cc", "pico", "coreg"])
 def test_every_epoch_logs_label_free_collapse_diagnostics(tmp_path, method):
-    params = {"warmup_epochs": 1, "contrastive_start": 0} if method == "coreg" else {}
+    params = {"warmup_epochs": 1, "warmup_steps": 0, "contrastive_start": 0} if method == "coreg" else {}
     history = collect(tiny_config(tmp_path, method, **params), max_epochs=2)
     diag = {k for k in history[-1] if k.startswith("diag/")}
     expected = {"diag/prediction_entropy", "diag/prediction_confidence", "diag/collapsed"}

@@ -15,6 +15,13 @@ def linear_ramp(progress: float, length: float) -> float:
     return min(max(progress / length, 0.0), 1.0)
 
 
+def warmup_length(epochs: int, min_steps: int, steps_per_epoch: int, budget: int, max_fraction: float) -> int:
+    """Warm-up epochs: ``epochs``, lengthened to reach ``min_steps`` optimiser steps where the budget
+    allows, never past ``max_fraction`` of the ``budget`` epochs (nor shortened below ``epochs``)."""
+    needed = -(-min_steps // max(steps_per_epoch, 1))  # ceil
+    return max(epochs, min(needed, int(max_fraction * budget)))
+
+
 def make_scheduler(
     optimizer: torch.optim.Optimizer, name: str, period: int, *, eta_min_ratio: float = 0.0
 ) -> LRScheduler:

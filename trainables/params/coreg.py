@@ -16,6 +16,12 @@ from trainables.settings import AlgorithmSpec
 class CoRegParams:
     warmup_epochs: Annotated[int, Field(ge=0)] = 10
     """Warm-up epochs (Eq. 1-3). The paper uses 20-100 of 100-800; grids set it relative to ``training.epochs``."""
+    warmup_steps: Annotated[int, Field(ge=0)] = 3920
+    """Lengthen the warm-up to at least this many optimiser steps per net where the budget allows
+    (deviation 15; 3920: the paper's shortest warm-up, 20 CIFAR-10 epochs at batch 256); 0: exactly
+    ``warmup_epochs``, as the paper."""
+    max_warmup_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 2 / 3
+    """The lengthened warm-up takes at most this fraction of ``training.epochs``."""
     neg_entropy_weight: Annotated[float, Field(ge=0.0)] = 1.0
     """Negative-entropy weight of the warm-up (Eq. 3: 1; with large S and short warm-ups, less disambiguates)."""
     tau_div: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
