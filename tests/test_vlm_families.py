@@ -167,3 +167,64 @@ def test_through_ray_data(ray_session, request, name, mode, digits, tmp_path):
         both = np.concatenate([got.probs_train, got.probs_test]).astype(np.float32)
         np.testing.assert_allclose(both, everything["probs"].astype(np.float32), atol=2e-3)
         assert np.array_equal(got.noisy_label, got.probs_train[:, 0].argmax(-1))
+
+
+def _answer_encoding(name: str, processor, prompt: str, answer: str, image) -> tuple[dict, torch.Tensor]:
+    """The family's own encoding of prompt + answer + end-of-sequence (PaliGemma: its ``suffix``,
+    which ends in <eos>, token type 1), and the answer's positions in it."""
+    eos = processor.tokenizer.eos_token_id
+    if name == "paligemma":
+        enc = processor(text=[prompt], images=[image], suffix=[answer], return_tensors="pt")
+        enc.pop("labels")
+        at = torch.nonzero(enc["token_type_ids"][0]).flatten()
+    else:
+        enc = processor(text=[prompt + ("" if prompt.endswith("\n") else " ") + answer], images=[image], return_tensors="pt")
+        prefix = processor(text=[prompt], images=[image], return_tensors="pt")["input_ids"].shape[1]
+        enc["input_ids"] = torch.cat([enc["input_ids"], torch.tensor([[eos]])], dim=1)
+        enc["attention_mask"] = torch.cat([enc["attention_mask"], torch.ones(1, 1, dtype=enc["attention_mask"].dtype)], dim=1)
+        for key in ("mm_token_type_ids", "token_type_ids"):
+            if key in enc:
+                enc[key] = torch.cat([enc[key], torch.zeros(1, 1, dtype=enc[key].dtype)], dim=1)
+        at = torch.arange(prefix, enc["input_ids"].shape[1])
+    return enc, at
+
+
+def _answer_nll(name: str, processor, model, prompt: str, answer: str, image) -> torch.Tensor:
+    """Mean -log p of the answer's tokens and the end-of-sequence token after it, by one plain
+    forward pass over the family's own encoding."""
+    enc, at = _answer_encoding(name, processor, prompt, answer, image)
+    with torch.no_grad():
+        logp = model(**enc).logits.float().log_softmax(-1)
+    return -logp[0, at - 1].gather(-1, enc["input_ids"][0, at].unsqueeze(-1)).mean()
+
+
+def test_vlm_lora_learns_each_familys_answers_as_its_own_format_encodes_them(family, actors, digits):
+    """``vlm_lora``'s loss on each family: the class name (several tokens) and the end-of-sequence
+    token as the answer, teacher-forced, equals a plain forward pass over the family's own encoding
+    (PaliGemma's suffix with its token types); the adapters sit on the language model only."""
+    from trainables.common.vlm_model import VlmQuestioner
+    from trainables.vlm_lora import lora_targets
+
+    name, _ = family
+    actor = actors["score"]
+    targets = lora_targets(actor.model, "language_model")
+    vision = {id(m) for n, m in actor.model.named_modules() if "vision" in n or "projector" in n or "connector" in n}
+    assert targets and not any(id(actor.model.get_submodule(t)) in vision for t in targets)
+    q = VlmQuestioner(actor.processor, actor.model, templates=TEMPLATES[:2], class_names=FASHION)
+    images = to_pil(digits.train_x[:3])
+    labels = torch.tensor([0, 9, 4])  # "T-shirt/top", "Ankle boot", "Coat": names of several tokens
+    for t, template in enumerate(TEMPLATES[:2]):
+        prompt = reference_prompt(name, actor.processor, fill_question(template, list(FASHION)))
+        for image, c in zip(images, labels):
+            seen: dict = {}
+            hook = actor.model.register_forward_pre_hook(lambda _, args, kwargs: seen.update(kwargs), with_kwargs=True)
+            try:
+                got = q.answer_loss([image], c.view(1), t)
+            finally:
+                hook.remove()
+            torch.testing.assert_close(got, _answer_nll(name, actor.processor, actor.model, prompt, FASHION[c], image), atol=1e-4, rtol=1e-4)
+            enc, _ = _answer_encoding(name, actor.processor, prompt, FASHION[c], image)
+            for key in ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids"):  # the very inputs, token types too
+                assert (key in enc) == (key in seen), key
+                if key in enc:
+                    assert torch.equal(seen[key].cpu(), enc[key]), key
