@@ -35,7 +35,7 @@ def sweep(tmp_path_factory, ray_session):
                 "grid": {"q": [0.3], "eta": [0.3], "seeds": [0]},
                 "training": {"epochs": EPOCHS, "batch_size": 32, "backbone": "small_cnn"},
                 "methods": [
-                    {"name": "coreg", "params": {"warmup_epochs": 1, "queue_size": 64}},
+                    {"name": "coreg", "params": {"warmup_epochs": 1, "warmup_steps": 0, "queue_size": 64}},
                     {"name": "proden"},
                     {"name": "cc", "search": {"num_samples": 2}},
                 ],
