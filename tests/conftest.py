@@ -31,11 +31,12 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
-def tiny_vlm_dir(tmp_path_factory):
-    """A tiny random LLaVA saved as a local model directory (tests/fixtures/tiny_vlm.py)."""
-    from fixtures.tiny_vlm import build_tiny_llava
+def tiny_vlm_dir():
+    """A tiny random LLaVA saved as a local model directory (tests/fixtures/tiny_vlm.py), the one
+    the algorithm tests use (``helpers.tiny_vlm_dir``: built once per process)."""
+    from helpers import tiny_vlm_dir as built_once
 
-    return build_tiny_llava(tmp_path_factory.mktemp("tiny_vlm") / "model")
+    return built_once()
 
 
 @pytest.fixture(scope="session")

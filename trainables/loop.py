@@ -106,6 +106,12 @@ class TrialData:
     """The annotator's image-text-to-text model, when the method fine-tunes it (``needs_vlm``)."""
 
 
+def start_directory() -> Path:
+    """The directory the sweep started in, against which a grid's relative model paths are taken
+    (a Tune trial runs in its own directory; Tune records the one it started from)."""
+    return Path(os.environ.get("TUNE_ORIG_WORKING_DIR", os.getcwd()))
+
+
 def uses_clip(trial: TrialSpec) -> bool:
     """The trial learns on its annotator's CLIP: a method that needs it (CoOp) or the ``clip_peft`` backbone."""
     return ALGORITHMS[trial.method].needs_clip or trial.training.uses_clip
@@ -123,8 +129,7 @@ def load_trial_clip(trial: TrialSpec, device: torch.device) -> LoadedClip | None
             f"{what} learns on the annotator's CLIP, and annotator {trial.cell.annotator_name!r} "
             f"({trial.cell.annotator_kind}) has none; use a clip annotator (or an ensemble with a clip member)"
         )
-    # a Tune trial runs in its own directory; Tune records the one it started from
-    return load_source(source.resolved(Path(os.environ.get("TUNE_ORIG_WORKING_DIR", os.getcwd()))), device)
+    return load_source(source.resolved(start_directory()), device)
 
 
 def load_trial_vlm(trial: TrialSpec, device: torch.device) -> LoadedVlm | None:
@@ -140,7 +145,7 @@ def load_trial_vlm(trial: TrialSpec, device: torch.device) -> LoadedVlm | None:
             f"{trial.method} fine-tunes the annotator's VLM, and annotator {trial.cell.annotator_name!r} "
             f"({trial.cell.annotator_kind}) has none; use a vlm annotator (or an ensemble with a vlm member)"
         )
-    return load_vlm_source(source.resolved(Path(os.environ.get("TUNE_ORIG_WORKING_DIR", os.getcwd()))), device)
+    return load_vlm_source(source.resolved(start_directory()), device)
 
 
 def trial_views(dataset: Any, clip: LoadedClip | None, raw: bool, generator: torch.Generator) -> Views:
