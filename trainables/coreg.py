@@ -70,7 +70,7 @@ Implementation details / deviations:
     100-800 epochs, thousands of steps; a 10-epoch warm-up on 900 images is 150 steps and leaves
     near-uniform nets (Eq. 3's entropy term keeps them so), from which the stage of Eq. 9-14 falls:
     on the README's 900-image Fashion-MNIST subset (lr 0.01 and 0.05, seeds 0 and 1) it ends at
-    31.1 / 31.9 / 59.0 / 25.7% after a 10-epoch warm-up, 60.2 / 56.4 / 52.0 / 46.3% after 20 of 30
+    30.5 / 31.9 / 58.6 / 25.7% after a 10-epoch warm-up, 60.2 / 56.4 / 52.0 / 46.3% after 20 of 30
     epochs (what this rule gives there); on full digits (20 of 30 instead of 8) the README's four
     runs move from a mean of 96.4 to 95.9% (eta 0.1 gains, one eta 0.3 seed loses 4 points), on the
     2000-image Fashion-MNIST table (13 of 20) from 67.2 to 65.8% at eta 0.3. The
